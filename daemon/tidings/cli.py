@@ -1,0 +1,88 @@
+"""The ``tidings`` command: serve, token, check-config.
+
+Exit codes: 0 success, 1 runtime failure (cannot start), 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tidings import __version__, log
+from tidings.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _load(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"tidings: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from tidings.server import StartupError, serve
+
+    config = _load(args.config)
+    try:
+        trio.run(serve, config)
+    except StartupError as exc:
+        log.log("error", "startup_failed", error=str(exc))
+        print(f"tidings: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from tidings.auth import Authenticator, load_secret
+    from tidings.protocol import valid_user_id
+
+    config = _load(args.config)
+    if not valid_user_id(args.user):
+        print(f"tidings: not a valid user id: {args.user!r}", file=sys.stderr)
+        return 2
+    try:
+        secret = load_secret(config, create=True)
+    except OSError as exc:
+        print(f"tidings: cannot load the token secret: {exc}", file=sys.stderr)
+        return 1
+    ttl = args.ttl if args.ttl is not None else config.auth.token_ttl_s
+    print(Authenticator("jwt", [secret]).mint(args.user, ttl))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    _load(args.file)
+    print(f"{args.file}: ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidings", description="Deliver messages to users over WebSocket.")
+    parser.add_argument("--version", action="version", version=f"tidings {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the daemon")
+    p.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("token", help="print a signed access token for USER")
+    p.add_argument("user")
+    p.add_argument("--config", metavar="FILE")
+    p.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default auth.token_ttl_s)")
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,247 @@
+"""Configuration: frozen attrs classes built by a strict cattrs converter from TOML.
+
+Every key is optional; the defaults are the embedded single-node setup (SQLite in the
+state directory, JWT auth with a secret created once there).  A bad file fails at start
+with the key path and the reason (``expected int, got str '9000' @ config.server.port``).
+
+This module is sans-IO apart from reading the file it is given; it never imports trio.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_structure_fn
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "ServerConfig",
+    "StoreConfig",
+    "default_state_dir",
+    "load_config",
+    "structure_config",
+]
+
+
+class ConfigError(Exception):
+    """The configuration is unusable.  ``.lines`` holds one "reason @ key.path" per fault."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _BadValue(ValueError):
+    """Raised by a validator; carries the attribute name so the key path is complete."""
+
+    def __init__(self, attribute: attrs.Attribute, reason: str) -> None:
+        super().__init__(reason)
+        self.key = attribute.name
+
+
+def _positive(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise _BadValue(attribute, f"must be > 0, got {value!r}")
+
+
+def _non_negative(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value < 0:
+        raise _BadValue(attribute, f"must be >= 0, got {value!r}")
+
+
+def _port(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise _BadValue(attribute, f"must be a TCP port 0..65535, got {value!r}")
+
+
+def _ws_path(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not value.startswith("/") or "?" in value or " " in value:
+        raise _BadValue(attribute, f"must be an absolute URL path like '/ws', got {value!r}")
+
+
+MIN_SECRET_BYTES = 32
+
+
+def _min_secret(attribute: attrs.Attribute, value: str) -> None:
+    if value and len(value.encode()) < MIN_SECRET_BYTES:
+        raise _BadValue(attribute, f"must be at least {MIN_SECRET_BYTES} bytes (HS256 key)")
+
+
+def _one_of(*choices: str) -> Any:
+    def check(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            raise _BadValue(attribute, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+    return check
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8765, validator=_port)
+    path: str = attrs.field(default="/ws", validator=_ws_path)
+    #: "" means $STATE_DIRECTORY (set by systemd) else ~/.local/state/tidings.
+    state_dir: str = ""
+    max_message_bytes: int = attrs.field(default=65536, validator=_positive)
+    shutdown_grace_s: float = attrs.field(default=5.0, validator=_non_negative)
+    handshake_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    #: Send a WebSocket ping after this long without traffic from the peer.
+    ping_interval_s: float = attrs.field(default=20.0, validator=_positive)
+    #: Close (1001... no: reap) a connection silent for this long, pong included.
+    idle_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    log_level: str = attrs.field(default="info", validator=_one_of(*_LOG_LEVELS))
+
+    def resolved_state_dir(self) -> Path:
+        return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir()
+
+
+@attrs.frozen(kw_only=True)
+class AuthConfig:
+    mode: str = attrs.field(default="jwt", validator=_one_of("jwt", "insecure"))
+    secret: str = attrs.field(default="", validator=lambda i, a, v: _min_secret(a, v))
+    secret_file: str = ""
+    #: Lifetime of tokens minted by ``tidings token`` when --ttl is not given.
+    token_ttl_s: int = attrs.field(default=3600, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.secret and self.secret_file:
+            raise ValueError("set secret or secret_file, not both")
+
+
+@attrs.frozen(kw_only=True)
+class LimitsConfig:
+    #: Bound of each connection's queue of routed messages; a full queue is a slow consumer.
+    outbound_queue: int = attrs.field(default=256, validator=_positive)
+    slow_consumer: str = attrs.field(default="disconnect", validator=_one_of("disconnect", "drop"))
+    max_connections: int = attrs.field(default=10000, validator=_positive)
+    max_connections_per_user: int = attrs.field(default=16, validator=_positive)
+    #: Token bucket per connection: sustained frames per second and bucket size.
+    messages_per_second: float = attrs.field(default=100.0, validator=_positive)
+    burst: int = attrs.field(default=200, validator=_positive)
+    #: Replies (ack, pong, error) a connection may have queued before it stops reading.
+    max_inflight: int = attrs.field(default=64, validator=_positive)
+    #: Consecutive rate-limited frames after which the connection is closed with 1008.
+    rate_limit_close_after: int = attrs.field(default=100, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class StoreConfig:
+    backend: str = attrs.field(default="sqlite", validator=_one_of("sqlite", "memory"))
+    #: "" means <server.state_dir>/tidings.db
+    path: str = ""
+    retention_days: float = attrs.field(default=30.0, validator=_non_negative)
+    max_inbox: int = attrs.field(default=10000, validator=_positive)
+    history_limit: int = attrs.field(default=100, validator=_positive)
+    #: Most messages committed in one transaction (group commit).
+    batch_max: int = attrs.field(default=512, validator=_positive)
+    #: Bound of the writer's input queue; when full, senders wait (backpressure).
+    queue: int = attrs.field(default=4096, validator=_positive)
+    prune_interval_s: float = attrs.field(default=300.0, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    auth: AuthConfig = attrs.field(factory=AuthConfig)
+    limits: LimitsConfig = attrs.field(factory=LimitsConfig)
+    store: StoreConfig = attrs.field(factory=StoreConfig)
+
+    def store_path(self) -> Path:
+        if self.store.path:
+            return Path(self.store.path).expanduser()
+        return self.server.resolved_state_dir() / "tidings.db"
+
+
+def default_state_dir() -> Path:
+    """``$STATE_DIRECTORY`` (first entry) when systemd sets it, else ~/.local/state/tidings."""
+    env = os.environ.get("STATE_DIRECTORY", "")
+    if env:
+        return Path(env.split(":")[0])
+    return Path.home() / ".local" / "state" / "tidings"
+
+
+def _strict(kind: type) -> Any:
+    def hook(value: Any, _type: Any) -> Any:
+        # bool is an int subclass: refuse it where an int/float is wanted, and vice versa.
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not kind:
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return value
+
+    return hook
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    for kind in (int, float, str, bool):
+        conv.register_structure_hook(kind, _strict(kind))
+    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, Config):
+        conv.register_structure_hook(
+            cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True)
+        )
+    return conv
+
+
+_converter = _make_converter()
+
+
+def _describe(exc: BaseException, _type: Any) -> str:
+    if isinstance(exc, TypeError | ValueError):
+        return str(exc)
+    if isinstance(exc, AttributeError):  # a scalar or list where a [table] belongs
+        return "expected a table"
+    return cattrs.v.format_exception(exc, _type)
+
+
+def _key_paths(lines: list[str]) -> list[str]:
+    """Move a validator's attribute name from the reason into the key path."""
+    out = []
+    for line in lines:
+        reason, _, path = line.rpartition(" @ ")
+        name, sep, rest = reason.partition("\x00")
+        out.append(f"{rest} @ {path}.{name}" if sep else line)
+    return out
+
+
+def structure_config(data: dict[str, Any]) -> Config:
+    """Build a Config from parsed TOML, or raise ConfigError naming every bad key."""
+    try:
+        return _converter.structure(data, Config)
+    except cattrs.ClassValidationError as exc:
+        _tag_bad_values(exc)
+        lines = cattrs.transform_error(exc, path="config", format_exception=_describe)
+        raise ConfigError(_key_paths(lines)) from None
+
+
+def _tag_bad_values(group: BaseExceptionGroup) -> None:
+    for exc in group.exceptions:
+        if isinstance(exc, _BadValue):
+            exc.args = (f"{exc.key}\x00{exc.args[0]}",)
+        elif isinstance(exc, BaseExceptionGroup):
+            _tag_bad_values(exc)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read a TOML file (or the embedded defaults for ``None``)."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"cannot read {os.fspath(path)}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{os.fspath(path)} is not valid TOML: {exc}"]) from None
+    return structure_config(data)

@@ -1,0 +1,473 @@
+"""One WebSocket connection after its handshake: trio I/O around wsproto's frame engine.
+
+Ownership and tasks
+-------------------
+The connection task (spawned by the server, one per TCP connection) owns the stream and
+runs the *reader* inline: it receives up to 64 KiB, feeds wsproto, and handles each
+complete frame in place (no per-message task hop).  One *writer* task drains the bounded
+outbound memory channel and coalesces everything queued into one ``send_all``.  A replay
+task exists only while stored messages are being replayed.
+
+Outbound queue
+--------------
+The channel holds routed messages (``Routed``, at most ``limits.outbound_queue`` of them)
+plus the connection's own replies (ack, pong, error: at most ``limits.max_inflight``).
+The router offers messages with ``offer_nowait``; a full message quota is a slow
+consumer.  Replies never count as that: before handling a frame, the reader takes a
+reply credit, waiting (and so not reading the socket) while none is free, and the writer
+gives the credit back once the reply is on the wire.  A client that floods faster than it
+reads is slowed down by TCP, not disconnected.  Control frames (pong to a ping, close)
+bypass the queue entirely, so a full queue never stalls them.
+
+Replay
+------
+While replaying stored messages (on connect, or after ``resume``) live messages for the
+user are *absorbed*: the replay reads them from the store, so they are not queued twice.
+``_sent_seq`` is the highest seq handed to the client; a live message with a seq at or
+below it is a duplicate and is absorbed too.  The replay loop ends only when a read finds
+nothing new *and* no live message arrived above ``_sent_seq`` meanwhile; the switch to
+live happens with no await in between, so there is no gap and no duplicate.
+
+Closing
+-------
+``kill(code, reason)`` (from the router, the housekeeper or a policy check) stops the
+reader, lets the writer finish the batch it is writing, then sends the close frame;
+after ``CLOSE_TIMEOUT`` the TCP connection is aborted regardless.  Who closed is logged:
+``by=server`` (with the code) or ``by=peer``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+from wsproto.connection import Connection as WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Ping,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError
+
+from tidings import log
+from tidings.auth import AuthError, Authenticator
+from tidings.hub import Hub
+from tidings.limits import TokenBucket
+from tidings.protocol import (
+    Ack,
+    History,
+    Ping as PingCmd,
+    Presence,
+    ProtocolError,
+    Refresh,
+    Resume,
+    Search,
+    Send,
+    encode,
+    message_frame,
+    parse_client_frame,
+    text_frame,
+)
+from tidings.router import Offer, Routed
+from tidings.store import BadQuery, StoreError, UnknownMessage
+
+__all__ = ["CLOSE_TIMEOUT", "Connection"]
+
+RECEIVE_SIZE = 65536
+CLOSE_TIMEOUT = 2.0
+REPLAY_PAGE = 256
+_bad_frames = log.LogOnce(interval=60.0)
+
+
+class _Reply:
+    """A reply (ack, pong, error, ...) in the outbound queue: it holds one credit."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+class Connection:
+    """A registered WebSocket connection: the router's endpoint for one device."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws: WSConnection,
+        hub: Hub,
+        auth: Authenticator,
+        *,
+        conn_id: str,
+        user: str,
+        exp: float | None,
+        since: int | None,
+    ) -> None:
+        limits = hub.config.limits
+        self.stream = stream
+        self.ws = ws
+        self.hub = hub
+        self.auth = auth
+        self.conn_id = conn_id
+        self.user = user
+        self.exp = exp
+        self.last_activity = time.monotonic()
+        self.pinged = False
+        self._since = since
+        self._queue_bound = limits.outbound_queue
+        # Room for the message quota, every reply credit, the `resumed` frame of a
+        # replay and one wake-up: producers never find it full unexpectedly.
+        self._tx, self._rx = trio.open_memory_channel[Any](
+            limits.outbound_queue + limits.max_inflight + 2
+        )
+        self._wake_queued = False
+        self._nursery: trio.Nursery | None = None
+        self._queued = 0  # routed messages in the channel
+        self._credits = limits.max_inflight
+        self._credit_waiter: trio.Event | None = None
+        self._space_waiter: trio.Event | None = None
+        self._control: list[bytes] = []
+        self._replaying = True  # set before registration: the first replay starts at once
+        self._sent_seq = 0
+        self._live_seq = 0
+        self._replay_scope: trio.CancelScope | None = None
+        self._bucket: TokenBucket | None = None
+        self._close: tuple[int, str] | None = None
+        self._closed_by = "peer"
+        self._cancel = trio.CancelScope()
+        self._writer_done = trio.Event()
+        self._send_broken = False
+
+    # -- router endpoint (sync, never blocks) ---------------------------------------
+
+    def offer_nowait(self, routed: Routed) -> Offer:
+        if routed.seq <= self._sent_seq:
+            return Offer.ABSORBED
+        if self._replaying:
+            if routed.seq > self._live_seq:
+                self._live_seq = routed.seq
+            return Offer.ABSORBED
+        if self._queued >= self._queue_bound or self._close is not None:
+            return Offer.FULL
+        self._tx.send_nowait(routed)
+        self._queued += 1
+        self._sent_seq = routed.seq
+        return Offer.QUEUED
+
+    def reply_nowait(self, payload: bytes) -> None:
+        """Queue a reply for which the caller holds a credit (taken by ``_take_credit``)."""
+        if self._close is not None:
+            self._give_credits(1)
+            return
+        self._tx.send_nowait(_Reply(payload))
+
+    def kill(self, code: int, reason: str) -> None:
+        """Close with ``code`` soon; idempotent, never blocks (the first call wins)."""
+        if self._close is not None:
+            return
+        self._close = (code, reason)
+        self._closed_by = "server"
+        self._cancel.cancel()  # stops the reader; the writer finishes its batch, then closes
+        if self._replay_scope is not None:
+            self._replay_scope.cancel()
+        self._wake()
+
+    def queue_control(self, data: bytes) -> None:
+        """Queue a control frame ahead of all data (pong, ping); never blocks."""
+        self._control.append(data)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake an idle writer.  At most one wake-up is ever queued (a reserved slot)."""
+        if not self._wake_queued:
+            self._wake_queued = True
+            self._tx.send_nowait(None)
+
+    # -- the connection task ---------------------------------------------------------
+
+    async def run(self, initial: bytes) -> None:
+        """Serve until closed.  Unregisters the connection and closes the stream on exit."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                self._start_replay(self._since, credit=False)
+                with self._cancel:
+                    peer_gone = await self._reader(initial)
+                if not peer_gone:
+                    if self._close is None:
+                        self._close = (1000, "")
+                    self._wake()
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._writer_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.hub.unregister(self)
+            await trio.aclose_forcefully(self.stream)
+            code = self._close[0] if self._close else None
+            log.log("debug", "closed", conn=self.conn_id, user=self.user, by=self._closed_by, code=code)
+
+    async def _reader(self, data: bytes) -> bool:
+        """Read and handle frames; return True when the peer dropped TCP (nothing to send)."""
+        limit = self.hub.config.server.max_message_bytes
+        parts: list[str | bytes] = []
+        size = 0
+        while True:
+            if data:
+                self.ws.receive_data(data)
+            for event in self.ws.events():
+                if isinstance(event, Message):
+                    size += len(event.data)
+                    if size > limit:
+                        self.kill(1009, f"message larger than {limit} bytes")
+                        return False
+                    if not event.message_finished:
+                        parts.append(event.data)
+                        continue
+                    if parts:
+                        parts.append(event.data)
+                        whole: Any = ("" if isinstance(event, TextMessage) else b"").join(parts)
+                        parts.clear()
+                    else:
+                        whole = event.data
+                    size = 0
+                    await self._take_credit()
+                    if isinstance(event, TextMessage):
+                        await self._handle_text(whole)
+                    else:
+                        self._error(None, "bad_request", "binary frames are not supported; send JSON text")
+                elif isinstance(event, Ping):
+                    self.queue_control(self.ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    if self.ws.state is ConnectionState.REMOTE_CLOSING:
+                        self._close = (event.code, "")  # echo the peer's close
+                        self._closed_by = "peer"
+                    else:  # wsproto could not parse a frame (bad UTF-8: 1007, else 1002)
+                        self.kill(event.code, event.reason or "protocol error")
+                    return False
+                # Pong: only proves liveness, recorded below.
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                self._closed_by = "peer"
+                return True
+            self.last_activity = time.monotonic()
+            self.pinged = False
+
+    async def _take_credit(self) -> None:
+        while self._credits == 0:
+            self._credit_waiter = trio.Event()
+            await self._credit_waiter.wait()
+        self._credits -= 1
+
+    def _give_credits(self, n: int) -> None:
+        self._credits += n
+        if self._credit_waiter is not None:
+            self._credit_waiter.set()
+            self._credit_waiter = None
+
+    def _reply(self, kind: str, **fields: Any) -> None:
+        self.reply_nowait(encode(kind, **fields))
+
+    def _error(self, fid: Any, code: str, message: str) -> None:
+        _bad_frames.log("info", "client_error", key=code, user=self.user, conn=self.conn_id,
+                        code=code, reason=message)
+        self._reply("error", id=fid, code=code, message=message)
+
+    # -- frame handling --------------------------------------------------------------
+
+    async def _handle_text(self, text: str) -> None:
+        """Handle one complete text message; the caller holds one reply credit."""
+        limits = self.hub.config.limits
+        now = time.monotonic()
+        if self._bucket is None:
+            self._bucket = TokenBucket(limits.messages_per_second, limits.burst, now)
+        if not self._bucket.take(now):
+            if self._bucket.strikes >= limits.rate_limit_close_after:
+                self._give_credits(1)
+                self.kill(1008, "rate limit exceeded repeatedly")
+                return
+            self._error(None, "rate_limited", f"more than {limits.messages_per_second:g} frames/s")
+            return
+        try:
+            cmd = parse_client_frame(text)
+        except ProtocolError as exc:
+            self._error(exc.frame_id, exc.code, exc.message)
+            return
+        if type(cmd) is Send:
+            await self.hub.send(self, cmd)
+        elif type(cmd) is PingCmd:
+            self._reply("pong", id=cmd.id)
+        elif type(cmd) is Ack:
+            self.hub.ack_cursor(self.user, cmd.seq)
+            if cmd.id is None:
+                self._give_credits(1)
+            else:
+                self._reply("acked", id=cmd.id, seq=cmd.seq)
+        else:
+            await self._handle_slow_path(cmd)
+
+    async def _handle_slow_path(self, cmd: Any) -> None:
+        fid = cmd.id
+        try:
+            if type(cmd) is Refresh:
+                self._refresh(cmd)
+            elif type(cmd) is Resume:
+                self._start_replay(cmd.since, credit=True)  # its `resumed` uses our credit
+            elif type(cmd) is History:
+                await self._history(cmd)
+            elif type(cmd) is Search:
+                await self._search(cmd)
+            elif type(cmd) is Presence:
+                self._reply("presence", id=fid, users=await self.hub.presence(cmd.users))
+        except ProtocolError as exc:
+            self._error(fid, exc.code, exc.message)
+        except StoreError as exc:
+            log.log("error", "store_read_failed", error=str(exc), conn=self.conn_id)
+            self._reply("error", id=fid, code="unavailable", message="store unavailable; retry")
+
+    def _refresh(self, cmd: Refresh) -> None:
+        try:
+            identity = self.auth.verify(cmd.token)
+        except AuthError as exc:
+            raise ProtocolError("forbidden", str(exc), cmd.id) from None
+        if identity.user != self.user:
+            raise ProtocolError("forbidden", "token is for another user", cmd.id)
+        self.exp = identity.exp
+        self._reply("refreshed", id=cmd.id, exp=identity.exp)
+
+    async def _history(self, cmd: History) -> None:
+        cap = self.hub.config.store.history_limit
+        limit = min(cmd.limit or cap, cap)
+        try:
+            msgs, more = await self.hub.read(self.hub.store.history, self.user, cmd.peer, cmd.before, limit)
+        except UnknownMessage:
+            raise ProtocolError("bad_request", "'before' is not a known msg_id", cmd.id) from None
+        self._reply("history_page", id=cmd.id, messages=[_as_json(m) for m in msgs], more=more,
+                    **{"with": cmd.peer})
+
+    async def _search(self, cmd: Search) -> None:
+        cap = self.hub.config.store.history_limit
+        limit = min(cmd.limit or 20, cap)
+        try:
+            msgs, more = await self.hub.read(self.hub.store.search, self.user, cmd.q, limit, cmd.offset)
+        except BadQuery as exc:
+            raise ProtocolError("bad_request", f"bad search query: {exc}", cmd.id) from None
+        self._reply("search_results", id=cmd.id, q=cmd.q, messages=[_as_json(m) for m in msgs], more=more)
+
+    # -- replay ----------------------------------------------------------------------
+
+    def _start_replay(self, since: int | None, *, credit: bool) -> None:
+        """(Re)start the replay; live messages are absorbed until it has caught up.
+
+        ``credit``: the caller holds a reply credit for the ``resumed`` frame (a resume
+        command).  The first replay on connect holds none and borrows the reserved slot.
+        """
+        if self._replay_scope is not None:
+            self._replay_scope.cancel()
+        self._replaying = True
+        self._replay_scope = trio.CancelScope()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._replay, since, self._replay_scope, credit)
+
+    async def _replay(self, since: int | None, scope: trio.CancelScope, credit: bool) -> None:
+        """Send stored messages after ``since`` (default: the ack cursor), then go live."""
+        if not credit:
+            self._credits -= 1  # may go to -1: the channel reserves a slot for it
+        with scope:
+            state = await self.hub.read(self.hub.store.inbox_state, self.user)
+            start = state.cursor if since is None else min(since, state.last_seq)
+            complete = state.first_seq <= start + 1
+            self._sent_seq = start
+            self._live_seq = 0
+            while True:
+                msgs = await self.hub.read(
+                    self.hub.store.read_inbox, self.user, self._sent_seq, REPLAY_PAGE
+                )
+                for m in msgs:
+                    await self._wait_space()
+                    payload = message_frame(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)
+                    self._tx.send_nowait(Routed(payload, m.seq))
+                    self._queued += 1
+                    self._sent_seq = m.seq
+                if len(msgs) < REPLAY_PAGE and self._live_seq <= self._sent_seq:
+                    break
+            # No await since the last read: every later live message has seq > _sent_seq.
+            self._replaying = False
+            self._replay_scope = None
+            self._tx.send_nowait(
+                _Reply(encode("resumed", since=start, last=self._sent_seq, complete=complete))
+            )
+            return  # the writer gives the credit back once `resumed` is written
+        self._give_credits(1)  # cancelled (a newer resume, or closing): no `resumed`
+
+    async def _wait_space(self) -> None:
+        while self._queued >= self._queue_bound:
+            self._space_waiter = trio.Event()
+            await self._space_waiter.wait()
+
+    # -- the writer ------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        """Drain the outbound channel, coalescing each batch into one ``send_all``."""
+        rx, ws = self._rx, self.ws
+        try:
+            while True:
+                item = await rx.receive()
+                batch = [item]
+                while len(batch) < 1024:
+                    try:
+                        batch.append(rx.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                out: list[bytes] = self._control
+                self._control = []
+                replies = messages = 0
+                for item in batch:
+                    if item is None:
+                        self._wake_queued = False
+                        continue
+                    if type(item) is _Reply:
+                        out.append(text_frame(item.payload))
+                        replies += 1
+                    else:
+                        out.append(item.frame)
+                        messages += 1
+                if self._close is not None:
+                    try:
+                        out.append(ws.send(CloseConnection(*self._close)))
+                    except LocalProtocolError:
+                        pass  # already closed both ways
+                if out:
+                    self._send_broken = True
+                    await self.stream.send_all(b"".join(out))
+                    self._send_broken = False
+                self._queued -= messages
+                if messages and self._space_waiter is not None:
+                    self._space_waiter.set()
+                    self._space_waiter = None
+                if replies:
+                    self._give_credits(replies)
+                if self._close is not None:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._closed_by = "peer" if self._close is None else self._closed_by
+            self._cancel.cancel()
+        finally:
+            self._writer_done.set()
+
+
+def _as_json(m: Any) -> dict[str, Any]:
+    import orjson
+
+    return {
+        "msg_id": m.msg_id,
+        "seq": m.seq,
+        "from": m.sender,
+        "to": m.recipient,
+        "body": orjson.Fragment(m.body),
+        "ts": m.ts,
+    }

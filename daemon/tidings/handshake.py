@@ -1,0 +1,129 @@
+"""The HTTP side of a connection: the upgrade request and plain HTTP answers.  Sans-IO.
+
+h11 parses the request head; ``check_upgrade`` decides whether it is a valid WebSocket
+upgrade for our path and extracts the credentials; ``accept_response`` and
+``http_response`` build the bytes to write.  After a 101 the h11 state is dropped, so an
+idle WebSocket keeps no HTTP state.  Never imports trio.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import h11
+from wsproto.utilities import generate_accept_token
+
+__all__ = ["HttpError", "Upgrade", "accept_response", "check_upgrade", "http_response"]
+
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    426: b"Upgrade Required",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+
+
+class HttpError(Exception):
+    """Answer the request with ``status`` and the one-line ``reason`` as the body."""
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+
+
+@attrs.frozen
+class Upgrade:
+    key: bytes
+    token: str | None
+    user: str | None  # ?user= (insecure mode only)
+    since: int | None
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key == name:  # h11 lower-cases header names
+            return value
+    return None
+
+
+def check_upgrade(request: h11.Request, path: str) -> Upgrade:
+    """Validate a WebSocket upgrade request for ``path``; raise HttpError otherwise."""
+    try:
+        target = request.target.decode("ascii")
+    except UnicodeDecodeError:
+        raise HttpError(400, "request target is not ASCII") from None
+    parts = urlsplit(target)
+    if parts.path != path:
+        raise HttpError(404, f"no WebSocket endpoint at {parts.path[:100]}; use {path}")
+    if request.method != b"GET":
+        raise HttpError(405, "the WebSocket endpoint takes GET", [(b"allow", b"GET")])
+    upgrade = (_header(request, b"upgrade") or b"").lower()
+    connection = (_header(request, b"connection") or b"").lower()
+    if upgrade != b"websocket" or b"upgrade" not in [t.strip() for t in connection.split(b",")]:
+        raise HttpError(426, "this endpoint speaks WebSocket only", [(b"upgrade", b"websocket")])
+    if _header(request, b"sec-websocket-version") != b"13":
+        raise HttpError(426, "WebSocket version 13 required", [(b"sec-websocket-version", b"13")])
+    key = _header(request, b"sec-websocket-key")
+    if not key:
+        raise HttpError(400, "missing Sec-WebSocket-Key")
+    query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=20)
+    token = _one(query, "token")
+    authz = _header(request, b"authorization")
+    if token is None and authz is not None:
+        scheme, _, value = authz.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise HttpError(401, "Authorization header must be 'Bearer <token>'")
+        token = value.strip()
+    since_text = _one(query, "since")
+    since = None
+    if since_text is not None:
+        if not since_text.isdigit() or len(since_text) > 15:
+            raise HttpError(400, "?since= must be a non-negative integer")
+        since = int(since_text)
+    return Upgrade(key=key, token=token or None, user=_one(query, "user"), since=since)
+
+
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise HttpError(400, f"?{name}= given more than once")
+    return values[0]
+
+
+def accept_response(key: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Upgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + generate_accept_token(key) + b"\r\n\r\n"
+    )
+
+
+def http_response(
+    status: int,
+    body: bytes,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection."""
+    lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Status"))]
+    lines.append(b"Content-Type: " + content_type)
+    lines.append(b"Content-Length: %d" % len(body))
+    lines.append(b"Connection: close")
+    for name, value in headers or []:
+        lines.append(name + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body

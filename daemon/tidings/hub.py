@@ -1,0 +1,269 @@
+"""The hub: the trio service joining the session table, the router and the store.
+
+Contract
+--------
+* ``Hub.send(conn, cmd)`` stores the message first and routes it after the store has
+  committed it.  With the SQLite store a single writer task takes everything queued into
+  one transaction (group commit, one thread hop per batch) and then routes the batch in
+  commit order; the sender's ``ack`` is queued to its connection only after that commit.
+  ``send`` blocks only while the writer's bounded input queue is full (the disk is behind):
+  that is backpressure to the sender's socket, never a drop.  With the memory store the
+  append is synchronous and the ack is queued before ``send`` returns.
+* Acks of received messages (cursor moves) and ``last_seen`` updates are coalesced per
+  user and flushed by the writer with its next batch; they never block a connection.
+* Reads (replay, history, search, presence) run in a worker thread on a separate SQLite
+  read connection, so they never wait for the writer.
+* Cancellation: a cancelled ``send`` either queued the message (it will be stored and
+  acked if the connection still lives) or did not (nothing stored).  The writer never
+  abandons a running transaction: worker threads are not abandoned on cancel.
+* On shutdown, ``close_intake`` stops new sends; ``run`` drains what is queued, flushes
+  cursors and last_seen, and returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from tidings import log
+from tidings.config import Config
+from tidings.protocol import MsgIdGenerator, Send, encode, message_frame
+from tidings.router import Routed, Router
+from tidings.sessions import SessionTable
+from tidings.store import NewMessage, StoreError
+
+__all__ = ["Hub", "HubStatistics"]
+
+T = TypeVar("T")
+_WAKE = object()
+
+
+@attrs.frozen
+class HubStatistics:
+    connections: int
+    users: int
+    stored: int
+    routed: int
+    delivered: int
+    dropped: int
+    slow_disconnects: int
+    store_errors: int
+    queued: int
+
+
+class Hub:
+    def __init__(self, config: Config, store: Any, *, threaded: bool) -> None:
+        self.config = config
+        self.sessions = SessionTable(
+            config.limits.max_connections, config.limits.max_connections_per_user
+        )
+        self.router = Router(self.sessions, config.limits.slow_consumer)
+        self.store = store
+        self.ids = MsgIdGenerator()
+        self.lock = trio.Lock()
+        self._threaded = threaded
+        self._jobs_tx, self._jobs_rx = trio.open_memory_channel[Any](config.store.queue)
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._cursors: dict[str, int] = {}
+        self._last_seen: dict[str, int] = {}
+        self._stored = 0
+        self._store_errors = 0
+        self._slow_log = log.LogOnce(interval=30.0)
+        self.router.on_slow_consumer = self._log_slow
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def register(self, conn: Any) -> None:
+        """Make ``conn`` routable; raises ``sessions.Refused`` over a limit."""
+        async with self.lock:
+            self.sessions.add(conn)
+
+    def unregister(self, conn: Any) -> None:
+        """Remove ``conn`` (idempotent); record last_seen when it was the user's last."""
+        if self.sessions.remove(conn) or self.sessions.count(conn.user) == 0:
+            self._last_seen[conn.user] = int(time.time() * 1000)
+            if not self._threaded:
+                self._flush_coalesced()
+            else:
+                self._wake_writer()
+
+    def _log_slow(self, conn: Any) -> None:
+        self._slow_log.log(
+            "warning", "slow_consumer", key=conn.user, user=conn.user, conn=conn.conn_id,
+            policy=self.router.slow_consumer,
+        )
+
+    # -- sends -----------------------------------------------------------------------
+
+    async def send(self, conn: Any, cmd: Send) -> None:
+        """Store then route ``cmd`` from ``conn.user``; the ack goes to ``conn.reply_nowait``.
+
+        Blocks only while the store's queue is full.  The connection must hold a reply
+        credit for the ack (or error) this produces.
+        """
+        msg_id, ts = self.ids.next()
+        job = (NewMessage(msg_id, conn.user, cmd.to, cmd.body, ts), conn, cmd.id)
+        if self._threaded:
+            await self._jobs_tx.send(job)
+            return
+        try:
+            seq = self.store.append_many([job[0]])[0]
+        except StoreError as exc:
+            self._fail([job], exc)
+            return
+        self._stored += 1
+        self._deliver(job, seq)
+
+    def _deliver(self, job: tuple[NewMessage, Any, Any], seq: int) -> None:
+        new, conn, fid = job
+        payload = message_frame(new.msg_id, seq, new.sender, new.recipient, new.body, new.ts)
+        result = self.router.route(new.recipient, Routed(payload, seq))
+        if conn is not None:
+            conn.reply_nowait(
+                encode("ack", id=fid, msg_id=new.msg_id, seq=seq, delivered=result.delivered)
+            )
+
+    def _fail(self, jobs: list[tuple[NewMessage, Any, Any]], exc: Exception) -> None:
+        self._store_errors += 1
+        log.log("error", "store_failed", error=str(exc), messages=len(jobs))
+        for _new, conn, fid in jobs:
+            if conn is not None:
+                conn.reply_nowait(
+                    encode("error", id=fid, code="unavailable", message="message not stored; retry")
+                )
+
+    # -- coalesced writes ------------------------------------------------------------
+
+    def ack_cursor(self, user: str, seq: int) -> None:
+        """Move ``user``'s acknowledged cursor to ``seq`` (coalesced; never blocks)."""
+        if seq > self._cursors.get(user, -1):
+            self._cursors[user] = seq
+        if self._threaded:
+            self._wake_writer()
+        else:
+            self._flush_coalesced()
+
+    def _wake_writer(self) -> None:
+        try:
+            self._jobs_tx.send_nowait(_WAKE)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass  # the writer is busy (it flushes with its next batch) or shut down
+
+    def _take_coalesced(self) -> tuple[dict[str, int], dict[str, int]]:
+        cursors, seen = self._cursors, self._last_seen
+        self._cursors, self._last_seen = {}, {}
+        return cursors, seen
+
+    def _flush_coalesced(self) -> None:
+        cursors, seen = self._take_coalesced()
+        self._write_coalesced(cursors, seen)
+
+    def _write_coalesced(self, cursors: dict[str, int], seen: dict[str, int]) -> None:
+        for user, seq in cursors.items():
+            self.store.set_cursor(user, seq)
+        for user, ts in seen.items():
+            self.store.set_last_seen(user, ts)
+
+    # -- the writer ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the group-commit writer and the pruner until ``close_intake`` and drained."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._prune_loop)
+            task_status.started()
+            await self._writer()
+            nursery.cancel_scope.cancel()
+
+    def close_intake(self) -> None:
+        self._jobs_tx.close()
+
+    async def _writer(self) -> None:
+        batch_max = self.config.store.batch_max
+        async for first in self._jobs_rx:
+            batch = [first]
+            while len(batch) < batch_max:
+                try:
+                    batch.append(self._jobs_rx.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            jobs = [j for j in batch if j is not _WAKE]
+            cursors, seen = self._take_coalesced()
+            if not jobs and not cursors and not seen:
+                continue
+            await self._commit(jobs, cursors, seen)
+        cursors, seen = self._take_coalesced()
+        if cursors or seen:
+            await self._commit([], cursors, seen)
+
+    async def _commit(self, jobs: list, cursors: dict[str, int], seen: dict[str, int]) -> None:
+        def work() -> list[int]:
+            seqs = self.store.append_many([j[0] for j in jobs]) if jobs else []
+            self._write_coalesced(cursors, seen)
+            return seqs
+
+        try:
+            seqs = await trio.to_thread.run_sync(work, limiter=self._write_limiter)
+        except StoreError as exc:
+            self._fail(jobs, exc)
+            return
+        self._stored += len(jobs)
+        for job, seq in zip(jobs, seqs, strict=True):
+            self._deliver(job, seq)
+
+    async def _prune_loop(self) -> None:
+        cfg = self.config.store
+        while True:
+            await trio.sleep(cfg.prune_interval_s)
+            now = int(time.time() * 1000)
+            try:
+                removed = await self.write(self.store.prune, now, cfg.retention_days or None, cfg.max_inbox)
+            except StoreError as exc:
+                log.log("error", "prune_failed", error=str(exc))
+                continue
+            if removed:
+                log.log("info", "pruned", messages=removed)
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a store read off the trio thread (SQLite) or inline (memory)."""
+        if not self._threaded:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run an occasional store write (prune) serialized with the group commits."""
+        if not self._threaded:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._write_limiter)
+
+    async def presence(self, users: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        seen = await self.read(self.store.last_seen, list(users))
+        out = {}
+        for user in users:
+            count = self.sessions.count(user)
+            out[user] = {
+                "online": count > 0,
+                "connections": count,
+                "last_seen": self._last_seen.get(user, seen.get(user)),
+            }
+        return out
+
+    def statistics(self) -> HubStatistics:
+        s, r = self.sessions.statistics(), self.router.statistics()
+        return HubStatistics(
+            connections=s.connections,
+            users=s.users,
+            stored=self._stored,
+            routed=r.routed,
+            delivered=r.delivered,
+            dropped=r.dropped,
+            slow_disconnects=r.slow_disconnects,
+            store_errors=self._store_errors,
+            queued=self._jobs_rx.statistics().current_buffer_used,
+        )

@@ -1,0 +1,301 @@
+"""Protocol v1: parse and validate client frames, encode server frames.  Sans-IO.
+
+Every client frame is untrusted.  ``parse_client_frame`` turns the text of one complete
+WebSocket text message into one command object or raises ``ProtocolError`` carrying the
+error code the client will see and the frame's ``id`` (when one could be read), so the
+connection can answer with an error frame and stay usable.  Nothing here blocks, nothing
+here imports trio; see docs/protocol.md for the wire format.
+
+Server frames are encoded once with orjson.  A routed message is encoded once per message
+and the same bytes (and, with ``text_frame``, the same WebSocket frame) are shared by
+every recipient connection.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from typing import Any
+
+import attrs
+import orjson
+
+__all__ = [
+    "MAX_ID_LEN",
+    "MAX_USER_LEN",
+    "Ack",
+    "History",
+    "MsgIdGenerator",
+    "Ping",
+    "Presence",
+    "ProtocolError",
+    "Refresh",
+    "Resume",
+    "Search",
+    "Send",
+    "encode",
+    "message_frame",
+    "parse_client_frame",
+    "text_frame",
+    "valid_user_id",
+]
+
+MAX_USER_LEN = 128
+MAX_ID_LEN = 128
+MAX_PRESENCE_USERS = 100
+MAX_QUERY_LEN = 512
+
+
+class ProtocolError(Exception):
+    """The client sent something we cannot accept: its fault, answered with an error frame.
+
+    ``code`` is one of bad_request, unknown_type, too_large, rate_limited, forbidden;
+    ``frame_id`` is the offending frame's ``id`` when it could be read (else None).
+    """
+
+    def __init__(self, code: str, message: str, frame_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+
+
+def valid_user_id(user: Any) -> bool:
+    """A user id is a non-empty string of at most 128 printable characters."""
+    return (
+        isinstance(user, str)
+        and 0 < len(user) <= MAX_USER_LEN
+        and user.isprintable()
+    )
+
+
+# -- client commands ---------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class Send:
+    id: Any
+    to: str
+    body: bytes  # the body re-encoded as JSON, exactly as recipients will see it
+
+
+@attrs.frozen(slots=True)
+class Ping:
+    id: Any
+
+
+@attrs.frozen(slots=True)
+class Refresh:
+    id: Any
+    token: str
+
+
+@attrs.frozen(slots=True)
+class Ack:
+    id: Any
+    seq: int
+
+
+@attrs.frozen(slots=True)
+class Resume:
+    id: Any
+    since: int
+
+
+@attrs.frozen(slots=True)
+class History:
+    id: Any
+    peer: str
+    before: str | None
+    limit: int | None
+
+
+@attrs.frozen(slots=True)
+class Search:
+    id: Any
+    q: str
+    limit: int | None
+    offset: int
+
+
+@attrs.frozen(slots=True)
+class Presence:
+    id: Any
+    users: tuple[str, ...]
+
+
+Command = Send | Ping | Refresh | Ack | Resume | History | Search | Presence
+
+
+def _frame_id(frame: dict[str, Any]) -> Any:
+    fid = frame.get("id")
+    if fid is None:
+        return None
+    if isinstance(fid, bool) or not isinstance(fid, str | int):
+        raise ProtocolError("bad_request", "'id' must be a string or an integer")
+    if isinstance(fid, str) and len(fid) > MAX_ID_LEN:
+        raise ProtocolError("bad_request", f"'id' is longer than {MAX_ID_LEN} characters")
+    if isinstance(fid, int) and not -(2**53) < fid < 2**53:
+        raise ProtocolError("bad_request", "'id' is out of range")
+    return fid
+
+
+def _user(frame: dict[str, Any], key: str, fid: Any) -> str:
+    value = frame.get(key)
+    if not valid_user_id(value):
+        raise ProtocolError(
+            "bad_request", f"'{key}' must be a user id (1-{MAX_USER_LEN} printable characters)", fid
+        )
+    return value
+
+
+def _int(frame: dict[str, Any], key: str, fid: Any, *, required: bool, minimum: int = 0) -> Any:
+    value = frame.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < 2**53:
+        raise ProtocolError("bad_request", f"'{key}' must be an integer >= {minimum}", fid)
+    return value
+
+
+def _send(frame: dict[str, Any], fid: Any) -> Send:
+    to = _user(frame, "to", fid)
+    if "body" not in frame:
+        raise ProtocolError("bad_request", "'body' is required", fid)
+    return Send(fid, to, orjson.dumps(frame["body"]))
+
+
+def _refresh(frame: dict[str, Any], fid: Any) -> Refresh:
+    token = frame.get("token")
+    if not isinstance(token, str) or not token:
+        raise ProtocolError("bad_request", "'token' must be a non-empty string", fid)
+    return Refresh(fid, token)
+
+
+def _history(frame: dict[str, Any], fid: Any) -> History:
+    before = frame.get("before")
+    if before is not None and (not isinstance(before, str) or len(before) > MAX_ID_LEN):
+        raise ProtocolError("bad_request", "'before' must be a msg_id", fid)
+    limit = _int(frame, "limit", fid, required=False, minimum=1)
+    return History(fid, _user(frame, "with", fid), before, limit)
+
+
+def _search(frame: dict[str, Any], fid: Any) -> Search:
+    q = frame.get("q")
+    if not isinstance(q, str) or not q.strip() or len(q) > MAX_QUERY_LEN:
+        raise ProtocolError("bad_request", f"'q' must be a non-empty string of at most {MAX_QUERY_LEN}", fid)
+    limit = _int(frame, "limit", fid, required=False, minimum=1)
+    offset = _int(frame, "offset", fid, required=False) or 0
+    return Search(fid, q, limit, offset)
+
+
+def _presence(frame: dict[str, Any], fid: Any) -> Presence:
+    users = frame.get("users")
+    if (
+        not isinstance(users, list)
+        or not 0 < len(users) <= MAX_PRESENCE_USERS
+        or not all(valid_user_id(u) for u in users)
+    ):
+        raise ProtocolError(
+            "bad_request", f"'users' must be a list of 1-{MAX_PRESENCE_USERS} user ids", fid
+        )
+    return Presence(fid, tuple(users))
+
+
+_PARSERS = {
+    "send": _send,
+    "ping": lambda frame, fid: Ping(fid),
+    "refresh": _refresh,
+    "ack": lambda frame, fid: Ack(fid, _int(frame, "seq", fid, required=True)),
+    "resume": lambda frame, fid: Resume(fid, _int(frame, "since", fid, required=True)),
+    "history": _history,
+    "search": _search,
+    "presence": _presence,
+}
+
+
+def parse_client_frame(text: str | bytes) -> Command:
+    """Parse one complete text message into a command, or raise ProtocolError."""
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("bad_request", "frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError("bad_request", "frame must be a JSON object")
+    fid = _frame_id(frame)
+    kind = frame.get("type")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        if not isinstance(kind, str):
+            raise ProtocolError("bad_request", "'type' must be a string", fid)
+        raise ProtocolError("unknown_type", f"unknown frame type {kind[:64]!r}", fid)
+    return parser(frame, fid)
+
+
+# -- server frames -----------------------------------------------------------------------
+
+
+def encode(kind: str, /, **fields: Any) -> bytes:
+    """Encode a server frame ``{"type": kind, **fields}``; None-valued ``id`` is left out."""
+    if fields.get("id", 0) is None:
+        del fields["id"]
+    return orjson.dumps({"type": kind, **fields})
+
+
+def message_frame(msg_id: str, seq: int, sender: str, recipient: str, body: bytes, ts: int) -> bytes:
+    """The ``message`` frame; ``body`` is already JSON and is spliced in verbatim."""
+    return orjson.dumps(
+        {
+            "type": "message",
+            "msg_id": msg_id,
+            "seq": seq,
+            "from": sender,
+            "to": recipient,
+            "body": orjson.Fragment(body),
+            "ts": ts,
+        }
+    )
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked, unfragmented server->client text frame (RFC 6455 5.2).
+
+    Built once per routed message and written as-is to every recipient connection that
+    negotiated no extension, so fan-out costs one encode, not one per recipient.
+    """
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", 0x81, n) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+class MsgIdGenerator:
+    """Unique message ids that sort by creation time within a process.
+
+    ``<12 hex ms since epoch><6 hex counter><6 hex node>``: 24 characters, increasing
+    string order inside one process (the counter carries over within a millisecond), and
+    a random per-process node part so two processes never collide.
+    """
+
+    def __init__(self, node: int | None = None, clock: Any = time.time) -> None:
+        self._node = (node if node is not None else int.from_bytes(os.urandom(3))) & 0xFFFFFF
+        self._clock = clock
+        self._last_ms = 0
+        self._counter = 0
+
+    def next(self) -> tuple[str, int]:
+        """Return ``(msg_id, ts_ms)``."""
+        ms = int(self._clock() * 1000)
+        if ms <= self._last_ms:
+            ms = self._last_ms
+            self._counter += 1
+            if self._counter > 0xFFFFFF:  # 16M ids in one ms: borrow the next ms
+                ms += 1
+                self._counter = 0
+        else:
+            self._counter = 0
+        self._last_ms = ms
+        return f"{ms:012x}{self._counter:06x}{self._node:06x}", ms

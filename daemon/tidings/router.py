@@ -1,0 +1,131 @@
+"""The router: fan a stored message out to the live connections of its recipient.  Sans-IO.
+
+Theory of operation
+-------------------
+A message reaches the router only after the store has accepted it and given it the
+recipient's next inbox ``seq``; the router is called in commit order, so for each
+recipient it sees seqs strictly increasing.  ``route`` looks the recipient up in the
+session table and offers the message to each endpoint with ``offer_nowait``, which never
+blocks.  Each endpoint answers with one of three outcomes:
+
+    outcome      meaning                                          router does
+    -------      -------                                          -----------
+    QUEUED       put on the connection's bounded outbound queue    count delivered
+    ABSORBED     the connection is replaying from the store and   count delivered
+                 will read this seq there (no gap, no duplicate)
+    FULL         the queue is at its bound: a slow consumer        policy "disconnect":
+                                                                  kill(1013), count;
+                                                                  policy "drop": count
+
+The router never awaits a recipient: one slow connection costs the sender and every
+other connection nothing.  A dropped or disconnected slow consumer loses nothing stored:
+its messages stay in the inbox and are replayed when it resumes.  ``delivered`` counts
+live connections that accepted the message, which is what the sender's ack reports.
+
+The payload is encoded once per message (``Routed``) and its WebSocket frame is built at
+most once and shared by every recipient connection.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Protocol
+
+import attrs
+
+from tidings.protocol import text_frame
+from tidings.sessions import SessionTable
+
+__all__ = ["Endpoint", "Offer", "RouteResult", "Routed", "Router", "RouterStatistics"]
+
+CLOSE_SLOW_CONSUMER = 1013
+
+
+class Offer(enum.Enum):
+    QUEUED = "queued"
+    ABSORBED = "absorbed"
+    FULL = "full"
+
+
+class Routed:
+    """One routed message: its JSON payload, its inbox seq, and a lazily built frame."""
+
+    __slots__ = ("_frame", "payload", "seq")
+
+    def __init__(self, payload: bytes, seq: int) -> None:
+        self.payload = payload
+        self.seq = seq
+        self._frame: bytes | None = None
+
+    @property
+    def frame(self) -> bytes:
+        if self._frame is None:
+            self._frame = text_frame(self.payload)
+        return self._frame
+
+
+class Endpoint(Protocol):
+    conn_id: str
+    user: str
+
+    def offer_nowait(self, routed: Routed) -> Offer: ...
+
+    def kill(self, code: int, reason: str) -> None: ...
+
+
+@attrs.frozen
+class RouteResult:
+    delivered: int
+    dropped: int
+    disconnected: int
+
+
+@attrs.frozen
+class RouterStatistics:
+    routed: int
+    delivered: int
+    dropped: int
+    slow_disconnects: int
+
+
+class Router:
+    def __init__(self, sessions: SessionTable, slow_consumer: str = "disconnect") -> None:
+        if slow_consumer not in ("disconnect", "drop"):
+            raise ValueError(f"unknown slow_consumer policy {slow_consumer!r}")
+        self.sessions = sessions
+        self.slow_consumer = slow_consumer
+        self.on_slow_consumer: Any = None  # optional callback(endpoint), e.g. log once
+        self._routed = 0
+        self._delivered = 0
+        self._dropped = 0
+        self._slow_disconnects = 0
+
+    def route(self, recipient: str, routed: Routed) -> RouteResult:
+        """Offer ``routed`` to every live connection of ``recipient``.  Never blocks."""
+        delivered = dropped = disconnected = 0
+        for endpoint in self.sessions.connections(recipient):
+            outcome = endpoint.offer_nowait(routed)
+            if outcome is not Offer.FULL:
+                delivered += 1
+                continue
+            dropped += 1
+            if self.slow_consumer == "disconnect":
+                # Unregister now so no later message is offered to a dying connection.
+                self.sessions.remove(endpoint)
+                endpoint.kill(CLOSE_SLOW_CONSUMER, "slow consumer")
+                disconnected += 1
+            if self.on_slow_consumer is not None:
+                self.on_slow_consumer(endpoint)
+        self._routed += 1
+        self._delivered += delivered
+        self._dropped += dropped
+        self._slow_disconnects += disconnected
+        return RouteResult(delivered, dropped, disconnected)
+
+    def statistics(self) -> RouterStatistics:
+        return RouterStatistics(
+            routed=self._routed,
+            delivered=self._delivered,
+            dropped=self._dropped,
+            slow_disconnects=self._slow_disconnects,
+        )

@@ -1,0 +1,248 @@
+"""The daemon: listeners, one task per connection, the housekeeper, graceful shutdown.
+
+``serve(config, task_status=...)`` opens the store, starts the hub, listens, and reports
+``started(port)`` once connections are accepted.  It returns after SIGTERM/SIGINT (or
+when its cancel scope is cancelled): it stops accepting, closes every connection with
+1001, waits at most ``server.shutdown_grace_s`` for them, drains the store writer, and
+closes the store.  Every TCP connection gets its own task in one nursery; an exception
+in one connection is logged (1011 to that client) and never takes the server down.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from typing import Any
+
+import h11
+import trio
+from wsproto.connection import Connection as WSConnection
+from wsproto.connection import ConnectionType
+from wsproto.events import Ping
+
+from tidings import log
+from tidings.auth import AuthError, Authenticator, load_secret
+from tidings.config import Config
+from tidings.connection import Connection
+from tidings.handshake import HttpError, accept_response, check_upgrade, http_response
+from tidings.hub import Hub
+from tidings.protocol import encode, text_frame
+from tidings.sessions import Refused
+from tidings.store import MemoryStore, SqliteStore, StoreError
+
+__all__ = ["StartupError", "Server", "open_store", "serve"]
+
+HOUSEKEEPING_INTERVAL = 1.0
+MAX_REQUEST_HEAD = 16384
+
+
+class StartupError(Exception):
+    """The daemon cannot start (unwritable state dir, bad secret file, port in use...)."""
+
+
+def open_store(config: Config) -> tuple[Any, bool]:
+    """Return ``(store, threaded)``; raise StartupError with the path and the reason."""
+    if config.store.backend == "memory":
+        return MemoryStore(), False
+    path = config.store_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create state directory {path.parent}: {exc.strerror}") from None
+    try:
+        return SqliteStore.open(path), True
+    except StoreError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def make_authenticator(config: Config) -> Authenticator:
+    if config.auth.mode == "insecure":
+        log.log("warning", "insecure_auth", detail="auth.mode=insecure: ?user= is accepted without a token")
+    try:
+        secret = load_secret(config, create=True)
+    except OSError as exc:
+        raise StartupError(f"cannot load the token secret: {exc}") from None
+    return Authenticator(config.auth.mode, [secret])
+
+
+class Server:
+    """Accepts TCP connections and turns each into a handshake, then a Connection."""
+
+    def __init__(self, config: Config, hub: Hub, auth: Authenticator) -> None:
+        self.config = config
+        self.hub = hub
+        self.auth = auth
+        self.shutting_down = False
+        self.active = 0  # connection tasks alive (handshaking or serving)
+        self._ids = itertools.count(1)
+        self._node = os.urandom(3).hex()
+        self._refusals = log.LogOnce(interval=60.0)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """The task of one TCP connection: handshake, then serve; never raises."""
+        self.active += 1
+        try:
+            await self._handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away mid-handshake; nothing to answer
+        except Exception as exc:  # a bug of ours: this connection only
+            log.log("error", "connection_crashed", error=repr(exc))
+        finally:
+            self.active -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        cfg = self.config.server
+        with trio.move_on_after(cfg.handshake_timeout_s) as timeout:
+            request, trailing = await self._read_request(stream)
+        if timeout.cancelled_caught:
+            self._refusals.log("info", "handshake_timeout", key="timeout")
+            with trio.move_on_after(1):
+                await stream.send_all(http_response(408, b"handshake timed out\n"))
+            return
+        if request is None:
+            return
+        try:
+            upgrade = check_upgrade(request, cfg.path)
+            if self.shutting_down:
+                raise HttpError(503, "server is shutting down")
+            identity = self.auth.authenticate(upgrade.token, upgrade.user)
+        except HttpError as exc:
+            await self._refuse(stream, request, exc.status, exc.reason, exc.headers)
+            return
+        except AuthError as exc:
+            await self._refuse(stream, request, 401, str(exc))
+            return
+        ws = WSConnection(ConnectionType.SERVER, trailing_data=trailing)
+        conn = Connection(
+            stream, ws, self.hub, self.auth,
+            conn_id=f"c{self._node}-{next(self._ids):x}",
+            user=identity.user, exp=identity.exp, since=upgrade.since,
+        )
+        try:
+            await self.hub.register(conn)
+        except Refused as exc:
+            await self._refuse(stream, request, exc.status, exc.reason)
+            return
+        try:
+            hello = text_frame(encode("hello", user=identity.user, conn=conn.conn_id, exp=identity.exp))
+            await stream.send_all(accept_response(upgrade.key) + hello)
+        except BaseException:
+            self.hub.unregister(conn)
+            raise
+        await conn.run(b"")
+
+    async def _read_request(self, stream: trio.SocketStream) -> tuple[h11.Request | None, bytes]:
+        """Read one request head; answer HTTP-level garbage here.  (None, b"") = done."""
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                self._refusals.log("info", "bad_http", key=str(status), status=status)
+                await stream.send_all(http_response(status, b"malformed HTTP request\n"))
+                return None, b""
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(MAX_REQUEST_HEAD)
+                h.receive_data(data)
+                if not data:
+                    return None, b""
+                continue
+            if isinstance(event, h11.Request):
+                # An upgrade request pauses h11; anything after the head is WebSocket data.
+                if h.next_event() is h11.PAUSED:
+                    return event, h.trailing_data[0]
+                return event, b""
+            return None, b""
+
+    async def _refuse(
+        self, stream: trio.SocketStream, request: h11.Request, status: int, reason: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        if request.method == b"GET" and request.target.split(b"?")[0] == b"/healthz":
+            await stream.send_all(http_response(200, b"ok\n"))
+            return
+        self._refusals.log("info", "handshake_refused", key=f"{status}:{reason}", status=status, reason=reason)
+        with trio.move_on_after(1):
+            await stream.send_all(http_response(status, reason.encode() + b"\n", headers=headers))
+
+    async def housekeeper(self) -> None:
+        """Once a second: expire tokens (1008), ping quiet peers, reap silent ones."""
+        cfg = self.config.server
+        while True:
+            await trio.sleep(HOUSEKEEPING_INTERVAL)
+            now, mono = time.time(), time.monotonic()
+            for conn in self.hub.sessions.all_endpoints():
+                if conn.exp is not None and now >= conn.exp:
+                    conn.kill(1008, "token expired")
+                    continue
+                idle = mono - conn.last_activity
+                if idle >= cfg.idle_timeout_s:
+                    conn.kill(1001, "idle timeout")
+                elif idle >= cfg.ping_interval_s and not conn.pinged:
+                    conn.pinged = True
+                    conn.queue_control(conn.ws.send(Ping(b"tidings")))
+
+    def kill_all(self, code: int, reason: str) -> None:
+        for conn in self.hub.sessions.all_endpoints():
+            conn.kill(code, reason)
+
+
+async def serve(
+    config: Config,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT; ``task_status.started(port)`` once listening."""
+    cfg = config.server
+    log.configure(cfg.log_level)
+    store, threaded = open_store(config)
+    try:
+        auth = make_authenticator(config)
+        try:
+            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+        hub = Hub(config, store, threaded=threaded)
+        server = Server(config, hub, auth)
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as root:
+            await root.start(hub.run)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as conns:
+                    accept_scope = trio.CancelScope()
+                    conns.start_soon(_accept_loop, listeners, server, conns, accept_scope)
+                    conns.start_soon(server.housekeeper)
+                    host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
+                    log.log("info", "listening", url=f"ws://{host}:{port}{cfg.path}",
+                            host=cfg.host, port=port, store=config.store.backend,
+                            auth=config.auth.mode, pid=os.getpid())
+                    task_status.started(port)
+                    async for signum in signals:
+                        log.log("info", "shutdown", signal=signal.Signals(signum).name,
+                                connections=len(hub.sessions))
+                        break
+                    server.shutting_down = True
+                    accept_scope.cancel()
+                    server.kill_all(1001, "server shutting down")
+                    with trio.move_on_after(cfg.shutdown_grace_s) as grace:
+                        while server.active:
+                            await trio.sleep(0.05)
+                    if grace.cancelled_caught:
+                        log.log("warning", "shutdown_grace_expired", connections=len(hub.sessions))
+                    conns.cancel_scope.cancel()
+            hub.close_intake()
+        stats = hub.statistics()
+        log.log("info", "stopped", stored=stats.stored, routed=stats.routed)
+    finally:
+        store.close()
+
+
+async def _accept_loop(
+    listeners: list[trio.SocketListener], server: Server, conns: trio.Nursery, scope: trio.CancelScope
+) -> None:
+    with scope:
+        await trio.serve_listeners(server.handle, listeners, handler_nursery=conns)
