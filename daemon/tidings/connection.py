@@ -23,9 +23,9 @@ Replay
 ------
 While replaying stored messages (on connect, or after ``resume``) live messages for the
 user are *absorbed*: the replay reads them from the store, so they are not queued twice.
-``_sent_seq`` is the highest seq handed to the client; a live message with a seq at or
-below it is a duplicate and is absorbed too.  The replay loop ends only when a read finds
-nothing new *and* no live message arrived above ``_sent_seq`` meanwhile; the switch to
+``router.InboxGate`` holds the decision (sans-IO, property-tested): the highest seq handed
+to the client, and the highest live seq seen while replaying.  The replay ends only when
+a read finds nothing new *and* no live message arrived above what it sent; the switch to
 live happens with no await in between, so there is no gap and no duplicate.
 
 Closing
@@ -72,7 +72,7 @@ from tidings.protocol import (
     parse_client_frame,
     text_frame,
 )
-from tidings.router import Offer, Routed
+from tidings.router import InboxGate, Offer, Routed
 from tidings.store import BadQuery, StoreError, UnknownMessage
 
 __all__ = ["CLOSE_TIMEOUT", "Connection"]
@@ -131,9 +131,7 @@ class Connection:
         self._credit_waiter: trio.Event | None = None
         self._space_waiter: trio.Event | None = None
         self._control: list[bytes] = []
-        self._replaying = True  # set before registration: the first replay starts at once
-        self._sent_seq = 0
-        self._live_seq = 0
+        self._gate = InboxGate()  # replaying from creation: the first replay starts at once
         self._replay_scope: trio.CancelScope | None = None
         self._bucket: TokenBucket | None = None
         self._close: tuple[int, str] | None = None
@@ -145,17 +143,13 @@ class Connection:
     # -- router endpoint (sync, never blocks) ---------------------------------------
 
     def offer_nowait(self, routed: Routed) -> Offer:
-        if routed.seq <= self._sent_seq:
-            return Offer.ABSORBED
-        if self._replaying:
-            if routed.seq > self._live_seq:
-                self._live_seq = routed.seq
+        if not self._gate.live(routed.seq):
             return Offer.ABSORBED
         if self._queued >= self._queue_bound or self._close is not None:
             return Offer.FULL
         self._tx.send_nowait(routed)
         self._queued += 1
-        self._sent_seq = routed.seq
+        self._gate.sent(routed.seq)
         return Offer.QUEUED
 
     def reply_nowait(self, payload: bytes) -> None:
@@ -368,7 +362,7 @@ class Connection:
         """
         if self._replay_scope is not None:
             self._replay_scope.cancel()
-        self._replaying = True
+        self._gate.replaying = True  # absorb live messages from now on: the replay reads them
         self._replay_scope = trio.CancelScope()
         assert self._nursery is not None
         self._nursery.start_soon(self._replay, since, self._replay_scope, credit)
@@ -377,32 +371,36 @@ class Connection:
         """Send stored messages after ``since`` (default: the ack cursor), then go live."""
         if not credit:
             self._credits -= 1  # may go to -1: the channel reserves a slot for it
+        sent_resumed = False
         with scope:
-            state = await self.hub.read(self.hub.store.inbox_state, self.user)
-            start = state.cursor if since is None else min(since, state.last_seq)
-            complete = state.first_seq <= start + 1
-            self._sent_seq = start
-            self._live_seq = 0
-            while True:
-                msgs = await self.hub.read(
-                    self.hub.store.read_inbox, self.user, self._sent_seq, REPLAY_PAGE
-                )
-                for m in msgs:
-                    await self._wait_space()
-                    payload = message_frame(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)
-                    self._tx.send_nowait(Routed(payload, m.seq))
-                    self._queued += 1
-                    self._sent_seq = m.seq
-                if len(msgs) < REPLAY_PAGE and self._live_seq <= self._sent_seq:
-                    break
-            # No await since the last read: every later live message has seq > _sent_seq.
-            self._replaying = False
-            self._replay_scope = None
-            self._tx.send_nowait(
-                _Reply(encode("resumed", since=start, last=self._sent_seq, complete=complete))
-            )
-            return  # the writer gives the credit back once `resumed` is written
-        self._give_credits(1)  # cancelled (a newer resume, or closing): no `resumed`
+            try:
+                sent_resumed = await self._replay_pages(since)
+            except StoreError as exc:
+                log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)
+                self.kill(1011, "store unavailable")
+        if not sent_resumed:  # cancelled (a newer resume, or closing), or failed
+            self._give_credits(1)
+
+    async def _replay_pages(self, since: int | None) -> bool:
+        gate = self._gate
+        state = await self.hub.read(self.hub.store.inbox_state, self.user)
+        start = state.cursor if since is None else min(since, state.last_seq)
+        complete = state.first_seq <= start + 1  # else retention dropped part of the gap
+        gate.start(start)
+        while True:
+            msgs = await self.hub.read(self.hub.store.read_inbox, self.user, gate.sent_seq, REPLAY_PAGE)
+            for m in gate.take(msgs):
+                await self._wait_space()
+                payload = message_frame(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)
+                self._tx.send_nowait(Routed(payload, m.seq))
+                self._queued += 1
+                gate.sent(m.seq)
+            if gate.caught_up(len(msgs), REPLAY_PAGE):  # no await since the read
+                break
+        self._replay_scope = None
+        # The credit taken for this frame comes back when the writer has written it.
+        self._tx.send_nowait(_Reply(encode("resumed", since=start, last=gate.sent_seq, complete=complete)))
+        return True
 
     async def _wait_space(self) -> None:
         while self._queued >= self._queue_bound:

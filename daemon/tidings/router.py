@@ -36,7 +36,15 @@ import attrs
 from tidings.protocol import text_frame
 from tidings.sessions import SessionTable
 
-__all__ = ["Endpoint", "Offer", "RouteResult", "Routed", "Router", "RouterStatistics"]
+__all__ = [
+    "Endpoint",
+    "InboxGate",
+    "Offer",
+    "RouteResult",
+    "Routed",
+    "Router",
+    "RouterStatistics",
+]
 
 CLOSE_SLOW_CONSUMER = 1013
 
@@ -129,3 +137,55 @@ class Router:
             dropped=self._dropped,
             slow_disconnects=self._slow_disconnects,
         )
+
+
+class InboxGate:
+    """Per connection: the switch from replaying stored messages to live delivery.
+
+    The connection calls ``start(from_seq)`` when a replay begins (on connect with the
+    ack cursor, or on ``resume``), then alternates reading pages from the store with
+    ``take(msgs)`` (what to send) until ``caught_up(n_read, page)`` says the replay is
+    complete.  Meanwhile the router's offers go through ``live(seq)``: True means
+    "queue it", False means "absorbed" (a replay will read it, or it was already sent).
+
+    No gap: while replaying, live seqs only raise ``live_seq``; the replay cannot finish
+    while ``live_seq`` is above what it sent, so it reads those messages itself.  No
+    duplicate: ``sent_seq`` only grows and nothing at or below it is ever sent again.
+    ``caught_up`` must be called with no await between the last read and the switch.
+    """
+
+    __slots__ = ("live_seq", "replaying", "sent_seq")
+
+    def __init__(self) -> None:
+        self.replaying = True
+        self.sent_seq = 0
+        self.live_seq = 0
+
+    def start(self, from_seq: int) -> None:
+        self.replaying = True
+        self.sent_seq = from_seq
+        self.live_seq = 0
+
+    def live(self, seq: int) -> bool:
+        if seq <= self.sent_seq:
+            return False
+        if self.replaying:
+            if seq > self.live_seq:
+                self.live_seq = seq
+            return False
+        return True
+
+    def sent(self, seq: int) -> None:
+        """Record that ``seq`` was handed to the client (live or replayed)."""
+        self.sent_seq = seq
+
+    def take(self, msgs: Any) -> list[Any]:
+        """Of a page read after ``sent_seq``, the messages to send, in order."""
+        return [m for m in msgs if m.seq > self.sent_seq]
+
+    def caught_up(self, n_read: int, page: int) -> bool:
+        """After a read of ``n_read`` (< ``page`` = the end): switch to live if nothing is left."""
+        if n_read >= page or self.live_seq > self.sent_seq:
+            return False
+        self.replaying = False
+        return True
