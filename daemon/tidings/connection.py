@@ -95,6 +95,14 @@ class _Reply:
 class Connection:
     """A registered WebSocket connection: the router's endpoint for one device."""
 
+    __slots__ = (
+        "_bucket", "_cancel", "_close", "_closed_by", "_control", "_credit_waiter",
+        "_credits", "_gate", "_nursery", "_queue_bound", "_queued", "_replay_scope",
+        "_rx", "_send_broken", "_since", "_space_waiter", "_tx", "_wake_queued",
+        "_writer_done", "auth", "conn_id", "exp", "hub", "last_activity", "pinged",
+        "stream", "user", "ws",
+    )
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -183,7 +191,7 @@ class Connection:
 
     # -- the connection task ---------------------------------------------------------
 
-    async def run(self, initial: bytes) -> None:
+    async def run(self) -> None:
         """Serve until closed.  Unregisters the connection and closes the stream on exit."""
         try:
             async with trio.open_nursery() as nursery:
@@ -191,7 +199,7 @@ class Connection:
                 nursery.start_soon(self._writer)
                 self._start_replay(self._since, credit=False)
                 with self._cancel:
-                    peer_gone = await self._reader(initial)
+                    peer_gone = await self._reader()
                 if not peer_gone:
                     if self._close is None:
                         self._close = (1000, "")
@@ -205,8 +213,11 @@ class Connection:
             code = self._close[0] if self._close else None
             log.log("debug", "closed", conn=self.conn_id, user=self.user, by=self._closed_by, code=code)
 
-    async def _reader(self, data: bytes) -> bool:
-        """Read and handle frames; return True when the peer dropped TCP (nothing to send)."""
+    async def _reader(self) -> bool:
+        """Read and handle frames; return True when the peer dropped TCP (nothing to send).
+
+        Bytes that arrived with the handshake were given to wsproto at construction."""
+        data = b""
         limit = self.hub.config.server.max_message_bytes
         parts: list[str | bytes] = []
         size = 0
@@ -310,7 +321,7 @@ class Connection:
             if type(cmd) is Refresh:
                 self._refresh(cmd)
             elif type(cmd) is Resume:
-                self._start_replay(cmd.since, credit=True)  # its `resumed` uses our credit
+                self._start_replay(cmd.since, credit=True, fid=fid)  # its `resumed` uses our credit
             elif type(cmd) is History:
                 await self._history(cmd)
             elif type(cmd) is Search:
@@ -354,7 +365,7 @@ class Connection:
 
     # -- replay ----------------------------------------------------------------------
 
-    def _start_replay(self, since: int | None, *, credit: bool) -> None:
+    def _start_replay(self, since: int | None, *, credit: bool, fid: Any = None) -> None:
         """(Re)start the replay; live messages are absorbed until it has caught up.
 
         ``credit``: the caller holds a reply credit for the ``resumed`` frame (a resume
@@ -365,23 +376,23 @@ class Connection:
         self._gate.replaying = True  # absorb live messages from now on: the replay reads them
         self._replay_scope = trio.CancelScope()
         assert self._nursery is not None
-        self._nursery.start_soon(self._replay, since, self._replay_scope, credit)
+        self._nursery.start_soon(self._replay, since, self._replay_scope, credit, fid)
 
-    async def _replay(self, since: int | None, scope: trio.CancelScope, credit: bool) -> None:
+    async def _replay(self, since: int | None, scope: trio.CancelScope, credit: bool, fid: Any) -> None:
         """Send stored messages after ``since`` (default: the ack cursor), then go live."""
         if not credit:
             self._credits -= 1  # may go to -1: the channel reserves a slot for it
         sent_resumed = False
         with scope:
             try:
-                sent_resumed = await self._replay_pages(since)
+                sent_resumed = await self._replay_pages(since, fid)
             except StoreError as exc:
                 log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)
                 self.kill(1011, "store unavailable")
         if not sent_resumed:  # cancelled (a newer resume, or closing), or failed
             self._give_credits(1)
 
-    async def _replay_pages(self, since: int | None) -> bool:
+    async def _replay_pages(self, since: int | None, fid: Any) -> bool:
         gate = self._gate
         state = await self.hub.read(self.hub.store.inbox_state, self.user)
         start = state.cursor if since is None else min(since, state.last_seq)
@@ -399,7 +410,7 @@ class Connection:
                 break
         self._replay_scope = None
         # The credit taken for this frame comes back when the writer has written it.
-        self._tx.send_nowait(_Reply(encode("resumed", since=start, last=gate.sent_seq, complete=complete)))
+        self._tx.send_nowait(_Reply(encode("resumed", id=fid, since=start, last=gate.sent_seq, complete=complete)))
         return True
 
     async def _wait_space(self) -> None:

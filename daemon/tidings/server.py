@@ -84,7 +84,9 @@ class Server:
         """The task of one TCP connection: handshake, then serve; never raises."""
         self.active += 1
         try:
-            await self._handle(stream)
+            conn = await self._handshake(stream)
+            if conn is not None:  # the handshake's state (h11, request) is garbage now
+                await conn.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away mid-handshake; nothing to answer
         except Exception as exc:  # a bug of ours: this connection only
@@ -93,7 +95,8 @@ class Server:
             self.active -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handshake(self, stream: trio.SocketStream) -> Connection | None:
+        """Answer the HTTP request; return a registered Connection after a 101, else None."""
         cfg = self.config.server
         with trio.move_on_after(cfg.handshake_timeout_s) as timeout:
             request, trailing = await self._read_request(stream)
@@ -101,9 +104,9 @@ class Server:
             self._refusals.log("info", "handshake_timeout", key="timeout")
             with trio.move_on_after(1):
                 await stream.send_all(http_response(408, b"handshake timed out\n"))
-            return
+            return None
         if request is None:
-            return
+            return None
         try:
             upgrade = check_upgrade(request, cfg.path)
             if self.shutting_down:
@@ -111,10 +114,10 @@ class Server:
             identity = self.auth.authenticate(upgrade.token, upgrade.user)
         except HttpError as exc:
             await self._refuse(stream, request, exc.status, exc.reason, exc.headers)
-            return
+            return None
         except AuthError as exc:
             await self._refuse(stream, request, 401, str(exc))
-            return
+            return None
         ws = WSConnection(ConnectionType.SERVER, trailing_data=trailing)
         conn = Connection(
             stream, ws, self.hub, self.auth,
@@ -125,14 +128,14 @@ class Server:
             await self.hub.register(conn)
         except Refused as exc:
             await self._refuse(stream, request, exc.status, exc.reason)
-            return
+            return None
         try:
             hello = text_frame(encode("hello", user=identity.user, conn=conn.conn_id, exp=identity.exp))
             await stream.send_all(accept_response(upgrade.key) + hello)
         except BaseException:
             self.hub.unregister(conn)
             raise
-        await conn.run(b"")
+        return conn
 
     async def _read_request(self, stream: trio.SocketStream) -> tuple[h11.Request | None, bytes]:
         """Read one request head; answer HTTP-level garbage here.  (None, b"") = done."""
