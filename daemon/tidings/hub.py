@@ -31,7 +31,7 @@ import trio
 
 from tidings import log
 from tidings.config import Config
-from tidings.protocol import MsgIdGenerator, Send, encode, message_frame
+from tidings.protocol import MsgIdGenerator, message_frame
 from tidings.router import Routed, Router
 from tidings.sessions import SessionTable
 from tidings.store import NewMessage, StoreError
@@ -100,14 +100,15 @@ class Hub:
 
     # -- sends -----------------------------------------------------------------------
 
-    async def send(self, conn: Any, cmd: Send) -> None:
-        """Store then route ``cmd`` from ``conn.user``; the ack goes to ``conn.reply_nowait``.
+    async def send(self, origin: Any, sender: str, to: str, body: bytes, fid: Any = None) -> None:
+        """Store then route a message; then call ``origin.on_stored(fid, msg_id, seq,
+        delivered)`` -- or ``origin.on_store_failed(fid)`` if the store refused it.
 
-        Blocks only while the store's queue is full.  The connection must hold a reply
-        credit for the ack (or error) this produces.
+        Blocks only while the store's queue is full.  A connection origin must hold a
+        reply credit for the ack (or error) this produces; the callbacks never block.
         """
         msg_id, ts = self.ids.next()
-        job = (NewMessage(msg_id, conn.user, cmd.to, cmd.body, ts), conn, cmd.id)
+        job = (NewMessage(msg_id, sender, to, body, ts), origin, fid)
         if self._threaded:
             await self._jobs_tx.send(job)
             return
@@ -120,22 +121,16 @@ class Hub:
         self._deliver(job, seq)
 
     def _deliver(self, job: tuple[NewMessage, Any, Any], seq: int) -> None:
-        new, conn, fid = job
+        new, origin, fid = job
         payload = message_frame(new.msg_id, seq, new.sender, new.recipient, new.body, new.ts)
         result = self.router.route(new.recipient, Routed(payload, seq))
-        if conn is not None:
-            conn.reply_nowait(
-                encode("ack", id=fid, msg_id=new.msg_id, seq=seq, delivered=result.delivered)
-            )
+        origin.on_stored(fid, new.msg_id, seq, result.delivered)
 
     def _fail(self, jobs: list[tuple[NewMessage, Any, Any]], exc: Exception) -> None:
         self._store_errors += 1
         log.log("error", "store_failed", error=str(exc), messages=len(jobs))
-        for _new, conn, fid in jobs:
-            if conn is not None:
-                conn.reply_nowait(
-                    encode("error", id=fid, code="unavailable", message="message not stored; retry")
-                )
+        for _new, origin, fid in jobs:
+            origin.on_store_failed(fid)
 
     # -- coalesced writes ------------------------------------------------------------
 
@@ -175,6 +170,8 @@ class Hub:
         """Run the group-commit writer and the pruner until ``close_intake`` and drained."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._prune_loop)
+            if self._threaded and hasattr(self.store, "checkpoint"):
+                nursery.start_soon(self._checkpoint_loop)
             task_status.started()
             await self._writer()
             nursery.cancel_scope.cancel()
@@ -214,6 +211,16 @@ class Hub:
         self._stored += len(jobs)
         for job, seq in zip(jobs, seqs, strict=True):
             self._deliver(job, seq)
+
+    async def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database every second from a thread of its own, so the
+        checkpoint's fsyncs stay off the group-commit path (SQLite PASSIVE checkpoint)."""
+        while True:
+            await trio.sleep(1.0)
+            try:
+                await trio.to_thread.run_sync(self.store.checkpoint)
+            except StoreError as exc:
+                log.log("error", "checkpoint_failed", error=str(exc))
 
     async def _prune_loop(self) -> None:
         cfg = self.config.store
