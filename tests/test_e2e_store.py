@@ -79,8 +79,9 @@ async def test_resume_since_on_url_and_in_band(daemon, uniq):
         assert [m["seq"] for m in replayed if m["type"] == "message"] == [2, 3, 4, 5, 6]
 
 
-async def test_resume_while_messages_keep_arriving_has_no_gap_and_no_duplicate(daemon, uniq):
+async def test_resume_while_messages_keep_arriving_has_no_gap_and_no_duplicate(start_daemon, uniq):
     """Senders keep sending while bob reconnects and resumes: bob's seqs are exactly 1..N."""
+    daemon = start_daemon(limits={"messages_per_second": 100000.0, "burst": 100000})
     alice, bob = uniq("alice"), uniq("bob")
     acked: list[int] = []
     stop = trio.Event()

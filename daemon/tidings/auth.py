@@ -73,6 +73,12 @@ class Authenticator:
         self._secrets = secrets_
         self._leeway = leeway_s
 
+    def set_secrets(self, secrets_: list[bytes]) -> None:
+        """Replace the accepted keys (newest first, the first signs): secret rotation."""
+        if not secrets_:
+            raise ValueError("at least one secret is required")
+        self._secrets = list(secrets_)
+
     def mint(self, user: str, ttl_s: float, *, now: float | None = None) -> str:
         if not valid_user_id(user):
             raise ValueError(f"not a valid user id: {user!r}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 from tidings import __version__, log
 from tidings.config import Config, ConfigError, load_config
@@ -30,7 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     try:
-        trio.run(serve, config)
+        trio.run(partial(serve, config, config_path=args.config))
     except StartupError as exc:
         log.log("error", "startup_failed", error=str(exc))
         print(f"tidings: cannot start: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ __all__ = [
     "AuthConfig",
     "Config",
     "ConfigError",
+    "HttpConfig",
     "LimitsConfig",
     "ServerConfig",
     "StoreConfig",
@@ -101,6 +102,13 @@ class ServerConfig:
     #: Close (1001... no: reap) a connection silent for this long, pong included.
     idle_timeout_s: float = attrs.field(default=60.0, validator=_positive)
     log_level: str = attrs.field(default="info", validator=_one_of(*_LOG_LEVELS))
+    #: PEM certificate chain and private key: both set = serve wss:// (see tidings.tls).
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("set both tls_cert and tls_key, or neither")
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir()
@@ -113,6 +121,9 @@ class AuthConfig:
     secret_file: str = ""
     #: Lifetime of tokens minted by ``tidings token`` when --ttl is not given.
     token_ttl_s: int = attrs.field(default=3600, validator=_positive)
+    #: After a secret rotation (SIGHUP), tokens signed with the old secret still verify
+    #: for this long; 0 = drop the old secret at once.
+    previous_secret_grace_s: float = attrs.field(default=3600.0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.secret and self.secret_file:
@@ -151,11 +162,18 @@ class StoreConfig:
 
 
 @attrs.frozen(kw_only=True)
+class HttpConfig:
+    #: Serve the browser demo page (GET /) and the JS client (GET /tidings.js).
+    demo: bool = False
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
     store: StoreConfig = attrs.field(factory=StoreConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
 
     def store_path(self) -> Path:
         if self.store.path:
@@ -187,7 +205,7 @@ def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     for kind in (int, float, str, bool):
         conv.register_structure_hook(kind, _strict(kind))
-    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, Config):
+    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, HttpConfig, Config):
         conv.register_structure_hook(
             cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True)
         )

@@ -97,7 +97,7 @@ class Connection:
 
     __slots__ = (
         "_bucket", "_cancel", "_close", "_closed_by", "_control", "_credit_waiter",
-        "_credits", "_gate", "_nursery", "_queue_bound", "_queued", "_replay_scope",
+        "_credits", "_gate", "_nursery", "_queue_bound", "_queued", "_registered", "_replay_scope",
         "_rx", "_send_broken", "_since", "_space_waiter", "_tx", "_wake_queued",
         "_writer_done", "auth", "conn_id", "exp", "hub", "last_activity", "pinged",
         "stream", "user", "ws",
@@ -147,17 +147,21 @@ class Connection:
         self._cancel = trio.CancelScope()
         self._writer_done = trio.Event()
         self._send_broken = False
+        self._registered = True  # the server registers us right after construction
 
     # -- router endpoint (sync, never blocks) ---------------------------------------
 
     def offer_nowait(self, routed: Routed) -> Offer:
-        if not self._gate.live(routed.seq):
+        if self._close is not None:
+            return Offer.CLOSING
+        if routed.seq is not None and not self._gate.live(routed.seq):
             return Offer.ABSORBED
-        if self._queued >= self._queue_bound or self._close is not None:
+        if self._queued >= self._queue_bound:
             return Offer.FULL
         self._tx.send_nowait(routed)
         self._queued += 1
-        self._gate.sent(routed.seq)
+        if routed.seq is not None:
+            self._gate.sent(routed.seq)
         return Offer.QUEUED
 
     def reply_nowait(self, payload: bytes) -> None:
@@ -167,16 +171,29 @@ class Connection:
             return
         self._tx.send_nowait(_Reply(payload))
 
+    def on_stored(self, fid: Any, msg_id: str, seq: int, delivered: int) -> None:
+        """The hub stored and routed our send: queue its ack (the send's credit)."""
+        self.reply_nowait(encode("ack", id=fid, msg_id=msg_id, seq=seq, delivered=delivered))
+
+    def on_store_failed(self, fid: Any) -> None:
+        self.reply_nowait(encode("error", id=fid, code="unavailable", message="message not stored; retry"))
+
     def kill(self, code: int, reason: str) -> None:
         """Close with ``code`` soon; idempotent, never blocks (the first call wins)."""
         if self._close is not None:
             return
         self._close = (code, reason)
         self._closed_by = "server"
+        self._unregister()  # nothing more is routed here
         self._cancel.cancel()  # stops the reader; the writer finishes its batch, then closes
         if self._replay_scope is not None:
             self._replay_scope.cancel()
         self._wake()
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self.hub.unregister(self)
 
     def queue_control(self, data: bytes) -> None:
         """Queue a control frame ahead of all data (pong, ping); never blocks."""
@@ -200,6 +217,7 @@ class Connection:
                 self._start_replay(self._since, credit=False)
                 with self._cancel:
                     peer_gone = await self._reader()
+                self._unregister()  # closing: nothing more is routed here
                 if not peer_gone:
                     if self._close is None:
                         self._close = (1000, "")
@@ -208,7 +226,7 @@ class Connection:
                         await self._writer_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self.hub.unregister(self)
+            self._unregister()
             await trio.aclose_forcefully(self.stream)
             code = self._close[0] if self._close else None
             log.log("debug", "closed", conn=self.conn_id, user=self.user, by=self._closed_by, code=code)
@@ -250,6 +268,7 @@ class Connection:
                 elif isinstance(event, CloseConnection):
                     if self.ws.state is ConnectionState.REMOTE_CLOSING:
                         self._close = (event.code, "")  # echo the peer's close
+                        self._unregister()
                         self._closed_by = "peer"
                     else:  # wsproto could not parse a frame (bad UTF-8: 1007, else 1002)
                         self.kill(event.code, event.reason or "protocol error")
@@ -290,20 +309,25 @@ class Connection:
         now = time.monotonic()
         if self._bucket is None:
             self._bucket = TokenBucket(limits.messages_per_second, limits.burst, now)
-        if not self._bucket.take(now):
+        allowed = self._bucket.take(now)
+        try:
+            cmd = parse_client_frame(text)
+        except ProtocolError as exc:
+            cmd, fid, error = None, exc.frame_id, exc
+        else:
+            fid, error = cmd.id, None
+        if not allowed:
             if self._bucket.strikes >= limits.rate_limit_close_after:
                 self._give_credits(1)
                 self.kill(1008, "rate limit exceeded repeatedly")
                 return
-            self._error(None, "rate_limited", f"more than {limits.messages_per_second:g} frames/s")
+            self._error(fid, "rate_limited", f"more than {limits.messages_per_second:g} frames/s; retry later")
             return
-        try:
-            cmd = parse_client_frame(text)
-        except ProtocolError as exc:
-            self._error(exc.frame_id, exc.code, exc.message)
+        if error is not None:
+            self._error(fid, error.code, error.message)
             return
         if type(cmd) is Send:
-            await self.hub.send(self, cmd)
+            await self.hub.send(self, self.user, cmd.to, cmd.body, cmd.id)
         elif type(cmd) is PingCmd:
             self._reply("pong", id=cmd.id)
         elif type(cmd) is Ack:

@@ -84,8 +84,10 @@ class Hub:
             self.sessions.add(conn)
 
     def unregister(self, conn: Any) -> None:
-        """Remove ``conn`` (idempotent); record last_seen when it was the user's last."""
-        if self.sessions.remove(conn) or self.sessions.count(conn.user) == 0:
+        """Remove ``conn`` (once per connection); record last_seen when it was the
+        user's last connection (the router may already have removed a slow consumer)."""
+        self.sessions.remove(conn)
+        if self.sessions.count(conn.user) == 0:
             self._last_seen[conn.user] = int(time.time() * 1000)
             if not self._threaded:
                 self._flush_coalesced()

@@ -13,12 +13,14 @@ every recipient connection.
 
 from __future__ import annotations
 
+import base64
 import os
 import struct
 import time
 from typing import Any
 
 import attrs
+import msgpack
 import orjson
 
 __all__ = [
@@ -76,8 +78,28 @@ def valid_user_id(user: Any) -> bool:
 @attrs.frozen(slots=True)
 class Send:
     id: Any
-    to: str
-    body: bytes  # the body re-encoded as JSON, exactly as recipients will see it
+    to: str | None  # a user, or None when ``room`` is set
+    body: bytes  # the stored body: JSON, or BINARY_BODY + raw bytes (msgpack mode)
+    room: str | None = None
+
+
+@attrs.frozen(slots=True)
+class Join:
+    id: Any
+    room: str
+
+
+@attrs.frozen(slots=True)
+class Leave:
+    id: Any
+    room: str
+
+
+@attrs.frozen(slots=True)
+class Watch:
+    id: Any
+    users: tuple[str, ...]
+    watch: bool  # False for unwatch
 
 
 @attrs.frozen(slots=True)
@@ -125,7 +147,29 @@ class Presence:
     users: tuple[str, ...]
 
 
-Command = Send | Ping | Refresh | Ack | Resume | History | Search | Presence
+Command = Send | Ping | Refresh | Ack | Resume | History | Search | Presence | Join | Leave | Watch
+
+#: A stored body starting with this byte is raw binary (sent from msgpack mode), not JSON.
+BINARY_BODY = b"\x00"
+
+
+def encode_body(body: Any, fid: Any) -> bytes:
+    """The stored form of a body: its JSON, or BINARY_BODY + bytes for a bytes body."""
+    if isinstance(body, bytes | bytearray):
+        return BINARY_BODY + bytes(body)
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise ProtocolError(
+            "bad_request", "'body' must be JSON-representable (bytes only as the whole body)", fid
+        ) from None
+
+
+def decode_body(stored: bytes) -> Any:
+    """The body as a Python value (bytes for a binary body)."""
+    if stored[:1] == BINARY_BODY:
+        return stored[1:]
+    return orjson.loads(stored)
 
 
 def _frame_id(frame: dict[str, Any]) -> Any:
@@ -160,10 +204,22 @@ def _int(frame: dict[str, Any], key: str, fid: Any, *, required: bool, minimum: 
 
 
 def _send(frame: dict[str, Any], fid: Any) -> Send:
-    to = _user(frame, "to", fid)
     if "body" not in frame:
         raise ProtocolError("bad_request", "'body' is required", fid)
-    return Send(fid, to, orjson.dumps(frame["body"]))
+    if "room" in frame:
+        if "to" in frame:
+            raise ProtocolError("bad_request", "give 'to' or 'room', not both", fid)
+        return Send(fid, None, encode_body(frame["body"], fid), _name(frame, "room", fid))
+    return Send(fid, _user(frame, "to", fid), encode_body(frame["body"], fid))
+
+
+def _name(frame: dict[str, Any], key: str, fid: Any) -> str:
+    value = frame.get(key)
+    if not valid_user_id(value):  # room names follow the user id rule
+        raise ProtocolError(
+            "bad_request", f"'{key}' must be a name (1-{MAX_USER_LEN} printable characters)", fid
+        )
+    return value
 
 
 def _refresh(frame: dict[str, Any], fid: Any) -> Refresh:
@@ -190,7 +246,7 @@ def _search(frame: dict[str, Any], fid: Any) -> Search:
     return Search(fid, q, limit, offset)
 
 
-def _presence(frame: dict[str, Any], fid: Any) -> Presence:
+def _users(frame: dict[str, Any], fid: Any) -> tuple[str, ...]:
     users = frame.get("users")
     if (
         not isinstance(users, list)
@@ -200,7 +256,7 @@ def _presence(frame: dict[str, Any], fid: Any) -> Presence:
         raise ProtocolError(
             "bad_request", f"'users' must be a list of 1-{MAX_PRESENCE_USERS} user ids", fid
         )
-    return Presence(fid, tuple(users))
+    return tuple(users)
 
 
 _PARSERS = {
@@ -211,7 +267,11 @@ _PARSERS = {
     "resume": lambda frame, fid: Resume(fid, _int(frame, "since", fid, required=True)),
     "history": _history,
     "search": _search,
-    "presence": _presence,
+    "presence": lambda frame, fid: Presence(fid, _users(frame, fid)),
+    "join": lambda frame, fid: Join(fid, _name(frame, "room", fid)),
+    "leave": lambda frame, fid: Leave(fid, _name(frame, "room", fid)),
+    "watch": lambda frame, fid: Watch(fid, _users(frame, fid), True),
+    "unwatch": lambda frame, fid: Watch(fid, _users(frame, fid), False),
 }
 
 
@@ -223,6 +283,22 @@ def parse_client_frame(text: str | bytes) -> Command:
         raise ProtocolError("bad_request", "frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise ProtocolError("bad_request", "frame must be a JSON object")
+    return parse_client_object(frame)
+
+
+def parse_binary_frame(data: bytes) -> Command:
+    """Parse one complete binary message (a MessagePack map) into a command."""
+    try:
+        frame = msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=len(data))
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise ProtocolError("bad_request", "binary frame is not valid MessagePack") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError("bad_request", "frame must be a MessagePack map")
+    return parse_client_object(frame)
+
+
+def parse_client_object(frame: dict[str, Any]) -> Command:
+    """Validate a decoded frame (from JSON or MessagePack) into a command."""
     fid = _frame_id(frame)
     kind = frame.get("type")
     parser = _PARSERS.get(kind) if isinstance(kind, str) else None
@@ -243,33 +319,71 @@ def encode(kind: str, /, **fields: Any) -> bytes:
     return orjson.dumps({"type": kind, **fields})
 
 
+def encode_msgpack(kind: str, /, **fields: Any) -> bytes:
+    """``encode`` for binary-mode connections: the same envelope as MessagePack."""
+    if fields.get("id", 0) is None:
+        del fields["id"]
+    return msgpack.packb({"type": kind, **fields}, default=_msgpack_default)
+
+
+def _msgpack_default(value: Any) -> Any:
+    if isinstance(value, orjson.Fragment):
+        return orjson.loads(value.contents)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def message_fields(
+    msg_id: str, seq: int | None, sender: str, recipient: str | None, body: bytes, ts: int,
+    room: str | None = None,
+) -> dict[str, Any]:
+    """The ``message`` frame as a dict whose body is still the stored form."""
+    fields: dict[str, Any] = {"type": "message", "msg_id": msg_id}
+    if seq is not None:
+        fields["seq"] = seq
+    fields["from"] = sender
+    if recipient is not None:
+        fields["to"] = recipient
+    if room is not None:
+        fields["room"] = room
+    fields["body"] = body
+    fields["ts"] = ts
+    return fields
+
+
+def message_json(fields: dict[str, Any]) -> bytes:
+    """JSON of a message: the stored JSON body spliced in verbatim; a binary body as
+    base64 with ``"body_encoding": "base64"``."""
+    body = fields["body"]
+    if body[:1] == BINARY_BODY:
+        out = dict(fields, body=base64.b64encode(body[1:]).decode(), body_encoding="base64")
+        return orjson.dumps(out)
+    return orjson.dumps(dict(fields, body=orjson.Fragment(body)))
+
+
+def message_msgpack(fields: dict[str, Any]) -> bytes:
+    return msgpack.packb(dict(fields, body=decode_body(fields["body"])))
+
+
 def message_frame(msg_id: str, seq: int, sender: str, recipient: str, body: bytes, ts: int) -> bytes:
-    """The ``message`` frame; ``body`` is already JSON and is spliced in verbatim."""
-    return orjson.dumps(
-        {
-            "type": "message",
-            "msg_id": msg_id,
-            "seq": seq,
-            "from": sender,
-            "to": recipient,
-            "body": orjson.Fragment(body),
-            "ts": ts,
-        }
-    )
+    """The JSON ``message`` frame of an inbox message."""
+    return message_json(message_fields(msg_id, seq, sender, recipient, body, ts))
 
 
-def text_frame(payload: bytes) -> bytes:
-    """A complete, unmasked, unfragmented server->client text frame (RFC 6455 5.2).
+TEXT, BINARY = 0x81, 0x82
+
+
+def text_frame(payload: bytes, opcode: int = TEXT) -> bytes:
+    """A complete, unmasked, unfragmented server->client frame (RFC 6455 5.2).
 
     Built once per routed message and written as-is to every recipient connection that
     negotiated no extension, so fan-out costs one encode, not one per recipient.
     """
     n = len(payload)
     if n < 126:
-        return struct.pack("!BB", 0x81, n) + payload
+        return struct.pack("!BB", opcode, n) + payload
     if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
+        return struct.pack("!BBH", opcode, 126, n) + payload
+    return struct.pack("!BBQ", opcode, 127, n) + payload
 
 
 class MsgIdGenerator:

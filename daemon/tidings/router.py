@@ -16,6 +16,8 @@ blocks.  Each endpoint answers with one of three outcomes:
     FULL         the queue is at its bound: a slow consumer        policy "disconnect":
                                                                   kill(1013), count;
                                                                   policy "drop": count
+    CLOSING      the connection is closing (it unregisters itself  nothing: not delivered
+                 at once; seen only within one fan-out)           and not a slow consumer
 
 The router never awaits a recipient: one slow connection costs the sender and every
 other connection nothing.  A dropped or disconnected slow consumer loses nothing stored:
@@ -33,7 +35,9 @@ from typing import Any, Protocol
 
 import attrs
 
-from tidings.protocol import text_frame
+import msgpack
+
+from tidings.protocol import BINARY, message_msgpack, text_frame
 from tidings.sessions import SessionTable
 
 __all__ = [
@@ -53,23 +57,42 @@ class Offer(enum.Enum):
     QUEUED = "queued"
     ABSORBED = "absorbed"
     FULL = "full"
+    CLOSING = "closing"
 
 
 class Routed:
-    """One routed message: its JSON payload, its inbox seq, and a lazily built frame."""
+    """One routed frame: its JSON payload, its inbox seq (None for room messages and
+    presence events, which bypass the replay gate), and lazily built wire frames shared
+    by every recipient: the JSON text frame, and for binary-mode connections the
+    MessagePack one (built from ``fields``, the frame as a dict)."""
 
-    __slots__ = ("_frame", "payload", "seq")
+    __slots__ = ("_binary", "_frame", "fields", "payload", "seq")
 
-    def __init__(self, payload: bytes, seq: int) -> None:
+    def __init__(self, payload: bytes, seq: int | None, fields: dict[str, Any] | None = None) -> None:
         self.payload = payload
         self.seq = seq
+        self.fields = fields
         self._frame: bytes | None = None
+        self._binary: bytes | None = None
 
     @property
     def frame(self) -> bytes:
         if self._frame is None:
             self._frame = text_frame(self.payload)
         return self._frame
+
+    @property
+    def binary_payload(self) -> bytes:
+        assert self.fields is not None, "binary form needs the frame's fields"
+        if self.fields.get("type") == "message":
+            return message_msgpack(self.fields)
+        return msgpack.packb(self.fields)
+
+    @property
+    def binary_frame(self) -> bytes:
+        if self._binary is None:
+            self._binary = text_frame(self.binary_payload, BINARY)
+        return self._binary
 
 
 class Endpoint(Protocol):
@@ -110,11 +133,16 @@ class Router:
 
     def route(self, recipient: str, routed: Routed) -> RouteResult:
         """Offer ``routed`` to every live connection of ``recipient``.  Never blocks."""
+        return self.offer_all(self.sessions.connections(recipient), routed)
+
+    def offer_all(self, endpoints: Any, routed: Routed) -> RouteResult:
+        """Offer ``routed`` to each endpoint (a room's members, a user's watchers...)."""
         delivered = dropped = disconnected = 0
-        for endpoint in self.sessions.connections(recipient):
+        for endpoint in endpoints:
             outcome = endpoint.offer_nowait(routed)
             if outcome is not Offer.FULL:
-                delivered += 1
+                if outcome is not Offer.CLOSING:
+                    delivered += 1
                 continue
             dropped += 1
             if self.slow_consumer == "disconnect":

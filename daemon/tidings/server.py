@@ -22,12 +22,13 @@ from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import Ping
 
-from tidings import log
+from tidings import http, log, sdnotify, tls
 from tidings.auth import AuthError, Authenticator, load_secret
 from tidings.config import Config
 from tidings.connection import Connection
 from tidings.handshake import HttpError, accept_response, check_upgrade, http_response
 from tidings.hub import Hub
+from tidings.lifecycle import Lifecycle, listener_address
 from tidings.protocol import encode, text_frame
 from tidings.sessions import Refused
 from tidings.store import MemoryStore, SqliteStore, StoreError
@@ -79,10 +80,14 @@ class Server:
         self._ids = itertools.count(1)
         self._node = os.urandom(3).hex()
         self._refusals = log.LogOnce(interval=60.0)
+        #: Set when serving wss:// (tidings.tls); swapped by a reload, new connections only.
+        self.ssl_context: Any = None
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """The task of one TCP connection: handshake, then serve; never raises."""
         self.active += 1
+        if self.ssl_context is not None:  # TLS handshake on first read, under the timeout
+            stream = tls.wrap(stream, self.ssl_context)
         try:
             conn = await self._handshake(stream)
             if conn is not None:  # the handshake's state (h11, request) is garbage now
@@ -168,15 +173,20 @@ class Server:
         if request.method == b"GET" and request.target.split(b"?")[0] == b"/healthz":
             await stream.send_all(http_response(200, b"ok\n"))
             return
+        page = http.answer(request, self.config)  # the demo page, when http.demo = true
+        if page is not None:
+            with trio.move_on_after(5):
+                await stream.send_all(page)
+            return
         self._refusals.log("info", "handshake_refused", key=f"{status}:{reason}", status=status, reason=reason)
         with trio.move_on_after(1):
             await stream.send_all(http_response(status, reason.encode() + b"\n", headers=headers))
 
     async def housekeeper(self) -> None:
         """Once a second: expire tokens (1008), ping quiet peers, reap silent ones."""
-        cfg = self.config.server
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
+            cfg = self.config.server  # re-read: a reload may have changed it
             now, mono = time.time(), time.monotonic()
             for conn in self.hub.sessions.all_endpoints():
                 if conn.exp is not None and now >= conn.exp:
@@ -197,37 +207,56 @@ class Server:
 async def serve(
     config: Config,
     *,
+    config_path: str | os.PathLike[str] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the daemon until SIGTERM/SIGINT; ``task_status.started(port)`` once listening."""
+    """Run the daemon until SIGTERM/SIGINT; ``task_status.started(port)`` once listening.
+
+    ``config_path`` is re-read on SIGHUP (see tidings.lifecycle).  Listeners come from
+    systemd socket activation when LISTEN_FDS/LISTEN_PID say so, else they are bound
+    to server.host/port.  READY=1/STOPPING=1 go to NOTIFY_SOCKET when it is set.
+    """
     cfg = config.server
     log.configure(cfg.log_level)
+    try:
+        ssl_context = tls.server_context(cfg)
+        listeners = sdnotify.activation_listeners()
+    except (tls.TlsConfigError, sdnotify.ActivationError) as exc:
+        raise StartupError(str(exc)) from None
+    activated = bool(listeners)
     store, threaded = open_store(config)
     try:
         auth = make_authenticator(config)
         try:
-            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+            listeners = listeners or await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         except OSError as exc:
             raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
         hub = Hub(config, store, threaded=threaded)
         server = Server(config, hub, auth)
-        port = listeners[0].socket.getsockname()[1]
+        server.ssl_context = ssl_context
+        host, port = listener_address(listeners[0], cfg.host)
+        lifecycle = Lifecycle(server, hub, sdnotify.Notifier.from_env(), config_path)
         async with trio.open_nursery() as root:
             await root.start(hub.run)
+            await root.start(lifecycle.run)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as conns:
                     accept_scope = trio.CancelScope()
                     conns.start_soon(_accept_loop, listeners, server, conns, accept_scope)
                     conns.start_soon(server.housekeeper)
-                    host = cfg.host if ":" not in cfg.host else f"[{cfg.host}]"
-                    log.log("info", "listening", url=f"ws://{host}:{port}{cfg.path}",
-                            host=cfg.host, port=port, store=config.store.backend,
-                            auth=config.auth.mode, pid=os.getpid())
+                    shown = host if ":" not in host else f"[{host}]"
+                    scheme = "wss" if ssl_context is not None else "ws"
+                    log.log("info", "listening", url=f"{scheme}://{shown}:{port}{cfg.path}",
+                            host=host, port=port, store=config.store.backend,
+                            auth=config.auth.mode, pid=os.getpid(),
+                            activated=len(listeners) if activated else None)
+                    lifecycle.ready()
                     task_status.started(port)
                     async for signum in signals:
                         log.log("info", "shutdown", signal=signal.Signals(signum).name,
                                 connections=len(hub.sessions))
                         break
+                    lifecycle.stopping()
                     server.shutting_down = True
                     accept_scope.cancel()
                     server.kill_all(1001, "server shutting down")
