@@ -33,6 +33,8 @@ class AuthError(Exception):
 class Identity:
     user: str
     exp: int | None  # epoch seconds; None = never expires (insecure mode)
+    #: The token's ``rooms`` claim (names or glob patterns); None = config default.
+    rooms: tuple[str, ...] | None = None
 
 
 def load_secret(config: Config, *, create: bool) -> bytes:
@@ -112,7 +114,12 @@ class Authenticator:
             user = claims["sub"]
             if not valid_user_id(user):
                 raise AuthError("token 'sub' is not a valid user id")
-            return Identity(user, int(claims["exp"]))
+            rooms = claims.get("rooms")
+            if rooms is not None and (
+                not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)
+            ):
+                raise AuthError("token 'rooms' claim must be a list of strings")
+            return Identity(user, int(claims["exp"]), tuple(rooms) if rooms is not None else None)
         assert last is not None
         raise AuthError("bad token signature")
 

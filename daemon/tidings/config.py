@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "HttpConfig",
     "LimitsConfig",
+    "RoomsConfig",
     "ServerConfig",
     "StoreConfig",
     "default_state_dir",
@@ -102,6 +103,9 @@ class ServerConfig:
     #: Close (1001... no: reap) a connection silent for this long, pong included.
     idle_timeout_s: float = attrs.field(default=60.0, validator=_positive)
     log_level: str = attrs.field(default="info", validator=_one_of(*_LOG_LEVELS))
+    #: Offer permessage-deflate to clients that ask (costs memory per connection, see
+    #: docs/performance.md).
+    compression: bool = False
     #: PEM certificate chain and private key: both set = serve wss:// (see tidings.tls).
     tls_cert: str = ""
     tls_key: str = ""
@@ -168,12 +172,23 @@ class HttpConfig:
 
 
 @attrs.frozen(kw_only=True)
+class RoomsConfig:
+    #: Rooms a token without a ``rooms`` claim may join: names or glob patterns.
+    default_allow: list[str] = attrs.field(factory=lambda: ["*"])
+    max_rooms_per_connection: int = attrs.field(default=32, validator=_positive)
+    max_members_per_room: int = attrs.field(default=10000, validator=_positive)
+    #: Keep the last N messages of each room in memory and hand them to joiners (0 = off).
+    history: int = attrs.field(default=0, validator=_non_negative)
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     auth: AuthConfig = attrs.field(factory=AuthConfig)
     limits: LimitsConfig = attrs.field(factory=LimitsConfig)
     store: StoreConfig = attrs.field(factory=StoreConfig)
     http: HttpConfig = attrs.field(factory=HttpConfig)
+    rooms: RoomsConfig = attrs.field(factory=RoomsConfig)
 
     def store_path(self) -> Path:
         if self.store.path:
@@ -201,11 +216,21 @@ def _strict(kind: type) -> Any:
     return hook
 
 
+def _strict_str_list(value: Any, _type: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list of strings, got {type(value).__name__} {value!r}")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"expected a list of strings, got {type(item).__name__} {item!r} in it")
+    return list(value)
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     for kind in (int, float, str, bool):
         conv.register_structure_hook(kind, _strict(kind))
-    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, HttpConfig, Config):
+    conv.register_structure_hook_func(lambda t: t == list[str], _strict_str_list)
+    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, HttpConfig, RoomsConfig, Config):
         conv.register_structure_hook(
             cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True)
         )

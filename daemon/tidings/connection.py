@@ -41,6 +41,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 import trio
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState
@@ -58,8 +59,12 @@ from tidings.auth import AuthError, Authenticator
 from tidings.hub import Hub
 from tidings.limits import TokenBucket
 from tidings.protocol import (
+    BINARY,
+    TEXT,
     Ack,
     History,
+    Join,
+    Leave,
     Ping as PingCmd,
     Presence,
     ProtocolError,
@@ -67,11 +72,17 @@ from tidings.protocol import (
     Resume,
     Search,
     Send,
+    Watch,
     encode,
-    message_frame,
+    decode_body,
+    encode_msgpack,
+    message_fields,
+    message_json,
+    parse_binary_frame,
     parse_client_frame,
     text_frame,
 )
+from tidings.rooms import RoomRefused
 from tidings.router import InboxGate, Offer, Routed
 from tidings.store import BadQuery, StoreError, UnknownMessage
 
@@ -84,19 +95,21 @@ _bad_frames = log.LogOnce(interval=60.0)
 
 
 class _Reply:
-    """A reply (ack, pong, error, ...) in the outbound queue: it holds one credit."""
+    """A reply (ack, pong, error, ...) in the outbound queue: it holds one credit.
+    ``binary``: MessagePack in a binary frame (the request was binary), else JSON text."""
 
-    __slots__ = ("payload",)
+    __slots__ = ("binary", "payload")
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, binary: bool = False) -> None:
         self.payload = payload
+        self.binary = binary
 
 
 class Connection:
     """A registered WebSocket connection: the router's endpoint for one device."""
 
     __slots__ = (
-        "_bucket", "_cancel", "_close", "_closed_by", "_control", "_credit_waiter",
+        "_binary", "_bucket", "_cancel", "_deflate", "_reply_bin", "_rooms", "_close", "_closed_by", "_control", "_credit_waiter",
         "_credits", "_gate", "_nursery", "_queue_bound", "_queued", "_registered", "_replay_scope",
         "_rx", "_send_broken", "_since", "_space_waiter", "_tx", "_wake_queued",
         "_writer_done", "auth", "conn_id", "exp", "hub", "last_activity", "pinged",
@@ -114,6 +127,9 @@ class Connection:
         user: str,
         exp: float | None,
         since: int | None,
+        rooms: tuple[str, ...] | None = None,
+        binary: bool = False,
+        deflate: bool = False,
     ) -> None:
         limits = hub.config.limits
         self.stream = stream
@@ -126,6 +142,10 @@ class Connection:
         self.last_activity = time.monotonic()
         self.pinged = False
         self._since = since
+        self._rooms = rooms  # the token's `rooms` claim (None: the config default)
+        self._binary = binary  # pushed frames as MessagePack (?encoding=msgpack)
+        self._deflate = deflate  # permessage-deflate: frames go through wsproto
+        self._reply_bin = False  # the frame being handled was binary: reply in kind
         self._queue_bound = limits.outbound_queue
         # Room for the message quota, every reply credit, the `resumed` frame of a
         # replay and one wake-up: producers never find it full unexpectedly.
@@ -164,19 +184,24 @@ class Connection:
             self._gate.sent(routed.seq)
         return Offer.QUEUED
 
-    def reply_nowait(self, payload: bytes) -> None:
+    def reply_nowait(self, payload: bytes, binary: bool = False) -> None:
         """Queue a reply for which the caller holds a credit (taken by ``_take_credit``)."""
         if self._close is not None:
             self._give_credits(1)
             return
-        self._tx.send_nowait(_Reply(payload))
+        self._tx.send_nowait(_Reply(payload, binary))
 
-    def on_stored(self, fid: Any, msg_id: str, seq: int, delivered: int) -> None:
-        """The hub stored and routed our send: queue its ack (the send's credit)."""
-        self.reply_nowait(encode("ack", id=fid, msg_id=msg_id, seq=seq, delivered=delivered))
+    def on_stored(self, ctx: tuple[Any, bool], msg_id: str, seq: int, delivered: int) -> None:
+        """The hub stored and routed our send: queue its ack (the send's credit).
+        ``ctx`` is what we gave the hub: the frame's id and whether it was binary."""
+        fid, binary = ctx
+        enc = encode_msgpack if binary else encode
+        self.reply_nowait(enc("ack", id=fid, msg_id=msg_id, seq=seq, delivered=delivered), binary)
 
-    def on_store_failed(self, fid: Any) -> None:
-        self.reply_nowait(encode("error", id=fid, code="unavailable", message="message not stored; retry"))
+    def on_store_failed(self, ctx: tuple[Any, bool]) -> None:
+        fid, binary = ctx
+        enc = encode_msgpack if binary else encode
+        self.reply_nowait(enc("error", id=fid, code="unavailable", message="message not stored; retry"), binary)
 
     def kill(self, code: int, reason: str) -> None:
         """Close with ``code`` soon; idempotent, never blocks (the first call wins)."""
@@ -259,10 +284,7 @@ class Connection:
                         whole = event.data
                     size = 0
                     await self._take_credit()
-                    if isinstance(event, TextMessage):
-                        await self._handle_text(whole)
-                    else:
-                        self._error(None, "bad_request", "binary frames are not supported; send JSON text")
+                    await self._handle_frame(whole, isinstance(event, BytesMessage))
                 elif isinstance(event, Ping):
                     self.queue_control(self.ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
@@ -294,7 +316,10 @@ class Connection:
             self._credit_waiter = None
 
     def _reply(self, kind: str, **fields: Any) -> None:
-        self.reply_nowait(encode(kind, **fields))
+        if self._reply_bin:
+            self.reply_nowait(encode_msgpack(kind, **fields), True)
+        else:
+            self.reply_nowait(encode(kind, **fields))
 
     def _error(self, fid: Any, code: str, message: str) -> None:
         _bad_frames.log("info", "client_error", key=code, user=self.user, conn=self.conn_id,
@@ -303,15 +328,17 @@ class Connection:
 
     # -- frame handling --------------------------------------------------------------
 
-    async def _handle_text(self, text: str) -> None:
-        """Handle one complete text message; the caller holds one reply credit."""
+    async def _handle_frame(self, data: str | bytes, binary: bool) -> None:
+        """Handle one complete message (JSON text or MessagePack binary); the caller holds
+        one reply credit, which the reply uses (or which is given back)."""
+        self._reply_bin = binary
         limits = self.hub.config.limits
         now = time.monotonic()
         if self._bucket is None:
             self._bucket = TokenBucket(limits.messages_per_second, limits.burst, now)
         allowed = self._bucket.take(now)
         try:
-            cmd = parse_client_frame(text)
+            cmd = parse_binary_frame(data) if binary else parse_client_frame(data)
         except ProtocolError as exc:
             cmd, fid, error = None, exc.frame_id, exc
         else:
@@ -326,8 +353,8 @@ class Connection:
         if error is not None:
             self._error(fid, error.code, error.message)
             return
-        if type(cmd) is Send:
-            await self.hub.send(self, self.user, cmd.to, cmd.body, cmd.id)
+        if type(cmd) is Send and cmd.to is not None:
+            await self.hub.send(self, self.user, cmd.to, cmd.body, (cmd.id, binary))
         elif type(cmd) is PingCmd:
             self._reply("pong", id=cmd.id)
         elif type(cmd) is Ack:
@@ -352,6 +379,23 @@ class Connection:
                 await self._search(cmd)
             elif type(cmd) is Presence:
                 self._reply("presence", id=fid, users=await self.hub.presence(cmd.users))
+            elif type(cmd) is Send:  # to a room
+                msg_id, delivered = self.hub.send_room(self, cmd.room, cmd.body)
+                self._reply("ack", id=fid, msg_id=msg_id, room=cmd.room, delivered=delivered)
+            elif type(cmd) is Join:
+                recent = self.hub.join(self, cmd.room, self._rooms)
+                self._reply("joined", id=fid, room=cmd.room,
+                            recent=[self._message_obj(f) for f in recent])
+            elif type(cmd) is Leave:
+                self.hub.rooms.leave(self, cmd.room)
+                self._reply("left", id=fid, room=cmd.room)
+            elif type(cmd) is Watch:
+                online = self.hub.watch(self, cmd.users, cmd.watch)
+                self._reply("watching" if cmd.watch else "unwatched", id=fid, users=online)
+            else:  # pragma: no cover - every parsed command type is handled above
+                raise AssertionError(f"unhandled command {cmd!r}")
+        except RoomRefused as exc:
+            self._error(fid, exc.code, exc.reason)
         except ProtocolError as exc:
             self._error(fid, exc.code, exc.message)
         except StoreError as exc:
@@ -375,7 +419,7 @@ class Connection:
             msgs, more = await self.hub.read(self.hub.store.history, self.user, cmd.peer, cmd.before, limit)
         except UnknownMessage:
             raise ProtocolError("bad_request", "'before' is not a known msg_id", cmd.id) from None
-        self._reply("history_page", id=cmd.id, messages=[_as_json(m) for m in msgs], more=more,
+        self._reply("history_page", id=cmd.id, messages=[self._stored_obj(m) for m in msgs], more=more,
                     **{"with": cmd.peer})
 
     async def _search(self, cmd: Search) -> None:
@@ -385,7 +429,17 @@ class Connection:
             msgs, more = await self.hub.read(self.hub.store.search, self.user, cmd.q, limit, cmd.offset)
         except BadQuery as exc:
             raise ProtocolError("bad_request", f"bad search query: {exc}", cmd.id) from None
-        self._reply("search_results", id=cmd.id, q=cmd.q, messages=[_as_json(m) for m in msgs], more=more)
+        self._reply("search_results", id=cmd.id, q=cmd.q, messages=[self._stored_obj(m) for m in msgs],
+                    more=more)
+
+    def _stored_obj(self, m: Any) -> Any:
+        return self._message_obj(message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts))
+
+    def _message_obj(self, fields: dict[str, Any]) -> Any:
+        """A message inside a reply: a JSON fragment, or a dict for MessagePack."""
+        if self._reply_bin:
+            return dict(fields, body=decode_body(fields["body"]))
+        return orjson.Fragment(message_json(fields))
 
     # -- replay ----------------------------------------------------------------------
 
@@ -426,15 +480,18 @@ class Connection:
             msgs = await self.hub.read(self.hub.store.read_inbox, self.user, gate.sent_seq, REPLAY_PAGE)
             for m in gate.take(msgs):
                 await self._wait_space()
-                payload = message_frame(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)
-                self._tx.send_nowait(Routed(payload, m.seq))
+                fields = message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)
+                self._tx.send_nowait(Routed(message_json(fields), m.seq, fields))
                 self._queued += 1
                 gate.sent(m.seq)
             if gate.caught_up(len(msgs), REPLAY_PAGE):  # no await since the read
                 break
         self._replay_scope = None
         # The credit taken for this frame comes back when the writer has written it.
-        self._tx.send_nowait(_Reply(encode("resumed", id=fid, since=start, last=gate.sent_seq, complete=complete)))
+        # Binary-mode connections get it in MessagePack, like every pushed frame.
+        enc = encode_msgpack if self._binary else encode
+        resumed = enc("resumed", id=fid, since=start, last=gate.sent_seq, complete=complete)
+        self._tx.send_nowait(_Reply(resumed, self._binary))
         return True
 
     async def _wait_space(self) -> None:
@@ -443,6 +500,11 @@ class Connection:
             await self._space_waiter.wait()
 
     # -- the writer ------------------------------------------------------------------
+
+    def _frame(self, payload: bytes, binary: bool) -> bytes:
+        if self._deflate:  # compressed per connection by wsproto
+            return self.ws.send(BytesMessage(payload) if binary else TextMessage(payload.decode()))
+        return text_frame(payload, BINARY if binary else TEXT)
 
     async def _writer(self) -> None:
         """Drain the outbound channel, coalescing each batch into one ``send_all``."""
@@ -464,10 +526,13 @@ class Connection:
                         self._wake_queued = False
                         continue
                     if type(item) is _Reply:
-                        out.append(text_frame(item.payload))
+                        out.append(self._frame(item.payload, item.binary))
                         replies += 1
-                    else:
-                        out.append(item.frame)
+                    elif self._deflate:
+                        out.append(self._frame(item.binary_payload if self._binary else item.payload, self._binary))
+                        messages += 1
+                    else:  # the frame built once and shared by every recipient
+                        out.append(item.binary_frame if self._binary else item.frame)
                         messages += 1
                 if self._close is not None:
                     try:
@@ -491,16 +556,3 @@ class Connection:
             self._cancel.cancel()
         finally:
             self._writer_done.set()
-
-
-def _as_json(m: Any) -> dict[str, Any]:
-    import orjson
-
-    return {
-        "msg_id": m.msg_id,
-        "seq": m.seq,
-        "from": m.sender,
-        "to": m.recipient,
-        "body": orjson.Fragment(m.body),
-        "ts": m.ts,
-    }

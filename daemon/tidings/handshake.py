@@ -12,6 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import h11
+from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import generate_accept_token
 
 __all__ = ["HttpError", "Upgrade", "accept_response", "check_upgrade", "http_response"]
@@ -49,6 +50,8 @@ class Upgrade:
     token: str | None
     user: str | None  # ?user= (insecure mode only)
     since: int | None
+    binary: bool  # ?encoding=msgpack: pushed frames are MessagePack binary frames
+    extensions: list[str]  # Sec-WebSocket-Extensions offers, e.g. permessage-deflate
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -92,7 +95,18 @@ def check_upgrade(request: h11.Request, path: str) -> Upgrade:
         if not since_text.isdigit() or len(since_text) > 15:
             raise HttpError(400, "?since= must be a non-negative integer")
         since = int(since_text)
-    return Upgrade(key=key, token=token or None, user=_one(query, "user"), since=since)
+    encoding = _one(query, "encoding") or "json"
+    if encoding not in ("json", "msgpack"):
+        raise HttpError(400, "?encoding= must be json or msgpack")
+    offers = [
+        part.strip()
+        for key_, value in request.headers
+        if key_ == b"sec-websocket-extensions"
+        for part in value.decode("latin-1").split(",")
+        if part.strip()
+    ]
+    return Upgrade(key=key, token=token or None, user=_one(query, "user"), since=since,
+                   binary=encoding == "msgpack", extensions=offers)
 
 
 def _one(query: dict[str, list[str]], name: str) -> str | None:
@@ -104,12 +118,29 @@ def _one(query: dict[str, list[str]], name: str) -> str | None:
     return values[0]
 
 
-def accept_response(key: bytes) -> bytes:
+def negotiate_deflate(offers: list[str]) -> tuple[PerMessageDeflate, bytes] | None:
+    """Accept the first permessage-deflate offer wsproto can honour: (extension, header)."""
+    for offer in offers:
+        if offer.split(";", 1)[0].strip() != PerMessageDeflate.name:
+            continue
+        ext = PerMessageDeflate()
+        accepted = ext.accept(offer)
+        if accepted is None:
+            continue
+        params = accepted if isinstance(accepted, str) else ""
+        header = PerMessageDeflate.name + (f"; {params}" if params else "")
+        return ext, header.encode("ascii")
+    return None
+
+
+def accept_response(key: bytes, extensions: bytes | None = None) -> bytes:
+    ext = b"Sec-WebSocket-Extensions: " + extensions + b"\r\n" if extensions else b""
     return (
         b"HTTP/1.1 101 Switching Protocols\r\n"
         b"Upgrade: websocket\r\n"
         b"Connection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + generate_accept_token(key) + b"\r\n\r\n"
+        + ext
+        + b"Sec-WebSocket-Accept: " + generate_accept_token(key) + b"\r\n\r\n"
     )
 
 

@@ -31,7 +31,13 @@ import trio
 
 from tidings import log
 from tidings.config import Config
-from tidings.protocol import MsgIdGenerator, message_frame
+from tidings.protocol import (
+    MsgIdGenerator,
+    encode,
+    message_fields,
+    message_json,
+)
+from tidings.rooms import RoomRefused, RoomTable, WatchTable, may_join
 from tidings.router import Routed, Router
 from tidings.sessions import SessionTable
 from tidings.store import NewMessage, StoreError
@@ -46,6 +52,7 @@ _WAKE = object()
 class HubStatistics:
     connections: int
     users: int
+    rooms: int
     stored: int
     routed: int
     delivered: int
@@ -62,6 +69,9 @@ class Hub:
             config.limits.max_connections, config.limits.max_connections_per_user
         )
         self.router = Router(self.sessions, config.limits.slow_consumer)
+        rc = config.rooms
+        self.rooms = RoomTable(rc.max_rooms_per_connection, rc.max_members_per_room, rc.history)
+        self.watches = WatchTable(max_per_connection=100)
         self.store = store
         self.ids = MsgIdGenerator()
         self.lock = trio.Lock()
@@ -79,20 +89,63 @@ class Hub:
     # -- sessions --------------------------------------------------------------------
 
     async def register(self, conn: Any) -> None:
-        """Make ``conn`` routable; raises ``sessions.Refused`` over a limit."""
+        """Make ``conn`` routable; raises ``sessions.Refused`` over a limit.  The user's
+        watchers hear ``online`` when this is the user's first connection."""
         async with self.lock:
             self.sessions.add(conn)
+            if self.sessions.count(conn.user) == 1:
+                self._presence_event(conn.user, True)
 
     def unregister(self, conn: Any) -> None:
-        """Remove ``conn`` (once per connection); record last_seen when it was the
-        user's last connection (the router may already have removed a slow consumer)."""
+        """Remove ``conn`` (once per connection) with its rooms and watches; on the
+        user's last connection record last_seen and tell watchers ``offline`` (the router
+        may already have removed a slow consumer from the table)."""
         self.sessions.remove(conn)
+        self.rooms.leave_all(conn)
+        self.watches.forget(conn)
         if self.sessions.count(conn.user) == 0:
+            self._presence_event(conn.user, False)
             self._last_seen[conn.user] = int(time.time() * 1000)
             if not self._threaded:
                 self._flush_coalesced()
             else:
                 self._wake_writer()
+
+    def _presence_event(self, user: str, online: bool) -> None:
+        watchers = self.watches.watchers(user)
+        if watchers:
+            fields = {"type": "presence", "user": user, "online": online}
+            self.router.offer_all(watchers, Routed(encode("presence", user=user, online=online), None, fields))
+
+    # -- rooms and watches (in memory, per connection) -------------------------------
+
+    def join(self, conn: Any, room: str, allowed: tuple[str, ...] | None) -> list[dict[str, Any]]:
+        """Join ``room`` if the token (or the config default) allows it; return the
+        room's recent messages (``rooms.history``).  Raises RoomRefused."""
+        patterns = allowed if allowed is not None else self.config.rooms.default_allow
+        if not may_join(patterns, room):
+            raise RoomRefused("forbidden", f"not allowed to join {room!r}")
+        self.rooms.join(conn, room)
+        return self.rooms.recent(room)
+
+    def send_room(self, conn: Any, room: str, body: bytes) -> tuple[str, int]:
+        """Offer a room message to every connection in the room now; ``(msg_id,
+        delivered)``.  Room messages are not stored; the sender must have joined."""
+        if room not in self.rooms.rooms_of(conn):
+            raise RoomRefused("forbidden", f"join {room!r} before sending to it")
+        msg_id, ts = self.ids.next()
+        fields = message_fields(msg_id, None, conn.user, None, body, ts, room=room)
+        result = self.router.offer_all(self.rooms.members(room), Routed(message_json(fields), None, fields))
+        self.rooms.remember(room, fields)
+        return msg_id, result.delivered
+
+    def watch(self, conn: Any, users: tuple[str, ...], on: bool) -> dict[str, bool]:
+        """(Un)watch users' presence; return who of them is online now."""
+        if on:
+            self.watches.watch(conn, users)
+        else:
+            self.watches.unwatch(conn, users)
+        return {user: self.sessions.count(user) > 0 for user in users}
 
     def _log_slow(self, conn: Any) -> None:
         self._slow_log.log(
@@ -124,8 +177,8 @@ class Hub:
 
     def _deliver(self, job: tuple[NewMessage, Any, Any], seq: int) -> None:
         new, origin, fid = job
-        payload = message_frame(new.msg_id, seq, new.sender, new.recipient, new.body, new.ts)
-        result = self.router.route(new.recipient, Routed(payload, seq))
+        fields = message_fields(new.msg_id, seq, new.sender, new.recipient, new.body, new.ts)
+        result = self.router.route(new.recipient, Routed(message_json(fields), seq, fields))
         origin.on_stored(fid, new.msg_id, seq, result.delivered)
 
     def _fail(self, jobs: list[tuple[NewMessage, Any, Any]], exc: Exception) -> None:
@@ -268,6 +321,7 @@ class Hub:
         return HubStatistics(
             connections=s.connections,
             users=s.users,
+            rooms=self.rooms.statistics().rooms,
             stored=self._stored,
             routed=r.routed,
             delivered=r.delivered,

@@ -289,7 +289,7 @@ def parse_client_frame(text: str | bytes) -> Command:
 def parse_binary_frame(data: bytes) -> Command:
     """Parse one complete binary message (a MessagePack map) into a command."""
     try:
-        frame = msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=len(data))
+        frame = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
         raise ProtocolError("bad_request", "binary frame is not valid MessagePack") from None
     if not isinstance(frame, dict):

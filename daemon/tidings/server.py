@@ -26,10 +26,16 @@ from tidings import http, log, sdnotify, tls
 from tidings.auth import AuthError, Authenticator, load_secret
 from tidings.config import Config
 from tidings.connection import Connection
-from tidings.handshake import HttpError, accept_response, check_upgrade, http_response
+from tidings.handshake import (
+    HttpError,
+    accept_response,
+    check_upgrade,
+    http_response,
+    negotiate_deflate,
+)
 from tidings.hub import Hub
 from tidings.lifecycle import Lifecycle, listener_address
-from tidings.protocol import encode, text_frame
+from tidings.protocol import BINARY, encode, encode_msgpack, text_frame
 from tidings.sessions import Refused
 from tidings.store import MemoryStore, SqliteStore, StoreError
 
@@ -123,11 +129,14 @@ class Server:
         except AuthError as exc:
             await self._refuse(stream, request, 401, str(exc))
             return None
-        ws = WSConnection(ConnectionType.SERVER, trailing_data=trailing)
+        deflate = negotiate_deflate(upgrade.extensions) if cfg.compression else None
+        extensions = [deflate[0]] if deflate else []
+        ws = WSConnection(ConnectionType.SERVER, extensions=extensions, trailing_data=trailing)
         conn = Connection(
             stream, ws, self.hub, self.auth,
             conn_id=f"c{self._node}-{next(self._ids):x}",
             user=identity.user, exp=identity.exp, since=upgrade.since,
+            rooms=identity.rooms, binary=upgrade.binary, deflate=deflate is not None,
         )
         try:
             await self.hub.register(conn)
@@ -135,8 +144,12 @@ class Server:
             await self._refuse(stream, request, exc.status, exc.reason)
             return None
         try:
-            hello = text_frame(encode("hello", user=identity.user, conn=conn.conn_id, exp=identity.exp))
-            await stream.send_all(accept_response(upgrade.key) + hello)
+            info = {"user": identity.user, "conn": conn.conn_id, "exp": identity.exp}
+            if upgrade.binary:  # (an uncompressed frame is valid under permessage-deflate)
+                hello = text_frame(encode_msgpack("hello", **info), BINARY)
+            else:
+                hello = text_frame(encode("hello", **info))
+            await stream.send_all(accept_response(upgrade.key, deflate[1] if deflate else None) + hello)
         except BaseException:
             self.hub.unregister(conn)
             raise
