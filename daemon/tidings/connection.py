@@ -41,7 +41,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import orjson
 import trio
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState
@@ -55,26 +54,17 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError
 
 from tidings import log
-from tidings.auth import AuthError, Authenticator
+from tidings.auth import Authenticator
 from tidings.hub import Hub
 from tidings.limits import TokenBucket
 from tidings.protocol import (
     BINARY,
     TEXT,
     Ack,
-    History,
-    Join,
-    Leave,
     Ping as PingCmd,
-    Presence,
     ProtocolError,
-    Refresh,
-    Resume,
-    Search,
     Send,
-    Watch,
     encode,
-    decode_body,
     encode_msgpack,
     message_fields,
     message_json,
@@ -82,9 +72,9 @@ from tidings.protocol import (
     parse_client_frame,
     text_frame,
 )
-from tidings.rooms import RoomRefused
+from tidings.commands import handle_command
 from tidings.router import InboxGate, Offer, Routed
-from tidings.store import BadQuery, StoreError, UnknownMessage
+from tidings.store import StoreError
 
 __all__ = ["CLOSE_TIMEOUT", "Connection"]
 
@@ -109,7 +99,7 @@ class Connection:
     """A registered WebSocket connection: the router's endpoint for one device."""
 
     __slots__ = (
-        "_binary", "_bucket", "_cancel", "_deflate", "_reply_bin", "_rooms", "_close", "_closed_by", "_control", "_credit_waiter",
+        "_binary", "_bucket", "_cancel", "_deflate", "reply_binary", "rooms_allowed", "_close", "_closed_by", "_control", "_credit_waiter",
         "_credits", "_gate", "_nursery", "_queue_bound", "_queued", "_registered", "_replay_scope",
         "_rx", "_send_broken", "_since", "_space_waiter", "_tx", "_wake_queued",
         "_writer_done", "auth", "conn_id", "exp", "hub", "last_activity", "pinged",
@@ -142,10 +132,10 @@ class Connection:
         self.last_activity = time.monotonic()
         self.pinged = False
         self._since = since
-        self._rooms = rooms  # the token's `rooms` claim (None: the config default)
+        self.rooms_allowed = rooms  # the token's `rooms` claim (None: the config default)
         self._binary = binary  # pushed frames as MessagePack (?encoding=msgpack)
         self._deflate = deflate  # permessage-deflate: frames go through wsproto
-        self._reply_bin = False  # the frame being handled was binary: reply in kind
+        self.reply_binary = False  # the frame being handled was binary: reply in kind
         self._queue_bound = limits.outbound_queue
         # Room for the message quota, every reply credit, the `resumed` frame of a
         # replay and one wake-up: producers never find it full unexpectedly.
@@ -239,7 +229,7 @@ class Connection:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
-                self._start_replay(self._since, credit=False)
+                self.start_replay(self._since, credit=False)
                 with self._cancel:
                     peer_gone = await self._reader()
                 self._unregister()  # closing: nothing more is routed here
@@ -315,23 +305,23 @@ class Connection:
             self._credit_waiter.set()
             self._credit_waiter = None
 
-    def _reply(self, kind: str, **fields: Any) -> None:
-        if self._reply_bin:
+    def reply(self, kind: str, **fields: Any) -> None:
+        if self.reply_binary:
             self.reply_nowait(encode_msgpack(kind, **fields), True)
         else:
             self.reply_nowait(encode(kind, **fields))
 
-    def _error(self, fid: Any, code: str, message: str) -> None:
+    def error(self, fid: Any, code: str, message: str) -> None:
         _bad_frames.log("info", "client_error", key=code, user=self.user, conn=self.conn_id,
                         code=code, reason=message)
-        self._reply("error", id=fid, code=code, message=message)
+        self.reply("error", id=fid, code=code, message=message)
 
     # -- frame handling --------------------------------------------------------------
 
     async def _handle_frame(self, data: str | bytes, binary: bool) -> None:
         """Handle one complete message (JSON text or MessagePack binary); the caller holds
         one reply credit, which the reply uses (or which is given back)."""
-        self._reply_bin = binary
+        self.reply_binary = binary
         limits = self.hub.config.limits
         now = time.monotonic()
         if self._bucket is None:
@@ -348,102 +338,27 @@ class Connection:
                 self._give_credits(1)
                 self.kill(1008, "rate limit exceeded repeatedly")
                 return
-            self._error(fid, "rate_limited", f"more than {limits.messages_per_second:g} frames/s; retry later")
+            self.error(fid, "rate_limited", f"more than {limits.messages_per_second:g} frames/s; retry later")
             return
         if error is not None:
-            self._error(fid, error.code, error.message)
+            self.error(fid, error.code, error.message)
             return
         if type(cmd) is Send and cmd.to is not None:
             await self.hub.send(self, self.user, cmd.to, cmd.body, (cmd.id, binary))
         elif type(cmd) is PingCmd:
-            self._reply("pong", id=cmd.id)
+            self.reply("pong", id=cmd.id)
         elif type(cmd) is Ack:
             self.hub.ack_cursor(self.user, cmd.seq)
             if cmd.id is None:
                 self._give_credits(1)
             else:
-                self._reply("acked", id=cmd.id, seq=cmd.seq)
+                self.reply("acked", id=cmd.id, seq=cmd.seq)
         else:
-            await self._handle_slow_path(cmd)
-
-    async def _handle_slow_path(self, cmd: Any) -> None:
-        fid = cmd.id
-        try:
-            if type(cmd) is Refresh:
-                self._refresh(cmd)
-            elif type(cmd) is Resume:
-                self._start_replay(cmd.since, credit=True, fid=fid)  # its `resumed` uses our credit
-            elif type(cmd) is History:
-                await self._history(cmd)
-            elif type(cmd) is Search:
-                await self._search(cmd)
-            elif type(cmd) is Presence:
-                self._reply("presence", id=fid, users=await self.hub.presence(cmd.users))
-            elif type(cmd) is Send:  # to a room
-                msg_id, delivered = self.hub.send_room(self, cmd.room, cmd.body)
-                self._reply("ack", id=fid, msg_id=msg_id, room=cmd.room, delivered=delivered)
-            elif type(cmd) is Join:
-                recent = self.hub.join(self, cmd.room, self._rooms)
-                self._reply("joined", id=fid, room=cmd.room,
-                            recent=[self._message_obj(f) for f in recent])
-            elif type(cmd) is Leave:
-                self.hub.rooms.leave(self, cmd.room)
-                self._reply("left", id=fid, room=cmd.room)
-            elif type(cmd) is Watch:
-                online = self.hub.watch(self, cmd.users, cmd.watch)
-                self._reply("watching" if cmd.watch else "unwatched", id=fid, users=online)
-            else:  # pragma: no cover - every parsed command type is handled above
-                raise AssertionError(f"unhandled command {cmd!r}")
-        except RoomRefused as exc:
-            self._error(fid, exc.code, exc.reason)
-        except ProtocolError as exc:
-            self._error(fid, exc.code, exc.message)
-        except StoreError as exc:
-            log.log("error", "store_read_failed", error=str(exc), conn=self.conn_id)
-            self._reply("error", id=fid, code="unavailable", message="store unavailable; retry")
-
-    def _refresh(self, cmd: Refresh) -> None:
-        try:
-            identity = self.auth.verify(cmd.token)
-        except AuthError as exc:
-            raise ProtocolError("forbidden", str(exc), cmd.id) from None
-        if identity.user != self.user:
-            raise ProtocolError("forbidden", "token is for another user", cmd.id)
-        self.exp = identity.exp
-        self._reply("refreshed", id=cmd.id, exp=identity.exp)
-
-    async def _history(self, cmd: History) -> None:
-        cap = self.hub.config.store.history_limit
-        limit = min(cmd.limit or cap, cap)
-        try:
-            msgs, more = await self.hub.read(self.hub.store.history, self.user, cmd.peer, cmd.before, limit)
-        except UnknownMessage:
-            raise ProtocolError("bad_request", "'before' is not a known msg_id", cmd.id) from None
-        self._reply("history_page", id=cmd.id, messages=[self._stored_obj(m) for m in msgs], more=more,
-                    **{"with": cmd.peer})
-
-    async def _search(self, cmd: Search) -> None:
-        cap = self.hub.config.store.history_limit
-        limit = min(cmd.limit or 20, cap)
-        try:
-            msgs, more = await self.hub.read(self.hub.store.search, self.user, cmd.q, limit, cmd.offset)
-        except BadQuery as exc:
-            raise ProtocolError("bad_request", f"bad search query: {exc}", cmd.id) from None
-        self._reply("search_results", id=cmd.id, q=cmd.q, messages=[self._stored_obj(m) for m in msgs],
-                    more=more)
-
-    def _stored_obj(self, m: Any) -> Any:
-        return self._message_obj(message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts))
-
-    def _message_obj(self, fields: dict[str, Any]) -> Any:
-        """A message inside a reply: a JSON fragment, or a dict for MessagePack."""
-        if self._reply_bin:
-            return dict(fields, body=decode_body(fields["body"]))
-        return orjson.Fragment(message_json(fields))
+            await handle_command(self, cmd)
 
     # -- replay ----------------------------------------------------------------------
 
-    def _start_replay(self, since: int | None, *, credit: bool, fid: Any = None) -> None:
+    def start_replay(self, since: int | None, *, credit: bool, fid: Any = None) -> None:
         """(Re)start the replay; live messages are absorbed until it has caught up.
 
         ``credit``: the caller holds a reply credit for the ``resumed`` frame (a resume
