@@ -51,19 +51,32 @@ def load_secret(config: Config, *, create: bool) -> bytes:
         return secret
     path = config.server.resolved_state_dir() / "secret"
     try:
-        return path.read_bytes().strip()
+        return _checked(path.read_bytes().strip(), path)
     except FileNotFoundError:
         if not create:
             raise
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48).encode()
-    # O_EXCL: if two processes race, the loser reads the winner's secret.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
+    # Write a private temp file, then link it into place: the secret appears whole or
+    # not at all, and if two processes race, the loser reads the winner's secret.
+    tmp = path.with_name(f".secret.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secret + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return _checked(path.read_bytes().strip(), path)
+    finally:
+        tmp.unlink()
+    return secret
+
+
+def _checked(secret: bytes, path: Path) -> bytes:
+    if len(secret) < MIN_SECRET_BYTES:
+        raise OSError(f"{path}: secret is shorter than {MIN_SECRET_BYTES} bytes")
     return secret
 
 

@@ -225,6 +225,15 @@ def _strict_str_list(value: Any, _type: Any) -> list[str]:
     return list(value)
 
 
+def _table(structure: Any) -> Any:
+    def hook(value: Any, cls: type) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError("expected a table")
+        return structure(value, cls)
+
+    return hook
+
+
 def _make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     for kind in (int, float, str, bool):
@@ -232,7 +241,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_func(lambda t: t == list[str], _strict_str_list)
     for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, HttpConfig, RoomsConfig, Config):
         conv.register_structure_hook(
-            cls, make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True)
+            cls, _table(make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True))
         )
     return conv
 

@@ -259,7 +259,10 @@ class Connection:
                 self.ws.receive_data(data)
             for event in self.ws.events():
                 if isinstance(event, Message):
-                    size += len(event.data)
+                    n = len(event.data)  # characters for text: count bytes near the limit
+                    if n * 4 > limit - size and isinstance(event, TextMessage):
+                        n = len(event.data.encode())
+                    size += n
                     if size > limit:
                         self.kill(1009, f"message larger than {limit} bytes")
                         return False

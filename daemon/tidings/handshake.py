@@ -81,10 +81,13 @@ def check_upgrade(request: h11.Request, path: str) -> Upgrade:
     key = _header(request, b"sec-websocket-key")
     if not key:
         raise HttpError(400, "missing Sec-WebSocket-Key")
-    query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=20)
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=20)
+    except ValueError:
+        raise HttpError(400, "too many query parameters") from None
     token = _one(query, "token")
     authz = _header(request, b"authorization")
-    if token is None and authz is not None:
+    if not token and authz is not None:
         scheme, _, value = authz.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise HttpError(401, "Authorization header must be 'Bearer <token>'")
@@ -92,7 +95,7 @@ def check_upgrade(request: h11.Request, path: str) -> Upgrade:
     since_text = _one(query, "since")
     since = None
     if since_text is not None:
-        if not since_text.isdigit() or len(since_text) > 15:
+        if not (since_text.isascii() and since_text.isdigit()) or len(since_text) > 15:
             raise HttpError(400, "?since= must be a non-negative integer")
         since = int(since_text)
     encoding = _one(query, "encoding") or "json"
