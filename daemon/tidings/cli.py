@@ -57,6 +57,53 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_call(args: argparse.Namespace, method: str, path: str, body: dict | None = None) -> int:
+    """Call the daemon's server API (api.listen, key from the same config) and print JSON."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tidings.api import load_api_key, parse_listen
+
+    config = _load(args.config)
+    if not config.api.listen:
+        print("tidings: the server API is disabled (api.listen = \"\")", file=sys.stderr)
+        return 2
+    host, port = parse_listen(config.api.listen)
+    try:
+        key = load_api_key(config, create=False)
+    except OSError as exc:
+        print(f"tidings: cannot read the API key: {exc}", file=sys.stderr)
+        return 1
+    host = f"[{host}]" if ":" in host else host
+    request = urllib.request.Request(
+        f"http://{host}:{port}{path}",
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {key.decode()}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"tidings: HTTP {exc.code}: {exc.read().decode().strip()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"tidings: cannot reach the API at {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    return _api_call(args, "POST", "/api/send", {"to": args.user, "body": args.text, "from": args.sender})
+
+
+def cmd_presence(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    return _api_call(args, "GET", "/api/presence?" + urlencode([("user", u) for u in args.users]))
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     _load(args.file)
     print(f"{args.file}: ok")
@@ -77,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE")
     p.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default auth.token_ttl_s)")
     p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("send", help="send TEXT to USER through the server API")
+    p.add_argument("user")
+    p.add_argument("text")
+    p.add_argument("--from", dest="sender", default="api", help="sender shown to USER (default: api)")
+    p.add_argument("--config", metavar="FILE")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("presence", help="show whether USERs are online (server API)")
+    p.add_argument("users", nargs="+", metavar="USER")
+    p.add_argument("--config", metavar="FILE")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_presence)
 
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("file")

@@ -19,6 +19,7 @@ import cattrs
 from cattrs.gen import make_dict_structure_fn
 
 __all__ = [
+    "ApiConfig",
     "AuthConfig",
     "Config",
     "ConfigError",
@@ -171,6 +172,27 @@ class HttpConfig:
     demo: bool = False
 
 
+def _listen(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if value and (not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535):
+        raise _BadValue(attribute, f"must be HOST:PORT (or \"\" to disable), got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ApiConfig:
+    #: HOST:PORT of the server API, /healthz and /metrics; "" disables the listener.
+    listen: str = attrs.field(default="127.0.0.1:8766", validator=_listen)
+    #: Bearer key for /api/*; "" = key_file, else <state_dir>/api_key (created once, 0600).
+    key: str = ""
+    key_file: str = ""
+    max_body_bytes: int = attrs.field(default=1048576, validator=_positive)
+    request_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.key and self.key_file:
+            raise ValueError("set key or key_file, not both")
+
+
 @attrs.frozen(kw_only=True)
 class RoomsConfig:
     #: Rooms a token without a ``rooms`` claim may join: names or glob patterns.
@@ -189,6 +211,7 @@ class Config:
     store: StoreConfig = attrs.field(factory=StoreConfig)
     http: HttpConfig = attrs.field(factory=HttpConfig)
     rooms: RoomsConfig = attrs.field(factory=RoomsConfig)
+    api: ApiConfig = attrs.field(factory=ApiConfig)
 
     def store_path(self) -> Path:
         if self.store.path:
@@ -239,7 +262,7 @@ def _make_converter() -> cattrs.Converter:
     for kind in (int, float, str, bool):
         conv.register_structure_hook(kind, _strict(kind))
     conv.register_structure_hook_func(lambda t: t == list[str], _strict_str_list)
-    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, HttpConfig, RoomsConfig, Config):
+    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, HttpConfig, RoomsConfig, ApiConfig, Config):
         conv.register_structure_hook(
             cls, _table(make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True))
         )

@@ -84,6 +84,7 @@ class Hub:
         self._stored = 0
         self._store_errors = 0
         self._slow_log = log.LogOnce(interval=30.0)
+        self.latency: Any = None  # a prometheus Histogram, when metrics are on
         self.router.on_slow_consumer = self._log_slow
 
     # -- sessions --------------------------------------------------------------------
@@ -163,7 +164,7 @@ class Hub:
         reply credit for the ack (or error) this produces; the callbacks never block.
         """
         msg_id, ts = self.ids.next()
-        job = (NewMessage(msg_id, sender, to, body, ts), origin, fid)
+        job = (NewMessage(msg_id, sender, to, body, ts), origin, fid, time.monotonic())
         if self._threaded:
             await self._jobs_tx.send(job)
             return
@@ -175,16 +176,18 @@ class Hub:
         self._stored += 1
         self._deliver(job, seq)
 
-    def _deliver(self, job: tuple[NewMessage, Any, Any], seq: int) -> None:
-        new, origin, fid = job
+    def _deliver(self, job: tuple[NewMessage, Any, Any, float], seq: int) -> None:
+        new, origin, fid, accepted = job
         fields = message_fields(new.msg_id, seq, new.sender, new.recipient, new.body, new.ts)
         result = self.router.route(new.recipient, Routed(message_json(fields), seq, fields))
+        if self.latency is not None:
+            self.latency.observe(time.monotonic() - accepted)
         origin.on_stored(fid, new.msg_id, seq, result.delivered)
 
-    def _fail(self, jobs: list[tuple[NewMessage, Any, Any]], exc: Exception) -> None:
+    def _fail(self, jobs: list[tuple[NewMessage, Any, Any, float]], exc: Exception) -> None:
         self._store_errors += 1
         log.log("error", "store_failed", error=str(exc), messages=len(jobs))
-        for _new, origin, fid in jobs:
+        for _new, origin, fid, _accepted in jobs:
             origin.on_store_failed(fid)
 
     # -- coalesced writes ------------------------------------------------------------

@@ -33,7 +33,9 @@ from tidings.handshake import (
     http_response,
     negotiate_deflate,
 )
+from tidings.api import serve_api
 from tidings.hub import Hub
+from tidings.metrics import Metrics
 from tidings.lifecycle import Lifecycle, listener_address
 from tidings.protocol import BINARY, encode, encode_msgpack, text_frame
 from tidings.sessions import Refused
@@ -86,6 +88,7 @@ class Server:
         self._ids = itertools.count(1)
         self._node = os.urandom(3).hex()
         self._refusals = log.LogOnce(interval=60.0)
+        self.metrics = Metrics()  # replaced by serve() with the one /metrics renders
         #: Set when serving wss:// (tidings.tls); swapped by a reload, new connections only.
         self.ssl_context: Any = None
 
@@ -191,6 +194,7 @@ class Server:
             with trio.move_on_after(5):
                 await stream.send_all(page)
             return
+        self.metrics.refused(status)
         self._refusals.log("info", "handshake_refused", key=f"{status}:{reason}", status=status, reason=reason)
         with trio.move_on_after(1):
             await stream.send_all(http_response(status, reason.encode() + b"\n", headers=headers))
@@ -245,12 +249,21 @@ async def serve(
         except OSError as exc:
             raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
         hub = Hub(config, store, threaded=threaded)
+        metrics = Metrics()
+        metrics.hub = hub
+        hub.latency = metrics.latency
         server = Server(config, hub, auth)
+        server.metrics = metrics
         server.ssl_context = ssl_context
         host, port = listener_address(listeners[0], cfg.host)
         lifecycle = Lifecycle(server, hub, sdnotify.Notifier.from_env(), config_path)
         async with trio.open_nursery() as root:
             await root.start(hub.run)
+            if config.api.listen:
+                try:
+                    await root.start(serve_api, config, hub, metrics, server)
+                except OSError as exc:
+                    raise StartupError(f"cannot serve the API on {config.api.listen}: {exc.strerror or exc}") from None
             await root.start(lifecycle.run)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as conns:

@@ -1,0 +1,319 @@
+"""The server API: HTTP/1.1 (h11) on its own listener, for backends and operators.
+
+    POST /api/send        {"to", "body", "from"?}         -> 202 {"msg_id","seq","delivered"}
+    POST /api/broadcast   {"users": [...], "body", "from"?} -> 202 {"results": [...]}
+    POST /api/disconnect  {"user"}                          -> 200 {"closed": N}  (1008)
+    GET  /api/presence?user=bob&user=carol                  -> 200 {"users": {...}}
+    GET  /healthz   liveness + readiness (the store answers) -> 200 / 503
+    GET  /metrics   Prometheus text format
+
+``/api/*`` needs ``Authorization: Bearer <api key>`` (401 without, 403 with a wrong one;
+compared in constant time).  ``/healthz`` and ``/metrics`` are open: the API listens on
+127.0.0.1 by default so it is never exposed by accident.  Bodies are limited to
+``api.max_body_bytes`` (413); a request must arrive within ``api.request_timeout_s``
+(slowloris); bad JSON is a 400 with the reason.  Keep-alive is supported.
+
+A send is stored before the 202, exactly as a WebSocket ``send`` is acked only once
+stored: the API waits for the hub's group commit.  If the store refuses, 503.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import orjson
+import trio
+
+from tidings import log
+from tidings.config import Config
+from tidings.handshake import http_response
+from tidings.hub import Hub
+from tidings.metrics import CONTENT_TYPE, Metrics
+from tidings.protocol import MAX_PRESENCE_USERS, ProtocolError, encode_body, valid_user_id
+
+__all__ = ["load_api_key", "serve_api"]
+
+JSON = b"application/json"
+MAX_BROADCAST = 1000
+HEALTH_TIMEOUT = 2.0
+
+
+class _Answer(Exception):
+    """End the request with this status and a JSON error body: the caller's fault."""
+
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def load_api_key(config: Config, *, create: bool) -> bytes:
+    """``api.key``, ``api.key_file``, or ``<state_dir>/api_key`` (created once, 0600)."""
+    if config.api.key:
+        return config.api.key.encode()
+    if config.api.key_file:
+        return Path(config.api.key_file).expanduser().read_bytes().strip()
+    path = config.server.resolved_state_dir() / "api_key"
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        if not create:
+            raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(32).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as f:
+        f.write(key + b"\n")
+    return key
+
+
+class _Stored:
+    """The hub's callback for an API send: wakes the waiting request."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: dict[str, Any] | None = None
+
+    def on_stored(self, _fid: Any, msg_id: str, seq: int, delivered: int) -> None:
+        self.result = {"msg_id": msg_id, "seq": seq, "delivered": delivered}
+        self.done.set()
+
+    def on_store_failed(self, _fid: Any) -> None:
+        self.done.set()
+
+
+class Api:
+    def __init__(self, config: Config, hub: Hub, metrics: Metrics, key: bytes, server: Any) -> None:
+        self.config = config
+        self.hub = hub
+        self.metrics = metrics
+        self.key = key
+        self.server = server
+        self._log = log.LogOnce(interval=60.0)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """Serve requests on one connection until it closes; never raises."""
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        try:
+            while True:
+                with trio.move_on_after(self.config.api.request_timeout_s) as timeout:
+                    request, body = await self._read(stream, h)
+                if timeout.cancelled_caught:
+                    return
+                if request is None:
+                    return
+                status, content_type, payload = await self._respond(request, body)
+                await stream.send_all(_serialize(h, status, content_type, payload))
+                if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+                    return  # Connection: close, or an unread body
+                h.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except _Answer as exc:  # a framing error: answer and hang up
+            with trio.move_on_after(1):
+                await stream.send_all(http_response(exc.status, orjson.dumps({"error": exc.error}), JSON))
+        except Exception as exc:  # a bug of ours: this request only, never the daemon
+            log.log("error", "api_crashed", error=repr(exc))
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _read(self, stream: trio.SocketStream, h: h11.Connection) -> tuple[Any, bytes]:
+        request, chunks, size = None, [], 0
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Answer(exc.error_status_hint, "malformed HTTP request") from None
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data and request is None:
+                    return None, b""
+                h.receive_data(data)
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.config.api.max_body_bytes:
+                    raise _Answer(413, f"body larger than {self.config.api.max_body_bytes} bytes")
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return request, b"".join(chunks)
+            else:  # ConnectionClosed or PAUSED
+                return None, b""
+
+    async def _respond(self, request: h11.Request, body: bytes) -> tuple[int, bytes, bytes]:
+        parts = urlsplit(request.target.decode("latin-1"))
+        route = (request.method, parts.path)
+        try:
+            if route == (b"GET", "/healthz"):
+                return await self._health()
+            if route == (b"GET", "/metrics"):
+                return 200, CONTENT_TYPE, self.metrics.render()
+            if not parts.path.startswith("/api/"):
+                raise _Answer(404, f"no such endpoint {parts.path[:100]}")
+            self._authorize(request)
+            if route == (b"POST", "/api/send"):
+                return _json(202, await self._send(_object(body)))
+            if route == (b"POST", "/api/broadcast"):
+                return _json(202, await self._broadcast(_object(body)))
+            if route == (b"POST", "/api/disconnect"):
+                return _json(200, self._disconnect(_object(body)))
+            if route == (b"GET", "/api/presence"):
+                return _json(200, await self._presence(parts.query))
+            raise _Answer(404 if parts.path not in _PATHS else 405, f"no {request.method.decode()} {parts.path}")
+        except _Answer as exc:
+            self._log.log("info", "api_refused", key=f"{exc.status}", status=exc.status, error=exc.error)
+            return _error(exc.status, exc.error)
+
+    def _authorize(self, request: h11.Request) -> None:
+        header = dict(request.headers).get(b"authorization")
+        if header is None:
+            raise _Answer(401, "missing Authorization: Bearer <api key>")
+        scheme, _, value = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.key):
+            raise _Answer(403, "wrong API key")
+
+    async def _store(self, sender: str, to: str, body: bytes) -> dict[str, Any]:
+        waiter = _Stored()
+        await self.hub.send(waiter, sender, to, body)
+        await waiter.done.wait()
+        if waiter.result is None:
+            raise _Answer(503, "message not stored; retry")
+        return waiter.result
+
+    def _message(self, data: dict[str, Any]) -> tuple[str, bytes]:
+        sender = data.get("from", "api")
+        if not valid_user_id(sender):
+            raise _Answer(400, "'from' must be a user id")
+        if "body" not in data:
+            raise _Answer(400, "'body' is required")
+        try:
+            return sender, encode_body(data["body"], None)
+        except ProtocolError as exc:
+            raise _Answer(400, exc.message) from None
+
+    async def _send(self, data: dict[str, Any]) -> dict[str, Any]:
+        to = data.get("to")
+        if not valid_user_id(to):
+            raise _Answer(400, "'to' must be a user id")
+        sender, body = self._message(data)
+        return await self._store(sender, to, body)
+
+    async def _broadcast(self, data: dict[str, Any]) -> dict[str, Any]:
+        users = data.get("users")
+        if not isinstance(users, list) or not 0 < len(users) <= MAX_BROADCAST or not all(
+            valid_user_id(u) for u in users
+        ):
+            raise _Answer(400, f"'users' must be a list of 1-{MAX_BROADCAST} user ids")
+        sender, body = self._message(data)
+        waiters = []
+        for user in users:  # queue all first: one group commit, not one per user
+            waiter = _Stored()
+            await self.hub.send(waiter, sender, user, body)
+            waiters.append((user, waiter))
+        results = []
+        for user, waiter in waiters:
+            await waiter.done.wait()
+            if waiter.result is None:
+                results.append({"user": user, "error": "unavailable"})
+            else:
+                results.append({"user": user, **waiter.result})
+        return {"results": results}
+
+    def _disconnect(self, data: dict[str, Any]) -> dict[str, Any]:
+        user = data.get("user")
+        if not valid_user_id(user):
+            raise _Answer(400, "'user' must be a user id")
+        conns = list(self.hub.sessions.connections(user))
+        for conn in conns:
+            conn.kill(1008, "disconnected by the server API")
+        log.log("info", "api_disconnect", user=user, connections=len(conns))
+        return {"closed": len(conns)}
+
+    async def _presence(self, query: str) -> dict[str, Any]:
+        users = parse_qs(query).get("user", [])
+        if not 0 < len(users) <= MAX_PRESENCE_USERS or not all(valid_user_id(u) for u in users):
+            raise _Answer(400, f"give 1-{MAX_PRESENCE_USERS} ?user= parameters")
+        return {"users": await self.hub.presence(tuple(users))}
+
+    async def _health(self) -> tuple[int, bytes, bytes]:
+        ok = True
+        with trio.move_on_after(HEALTH_TIMEOUT) as timeout:
+            try:
+                await self.hub.read(self.hub.store.inbox_state, "tidings-health-check")
+            except Exception as exc:  # any store failure means not ready
+                ok = False
+                self._log.log("warning", "health_check_failed", key="store", error=repr(exc))
+        if timeout.cancelled_caught:
+            ok = False
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "store": "ok" if ok else "unavailable",
+            "connections": len(self.hub.sessions),
+            "shutting_down": bool(getattr(self.server, "shutting_down", False)),
+        }
+        return _json(200 if ok and not body["shutting_down"] else 503, body)
+
+
+_PATHS = {"/api/send", "/api/broadcast", "/api/disconnect", "/api/presence"}
+
+
+def _object(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _Answer(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _Answer(400, "body must be a JSON object")
+    return data
+
+
+def _json(status: int, data: Any) -> tuple[int, bytes, bytes]:
+    return status, JSON, orjson.dumps(data)
+
+
+def _error(status: int, error: str) -> tuple[int, bytes, bytes]:
+    return _json(status, {"error": error})
+
+
+def _serialize(h: h11.Connection, status: int, content_type: bytes, payload: bytes) -> bytes:
+    """The response through h11, so keep-alive and Connection: close follow the request."""
+    headers = [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]
+    return b"".join((
+        h.send(h11.Response(status_code=status, headers=headers)) or b"",
+        h.send(h11.Data(data=payload)) or b"",
+        h.send(h11.EndOfMessage()) or b"",
+    ))
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"api.listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+async def serve_api(
+    config: Config, hub: Hub, metrics: Metrics, server: Any,
+    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on ``api.listen`` and serve until cancelled; ``started(port)``."""
+    host, port = parse_listen(config.api.listen)
+    key = load_api_key(config, create=True)
+    api = Api(config, hub, metrics, key, server)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    actual = listeners[0].socket.getsockname()[1]
+    log.log("info", "api_listening", url=f"http://{host}:{actual}", port=actual)
+    task_status.started(actual)
+    await trio.serve_listeners(api.handle, listeners)
