@@ -53,6 +53,8 @@ DEFAULTS = {
     "http": {"demo": False},
     "rooms": {"default_allow": ["*"], "max_rooms_per_connection": 32, "max_members_per_room": 10000,
               "history": 0},
+    "api": {"listen": "127.0.0.1:8766", "key": "", "key_file": "", "max_body_bytes": 1048576,
+            "request_timeout_s": 10.0},
 }
 
 
@@ -117,6 +119,8 @@ EVERY_KEY = {
     "http": {"demo": True},
     "rooms": {"default_allow": ["team-*", "lobby"], "max_rooms_per_connection": 2, "max_members_per_room": 3,
               "history": 5},
+    "api": {"listen": "0.0.0.0:9001", "key": "k" * 20, "key_file": "", "max_body_bytes": 4096,
+            "request_timeout_s": 2.5},
 }
 #: Keys that are only valid together with another one.
 COMPANIONS = {
@@ -253,6 +257,9 @@ BAD = [
     ("allow_mixed", '[rooms]\ndefault_allow = ["a", 1]',
      ["expected a list of strings, got int 1 in it @ config.rooms.default_allow"]),
     ("room_history_neg", "[rooms]\nhistory = -1", ["must be >= 0, got -1 @ config.rooms.history"]),
+    ("api_listen_no_port", '[api]\nlisten = "localhost"',
+     ["must be HOST:PORT (or \"\" to disable), got 'localhost' @ config.api.listen"]),
+    ("api_key_and_file", '[api]\nkey = "a"\nkey_file = "/k"', ["set key or key_file, not both @ config.api"]),
     ("rooms_per_conn_zero", "[rooms]\nmax_rooms_per_connection = 0",
      ["must be > 0, got 0 @ config.rooms.max_rooms_per_connection"]),
     # a scalar or array where a table belongs

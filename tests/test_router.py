@@ -21,11 +21,13 @@ from hypothesis.stateful import (
     rule,
 )
 
+from tidings.rooms import RoomRefused, RoomTable
 from tidings.router import InboxGate, Offer, Routed, Router
 from tidings.sessions import Refused, SessionTable
 from tidings.store import MemoryStore, NewMessage
 
 USERS = ["alice", "bob", "carol"]
+ROOMS = ["lobby", "games"]
 BOUND = 3
 
 
@@ -61,6 +63,8 @@ class RoutingMachine(RuleBasedStateMachine):
     def setup(self, policy: str) -> None:
         self.table = SessionTable(max_connections=6, max_connections_per_user=3)
         self.router = Router(self.table, policy)
+        self.rooms = RoomTable(max_rooms_per_connection=2, max_members_per_room=4, history=0)
+        self.members: dict[str, set[str]] = {r: set() for r in ROOMS}  # model
         self.policy = policy
         self.live: dict[str, FakeEndpoint] = {}  # model: conn_id -> endpoint
         self.closed: list[FakeEndpoint] = []
@@ -88,8 +92,54 @@ class RoutingMachine(RuleBasedStateMachine):
     @rule(ep=consumes(conns))
     def disconnect(self, ep: FakeEndpoint) -> None:
         self.table.remove(ep)
+        self.rooms.leave_all(ep)  # what hub.unregister does
+        for members in self.members.values():
+            members.discard(ep.conn_id)
         if self.live.pop(ep.conn_id, None) is not None:
             self.closed.append(ep)
+
+    @rule(ep=conns, room=st.sampled_from(ROOMS))
+    def join(self, ep: FakeEndpoint, room: str) -> None:
+        if ep.conn_id not in self.live:
+            return  # a closed connection sends nothing
+        mine = sum(1 for m in self.members.values() if ep.conn_id in m)
+        already = ep.conn_id in self.members[room]
+        try:
+            joined = self.rooms.join(ep, room)
+        except RoomRefused:
+            assert not already and (mine >= 2 or len(self.members[room]) >= 4)
+            return
+        assert joined is not already
+        self.members[room].add(ep.conn_id)
+
+    @rule(ep=conns, room=st.sampled_from(ROOMS))
+    def leave(self, ep: FakeEndpoint, room: str) -> None:
+        assert self.rooms.leave(ep, room) is (ep.conn_id in self.members[room])
+        self.members[room].discard(ep.conn_id)
+
+    @rule(room=st.sampled_from(ROOMS))
+    def send_room(self, room: str) -> None:
+        n = next(self.counter)
+        routed = Routed(f"room {room} #{n}".encode(), None)
+        everyone = [*self.live.values(), *self.closed]
+        before = {e.conn_id: len(e.received) for e in everyone}
+        joined = {cid for cid in self.members[room]}
+        room_ok = {cid: len(self.live[cid].queue) < BOUND for cid in joined}
+        result = self.router.offer_all(self.rooms.members(room), routed)
+        # Exactly the connections joined at send time (with room in their queue).
+        for e in everyone:
+            got = len(e.received) - before[e.conn_id]
+            assert got == (1 if room_ok.get(e.conn_id) else 0), (e.conn_id, room)
+        full = [cid for cid, ok in room_ok.items() if not ok]
+        assert result.delivered == len(joined) - len(full) and result.dropped == len(full)
+        self.expected_fanout += len(joined)
+        self.delivered += result.delivered
+        self.dropped += result.dropped
+        for cid in full:
+            e = self.live[cid]
+            if self.policy == "disconnect":
+                assert e.killed == 1013
+                self._killed(e)
 
     @rule(ep=conns, n=st.integers(1, BOUND))
     def client_reads(self, ep: FakeEndpoint, n: int) -> None:
@@ -118,10 +168,17 @@ class RoutingMachine(RuleBasedStateMachine):
             if self.policy == "disconnect":
                 assert e.killed == 1013
                 assert result.disconnected >= 1
-                self.live.pop(e.conn_id)
-                self.closed.append(e)
+                self._killed(e)
             else:
                 assert e.killed is None
+
+    def _killed(self, e: FakeEndpoint) -> None:
+        """A connection the router closed: it unregisters and leaves its rooms (hub)."""
+        self.live.pop(e.conn_id)
+        self.closed.append(e)
+        self.rooms.leave_all(e)
+        for members in self.members.values():
+            members.discard(e.conn_id)
 
     @invariant()
     def queues_bounded(self) -> None:
@@ -138,8 +195,14 @@ class RoutingMachine(RuleBasedStateMachine):
     @invariant()
     def order_per_sender_preserved(self) -> None:
         for e in [*self.live.values(), *self.closed]:
-            seqs = [r.seq for r in e.received]
+            seqs = [r.seq for r in e.received if r.seq is not None]
             assert seqs == sorted(seqs)
+
+    @invariant()
+    def rooms_match_model(self) -> None:
+        for room in ROOMS:
+            assert {e.conn_id for e in self.rooms.members(room)} == self.members[room]
+            assert self.members[room] <= set(self.live)  # never a closed connection
 
     @invariant()
     def fanout_accounted(self) -> None:
@@ -149,7 +212,7 @@ class RoutingMachine(RuleBasedStateMachine):
 
 
 TestRouting = RoutingMachine.TestCase
-TestRouting.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestRouting.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 
 
 class ReplayMachine(RuleBasedStateMachine):

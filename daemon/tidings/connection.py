@@ -230,6 +230,7 @@ class Connection:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
                 self.start_replay(self._since, credit=False)
+                peer_gone = False  # stays False when kill() cancels the reader
                 with self._cancel:
                     peer_gone = await self._reader()
                 self._unregister()  # closing: nothing more is routed here
