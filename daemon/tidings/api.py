@@ -36,6 +36,7 @@ from tidings.handshake import http_response
 from tidings.hub import Hub
 from tidings.metrics import CONTENT_TYPE, Metrics
 from tidings.protocol import MAX_PRESENCE_USERS, ProtocolError, encode_body, valid_user_id
+from tidings.workers import reuseport_listeners
 
 __all__ = ["load_api_key", "serve_api"]
 
@@ -257,13 +258,16 @@ class Api:
                 self._log.log("warning", "health_check_failed", key="store", error=repr(exc))
         if timeout.cancelled_caught:
             ok = False
+        cluster = self.hub.cluster
+        cluster_ok = cluster is None or cluster.healthy
         body = {
-            "status": "ok" if ok else "unavailable",
+            "status": "ok" if ok and cluster_ok else "unavailable",
             "store": "ok" if ok else "unavailable",
+            "cluster": None if cluster is None else ("ok" if cluster_ok else "unavailable"),
             "connections": len(self.hub.sessions),
             "shutting_down": bool(getattr(self.server, "shutting_down", False)),
         }
-        return _json(200 if ok and not body["shutting_down"] else 503, body)
+        return _json(200 if ok and cluster_ok and not body["shutting_down"] else 503, body)
 
 
 _PATHS = {"/api/send", "/api/broadcast", "/api/disconnect", "/api/presence"}
@@ -306,13 +310,18 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 async def serve_api(
     config: Config, hub: Hub, metrics: Metrics, server: Any,
-    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    *, shared: bool = False, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on ``api.listen`` and serve until cancelled; ``started(port)``."""
+    """Listen on ``api.listen`` and serve until cancelled; ``started(port)``.
+    ``shared``: workers share the port (SO_REUSEPORT); each answers for its own process
+    (``/metrics`` is per worker; sends and presence are cluster-wide)."""
     host, port = parse_listen(config.api.listen)
     key = load_api_key(config, create=True)
     api = Api(config, hub, metrics, key, server)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if shared:
+        listeners = await reuseport_listeners(host, port)
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host)
     actual = listeners[0].socket.getsockname()[1]
     log.log("info", "api_listening", url=f"http://{host}:{actual}", port=actual)
     task_status.started(actual)

@@ -30,8 +30,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tidings.server import StartupError, serve
 
     config = _load(args.config)
+    if config.server.workers > 1 and args.worker is None:
+        from tidings.workers import supervise
+
+        log.configure(config.server.log_level)
+        return supervise(args.config, config.server.workers)
     try:
-        trio.run(partial(serve, config, config_path=args.config))
+        trio.run(partial(serve, config, config_path=args.config, worker=args.worker))
     except StartupError as exc:
         log.log("error", "startup_failed", error=str(exc))
         print(f"tidings: cannot start: {exc}", file=sys.stderr)
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the daemon")
     p.add_argument("--config", metavar="FILE", help="TOML config (default: embedded defaults)")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("token", help="print a signed access token for USER")

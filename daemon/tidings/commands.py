@@ -30,7 +30,7 @@ from tidings.protocol import (
     message_json,
 )
 from tidings.rooms import RoomRefused
-from tidings.store import BadQuery, StoreError, UnknownMessage
+from tidings.store import BadQuery, StoreError, UnknownMessage, Unsupported
 
 __all__ = ["handle_command", "message_obj"]
 
@@ -68,6 +68,8 @@ async def handle_command(conn: Any, cmd: Any) -> None:
         conn.error(fid, exc.code, exc.reason)
     except ProtocolError as exc:
         conn.error(fid, exc.code, exc.message)
+    except Unsupported as exc:
+        conn.error(fid, "unsupported", str(exc))
     except StoreError as exc:
         log.log("error", "store_read_failed", error=str(exc), conn=conn.conn_id)
         conn.reply("error", id=fid, code="unavailable", message="store unavailable; retry")

@@ -10,6 +10,7 @@ This module is sans-IO apart from reading the file it is given; it never imports
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from cattrs.gen import make_dict_structure_fn
 __all__ = [
     "ApiConfig",
     "AuthConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "HttpConfig",
@@ -107,6 +109,9 @@ class ServerConfig:
     #: Offer permessage-deflate to clients that ask (costs memory per connection, see
     #: docs/performance.md).
     compression: bool = False
+    #: Worker processes sharing the port (SO_REUSEPORT), joined through the cluster's
+    #: Redis; 1 = this process serves alone.
+    workers: int = attrs.field(default=1, validator=_positive)
     #: PEM certificate chain and private key: both set = serve wss:// (see tidings.tls).
     tls_cert: str = ""
     tls_key: str = ""
@@ -153,7 +158,8 @@ class LimitsConfig:
 
 @attrs.frozen(kw_only=True)
 class StoreConfig:
-    backend: str = attrs.field(default="sqlite", validator=_one_of("sqlite", "memory"))
+    #: "" = "sqlite", or "redis" when cluster.redis_url is set.
+    backend: str = attrs.field(default="", validator=_one_of("", "sqlite", "memory", "redis"))
     #: "" means <server.state_dir>/tidings.db
     path: str = ""
     retention_days: float = attrs.field(default=30.0, validator=_non_negative)
@@ -204,6 +210,23 @@ class RoomsConfig:
 
 
 @attrs.frozen(kw_only=True)
+class ClusterConfig:
+    #: Redis shared by all nodes (e.g. "redis://10.0.0.5:6379/0"); "" = a single node.
+    redis_url: str = ""
+    #: This node's name in presence bookkeeping; "" = hostname-pid.
+    node_id: str = ""
+    #: A node's presence entries expire this long after it stops refreshing (kill -9).
+    presence_ttl_s: float = attrs.field(default=15.0, validator=_positive)
+    #: The Redis URL points at a Redis Cluster (sharded pub/sub, one slot per user).
+    redis_cluster: bool = False
+
+    def resolved_node_id(self, worker: int | None = None) -> str:
+        if not self.node_id:
+            return f"{socket.gethostname()}-{os.getpid()}"
+        return self.node_id if worker is None else f"{self.node_id}-w{worker}"
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig)
     auth: AuthConfig = attrs.field(factory=AuthConfig)
@@ -212,6 +235,25 @@ class Config:
     http: HttpConfig = attrs.field(factory=HttpConfig)
     rooms: RoomsConfig = attrs.field(factory=RoomsConfig)
     api: ApiConfig = attrs.field(factory=ApiConfig)
+    cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
+
+    def __attrs_post_init__(self) -> None:
+        clustered = bool(self.cluster.redis_url)
+        if clustered and self.store.backend in ("sqlite", "memory"):
+            raise ValueError(
+                f"store.backend = {self.store.backend!r} cannot be combined with "
+                "cluster.redis_url: every node must share one store (use \"redis\" or leave it unset)"
+            )
+        if self.store.backend == "redis" and not clustered:
+            raise ValueError('store.backend = "redis" needs cluster.redis_url')
+        if self.server.workers > 1 and not clustered:
+            raise ValueError("server.workers > 1 needs cluster.redis_url (workers route through Redis)")
+
+    def store_backend(self) -> str:
+        """The effective backend: "redis" in a cluster, else the configured one (sqlite)."""
+        if self.store.backend:
+            return self.store.backend
+        return "redis" if self.cluster.redis_url else "sqlite"
 
     def store_path(self) -> Path:
         if self.store.path:
@@ -262,7 +304,7 @@ def _make_converter() -> cattrs.Converter:
     for kind in (int, float, str, bool):
         conv.register_structure_hook(kind, _strict(kind))
     conv.register_structure_hook_func(lambda t: t == list[str], _strict_str_list)
-    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, HttpConfig, RoomsConfig, ApiConfig, Config):
+    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, HttpConfig, RoomsConfig, ApiConfig, ClusterConfig, Config):
         conv.register_structure_hook(
             cls, _table(make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True))
         )

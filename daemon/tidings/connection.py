@@ -373,23 +373,36 @@ class Connection:
         self._gate.replaying = True  # absorb live messages from now on: the replay reads them
         self._replay_scope = trio.CancelScope()
         assert self._nursery is not None
-        self._nursery.start_soon(self._replay, since, self._replay_scope, credit, fid)
+        self._nursery.start_soon(self._replay, since, self._replay_scope, credit, fid, True)
 
-    async def _replay(self, since: int | None, scope: trio.CancelScope, credit: bool, fid: Any) -> None:
-        """Send stored messages after ``since`` (default: the ack cursor), then go live."""
+    def resync(self) -> None:
+        """Live messages may have been missed (the cluster's Redis link came back):
+        re-read the inbox after the last seq sent, quietly (no ``resumed`` frame).  A
+        replay already running reads the store to its end anyway."""
+        if self._replay_scope is not None or self._close is not None or self._nursery is None:
+            return
+        self._gate.replaying = True
+        self._replay_scope = trio.CancelScope()
+        self._nursery.start_soon(self._replay, self._gate.sent_seq, self._replay_scope, True, None, False)
+
+    async def _replay(
+        self, since: int | None, scope: trio.CancelScope, credit: bool, fid: Any, announce: bool
+    ) -> None:
+        """Send stored messages after ``since`` (default: the ack cursor), then go live;
+        with ``announce``, end with the ``resumed`` frame."""
         if not credit:
             self._credits -= 1  # may go to -1: the channel reserves a slot for it
         sent_resumed = False
         with scope:
             try:
-                sent_resumed = await self._replay_pages(since, fid)
+                sent_resumed = await self._replay_pages(since, fid, announce)
             except StoreError as exc:
                 log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)
                 self.kill(1011, "store unavailable")
-        if not sent_resumed:  # cancelled (a newer resume, or closing), or failed
+        if announce and not sent_resumed:  # cancelled (a newer resume, or closing), or failed
             self._give_credits(1)
 
-    async def _replay_pages(self, since: int | None, fid: Any) -> bool:
+    async def _replay_pages(self, since: int | None, fid: Any, announce: bool) -> bool:
         gate = self._gate
         state = await self.hub.read(self.hub.store.inbox_state, self.user)
         start = state.cursor if since is None else min(since, state.last_seq)
@@ -406,6 +419,8 @@ class Connection:
             if gate.caught_up(len(msgs), REPLAY_PAGE):  # no await since the read
                 break
         self._replay_scope = None
+        if not announce:
+            return False
         # The credit taken for this frame comes back when the writer has written it.
         # Binary-mode connections get it in MessagePack, like every pushed frame.
         enc = encode_msgpack if self._binary else encode

@@ -63,7 +63,10 @@ class HubStatistics:
 
 
 class Hub:
-    def __init__(self, config: Config, store: Any, *, threaded: bool) -> None:
+    def __init__(self, config: Config, store: Any, *, mode: str) -> None:
+        """``mode``: "inline" (a synchronous in-memory store, called directly),
+        "threaded" (SQLite: calls run in worker threads) or "async" (Redis: awaited).
+        In async mode ``cluster`` (set by the server) carries live delivery."""
         self.config = config
         self.sessions = SessionTable(
             config.limits.max_connections, config.limits.max_connections_per_user
@@ -75,7 +78,11 @@ class Hub:
         self.store = store
         self.ids = MsgIdGenerator()
         self.lock = trio.Lock()
-        self._threaded = threaded
+        if mode not in ("inline", "threaded", "async"):
+            raise ValueError(f"unknown store mode {mode!r}")
+        self._mode = mode
+        self._threaded = mode != "inline"  # sends go through the writer task
+        self.cluster: Any = None
         self._jobs_tx, self._jobs_rx = trio.open_memory_channel[Any](config.store.queue)
         self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(1)
@@ -96,6 +103,10 @@ class Hub:
             self.sessions.add(conn)
             if self.sessions.count(conn.user) == 1:
                 self._presence_event(conn.user, True)
+            if self.cluster is not None:
+                # Subscribed before the replay reads the store: whatever is stored after
+                # that read is also published to us (cluster.hold's contract).
+                await self.cluster.hold(conn.user)
 
     def unregister(self, conn: Any) -> None:
         """Remove ``conn`` (once per connection) with its rooms and watches; on the
@@ -104,6 +115,8 @@ class Hub:
         self.sessions.remove(conn)
         self.rooms.leave_all(conn)
         self.watches.forget(conn)
+        if self.cluster is not None:
+            self.cluster.release(conn.user)
         if self.sessions.count(conn.user) == 0:
             self._presence_event(conn.user, False)
             self._last_seen[conn.user] = int(time.time() * 1000)
@@ -163,6 +176,9 @@ class Hub:
         Blocks only while the store's queue is full.  A connection origin must hold a
         reply credit for the ack (or error) this produces; the callbacks never block.
         """
+        if self.cluster is not None and not self.cluster.healthy:
+            origin.on_store_failed(fid)  # Redis is unreachable: never ack what is not stored
+            return
         msg_id, ts = self.ids.next()
         job = (NewMessage(msg_id, sender, to, body, ts), origin, fid, time.monotonic())
         if self._threaded:
@@ -228,7 +244,7 @@ class Hub:
         """Run the group-commit writer and the pruner until ``close_intake`` and drained."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._prune_loop)
-            if self._threaded and hasattr(self.store, "checkpoint"):
+            if self._mode == "threaded" and hasattr(self.store, "checkpoint"):
                 nursery.start_soon(self._checkpoint_loop)
             task_status.started()
             await self._writer()
@@ -255,7 +271,47 @@ class Hub:
         if cursors or seen:
             await self._commit([], cursors, seen)
 
+    async def _commit_async(self, jobs: list, cursors: dict[str, int], seen: dict[str, int]) -> None:
+        """Redis: append (and publish, atomically) the batch; live delivery comes back
+        through ``on_cluster_message``, for local recipients too (one path, seq order)."""
+        if jobs:
+            try:
+                results = await self.store.append_routed([j[0] for j in jobs])
+            except StoreError as exc:
+                self._fail(jobs, exc)
+                results = []
+            for job, result in zip(jobs, results, strict=True):
+                if result.error is not None:
+                    self._fail([job], result.error)
+                    continue
+                self._stored += 1
+                new, origin, fid, _accepted = job
+                origin.on_stored(fid, new.msg_id, result.seq, result.receivers)
+        try:
+            for user, seq in cursors.items():
+                await self.store.set_cursor(user, seq)
+            for user, ts in seen.items():
+                await self.store.set_last_seen(user, ts)
+        except StoreError as exc:
+            log.log("error", "store_failed", error=str(exc), what="cursors")
+
+    def on_cluster_message(self, msg: Any) -> None:
+        """A message published by any node (this one included) for a user we hold."""
+        fields = message_fields(msg.msg_id, msg.seq, msg.sender, msg.recipient, msg.body, msg.ts)
+        self.router.route(msg.recipient, Routed(message_json(fields), msg.seq, fields))
+        if self.latency is not None:
+            self.latency.observe(max(0.0, time.time() - msg.ts / 1000))
+
+    def on_cluster_resync(self, users: Any) -> None:
+        """Live messages may have been missed (Redis reconnect, a seq gap): replay."""
+        for user in users:
+            for conn in self.sessions.connections(user):
+                conn.resync()
+
     async def _commit(self, jobs: list, cursors: dict[str, int], seen: dict[str, int]) -> None:
+        if self._mode == "async":
+            await self._commit_async(jobs, cursors, seen)
+            return
         def work() -> list[int]:
             seqs = self.store.append_many([j[0] for j in jobs]) if jobs else []
             self._write_coalesced(cursors, seen)
@@ -295,23 +351,31 @@ class Hub:
 
     # -- reads -----------------------------------------------------------------------
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a store read off the trio thread (SQLite) or inline (memory)."""
+    async def read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a store read off the trio thread (SQLite), inline (memory) or awaited (Redis)."""
+        if self._mode == "async":
+            return await fn(*args)
         if not self._threaded:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
 
-    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run an occasional store write (prune) serialized with the group commits."""
+        if self._mode == "async":
+            return await fn(*args)
         if not self._threaded:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self._write_limiter)
 
     async def presence(self, users: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        """Online state, connection count and last_seen; cluster-wide in a cluster."""
         seen = await self.read(self.store.last_seen, list(users))
+        counts = None
+        if self.cluster is not None:  # raises ClusterUnavailable, a StoreUnavailable
+            counts = await self.cluster.presence(list(users))
         out = {}
         for user in users:
-            count = self.sessions.count(user)
+            count = counts.get(user, 0) if counts is not None else self.sessions.count(user)
             out[user] = {
                 "online": count > 0,
                 "connections": count,

@@ -10,10 +10,12 @@ in one connection is logged (1011 to that client) and never takes the server dow
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
 import time
+from functools import partial
 from typing import Any
 
 import h11
@@ -40,6 +42,7 @@ from tidings.lifecycle import Lifecycle, listener_address
 from tidings.protocol import BINARY, encode, encode_msgpack, text_frame
 from tidings.sessions import Refused
 from tidings.store import MemoryStore, SqliteStore, StoreError
+from tidings.workers import reuseport_listeners
 
 __all__ = ["StartupError", "Server", "open_store", "serve"]
 
@@ -51,19 +54,48 @@ class StartupError(Exception):
     """The daemon cannot start (unwritable state dir, bad secret file, port in use...)."""
 
 
-def open_store(config: Config) -> tuple[Any, bool]:
-    """Return ``(store, threaded)``; raise StartupError with the path and the reason."""
-    if config.store.backend == "memory":
-        return MemoryStore(), False
+async def open_store(config: Config, stack: contextlib.AsyncExitStack) -> tuple[Any, str]:
+    """Open the configured store on ``stack`` (closed when it unwinds); return ``(store,
+    hub mode)``.  Raise StartupError with the path or URL and the reason."""
+    backend = config.store_backend()
+    if backend == "memory":
+        return MemoryStore(), "inline"
+    if backend == "redis":
+        from tidings.store_redis import open_redis_store  # coredis: the cluster extra
+
+        cc = config.cluster
+        try:
+            store = await stack.enter_async_context(
+                open_redis_store(cc.redis_url, max_inbox=config.store.max_inbox,
+                                 node_id=cc.resolved_node_id(), cluster=cc.redis_cluster)
+            )
+        except StoreError as exc:
+            raise StartupError(f"cannot reach the cluster's Redis: {exc}") from None
+        return store, "async"
     path = config.store_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StartupError(f"cannot create state directory {path.parent}: {exc.strerror}") from None
     try:
-        return SqliteStore.open(path), True
+        store = SqliteStore.open(path)
     except StoreError as exc:
         raise StartupError(str(exc)) from None
+    stack.callback(store.close)
+    return store, "threaded"
+
+
+async def open_cluster_on(config: Config, hub: Hub, stack: contextlib.AsyncExitStack) -> None:
+    """Join the cluster (pub/sub routing, presence) when cluster.redis_url is set."""
+    if not config.cluster.redis_url:
+        return
+    from tidings.cluster import open_cluster
+
+    cc = config.cluster
+    hub.cluster = await stack.enter_async_context(
+        open_cluster(cc.redis_url, cc.resolved_node_id(), cc.presence_ttl_s, hub.on_cluster_message,
+                     on_resync=hub.on_cluster_resync, cluster=cc.redis_cluster)
+    )
 
 
 def make_authenticator(config: Config) -> Authenticator:
@@ -225,9 +257,13 @@ async def serve(
     config: Config,
     *,
     config_path: str | os.PathLike[str] | None = None,
+    worker: int | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the daemon until SIGTERM/SIGINT; ``task_status.started(port)`` once listening.
+
+    ``worker``: this process is worker N of ``server.workers`` (tidings.workers): its
+    listeners share the ports with SO_REUSEPORT.
 
     ``config_path`` is re-read on SIGHUP (see tidings.lifecycle).  Listeners come from
     systemd socket activation when LISTEN_FDS/LISTEN_PID say so, else they are bound
@@ -241,14 +277,17 @@ async def serve(
     except (tls.TlsConfigError, sdnotify.ActivationError) as exc:
         raise StartupError(str(exc)) from None
     activated = bool(listeners)
-    store, threaded = open_store(config)
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        store, mode = await open_store(config, stack)
         auth = make_authenticator(config)
         try:
+            if not listeners and worker is not None:
+                listeners = await reuseport_listeners(cfg.host, cfg.port)
             listeners = listeners or await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         except OSError as exc:
             raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
-        hub = Hub(config, store, threaded=threaded)
+        hub = Hub(config, store, mode=mode)
+        await open_cluster_on(config, hub, stack)
         metrics = Metrics()
         metrics.hub = hub
         hub.latency = metrics.latency
@@ -259,9 +298,11 @@ async def serve(
         lifecycle = Lifecycle(server, hub, sdnotify.Notifier.from_env(), config_path)
         async with trio.open_nursery() as root:
             await root.start(hub.run)
+            api_scope = trio.CancelScope()  # cancelled at shutdown, else root never exits
             if config.api.listen:
                 try:
-                    await root.start(serve_api, config, hub, metrics, server)
+                    api = partial(serve_api, config, hub, metrics, server, shared=worker is not None)
+                    await root.start(_in_scope, api_scope, api)
                 except OSError as exc:
                     raise StartupError(f"cannot serve the API on {config.api.listen}: {exc.strerror or exc}") from None
             await root.start(lifecycle.run)
@@ -273,8 +314,8 @@ async def serve(
                     shown = host if ":" not in host else f"[{host}]"
                     scheme = "wss" if ssl_context is not None else "ws"
                     log.log("info", "listening", url=f"{scheme}://{shown}:{port}{cfg.path}",
-                            host=host, port=port, store=config.store.backend,
-                            auth=config.auth.mode, pid=os.getpid(),
+                            host=host, port=port, store=config.store_backend(),
+                            auth=config.auth.mode, pid=os.getpid(), worker=worker,
                             activated=len(listeners) if activated else None)
                     lifecycle.ready()
                     task_status.started(port)
@@ -283,6 +324,7 @@ async def serve(
                                 connections=len(hub.sessions))
                         break
                     lifecycle.stopping()
+                    api_scope.cancel()
                     server.shutting_down = True
                     accept_scope.cancel()
                     server.kill_all(1001, "server shutting down")
@@ -295,8 +337,12 @@ async def serve(
             hub.close_intake()
         stats = hub.statistics()
         log.log("info", "stopped", stored=stats.stored, routed=stats.routed)
-    finally:
-        store.close()
+
+
+async def _in_scope(scope: trio.CancelScope, fn: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run ``fn(task_status=...)`` inside ``scope`` (so the caller can stop it alone)."""
+    with scope:
+        await fn(task_status=task_status)
 
 
 async def _accept_loop(

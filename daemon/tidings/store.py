@@ -54,7 +54,7 @@ import orjson
 __all__ = [
     "BadQuery", "DuplicateMessage", "InboxState", "MemoryStore", "NewMessage",
     "Presence", "SqliteStore", "Store", "StoreError", "StoreUnavailable",
-    "StoredMessage", "UnknownMessage", "indexed_text", "parse_query", "tokenize",
+    "StoredMessage", "UnknownMessage", "Unsupported", "indexed_text", "parse_query", "tokenize",
 ]
 
 MS_PER_DAY = 86_400_000
@@ -77,6 +77,10 @@ class DuplicateMessage(StoreError):
 
 class UnknownMessage(StoreError):
     """``history`` got a ``before_msg_id`` that is not in that conversation."""
+
+
+class Unsupported(StoreError):
+    """The operation is not available with this store (search on Redis)."""
 
 
 class BadQuery(StoreError):
