@@ -38,6 +38,7 @@ DEFAULTS = {
         "host": "127.0.0.1", "port": 8765, "path": "/ws", "state_dir": "", "max_message_bytes": 65536,
         "shutdown_grace_s": 5.0, "handshake_timeout_s": 10.0, "ping_interval_s": 20.0,
         "idle_timeout_s": 60.0, "log_level": "info", "compression": False, "tls_cert": "", "tls_key": "",
+        "workers": 1,
     },
     "auth": {"mode": "jwt", "secret": "", "secret_file": "", "token_ttl_s": 3600,
              "previous_secret_grace_s": 3600.0},
@@ -47,7 +48,7 @@ DEFAULTS = {
         "rate_limit_close_after": 100,
     },
     "store": {
-        "backend": "sqlite", "path": "", "retention_days": 30.0, "max_inbox": 10000, "history_limit": 100,
+        "backend": "", "path": "", "retention_days": 30.0, "max_inbox": 10000, "history_limit": 100,
         "batch_max": 512, "queue": 4096, "prune_interval_s": 300.0,
     },
     "http": {"demo": False},
@@ -55,6 +56,7 @@ DEFAULTS = {
               "history": 0},
     "api": {"listen": "127.0.0.1:8766", "key": "", "key_file": "", "max_body_bytes": 1048576,
             "request_timeout_s": 10.0},
+    "cluster": {"redis_url": "", "node_id": "", "presence_ttl_s": 15.0, "redis_cluster": False},
 }
 
 
@@ -103,7 +105,7 @@ EVERY_KEY = {
         "host": "0.0.0.0", "port": 9000, "path": "/chat", "state_dir": "/var/lib/tidings",
         "max_message_bytes": 1024, "shutdown_grace_s": 1.5, "handshake_timeout_s": 3.0,
         "ping_interval_s": 5.0, "idle_timeout_s": 15.0, "log_level": "debug", "compression": True,
-        "tls_cert": "/etc/tidings/cert.pem", "tls_key": "/etc/tidings/key.pem",
+        "tls_cert": "/etc/tidings/cert.pem", "tls_key": "/etc/tidings/key.pem", "workers": 1,
     },
     "auth": {"mode": "insecure", "secret": SECRET32, "secret_file": "", "token_ttl_s": 60,
              "previous_secret_grace_s": 0.0},
@@ -121,6 +123,7 @@ EVERY_KEY = {
               "history": 5},
     "api": {"listen": "0.0.0.0:9001", "key": "k" * 20, "key_file": "", "max_body_bytes": 4096,
             "request_timeout_s": 2.5},
+    "cluster": {"redis_url": "", "node_id": "node-a", "presence_ttl_s": 5.0, "redis_cluster": True},
 }
 #: Keys that are only valid together with another one.
 COMPANIONS = {
@@ -214,7 +217,7 @@ BAD = [
      ["must be one of 'disconnect', 'drop', got 'nope' @ config.limits.slow_consumer"]),
     ("auth_mode", '[auth]\nmode = "oauth"', ["must be one of 'jwt', 'insecure', got 'oauth' @ config.auth.mode"]),
     ("backend", '[store]\nbackend = "postgres"',
-     ["must be one of 'sqlite', 'memory', got 'postgres' @ config.store.backend"]),
+     ["must be one of '', 'sqlite', 'memory', 'redis', got 'postgres' @ config.store.backend"]),
     ("log_level", '[server]\nlog_level = "trace"',
      ["must be one of 'debug', 'info', 'warning', 'error', got 'trace' @ config.server.log_level"]),
     ("log_level_case", '[server]\nlog_level = "INFO"',
@@ -260,6 +263,13 @@ BAD = [
     ("api_listen_no_port", '[api]\nlisten = "localhost"',
      ["must be HOST:PORT (or \"\" to disable), got 'localhost' @ config.api.listen"]),
     ("api_key_and_file", '[api]\nkey = "a"\nkey_file = "/k"', ["set key or key_file, not both @ config.api"]),
+    ("cluster_with_sqlite", '[cluster]\nredis_url = "redis://r"\n[store]\nbackend = "sqlite"',
+     ["store.backend = 'sqlite' cannot be combined with cluster.redis_url: every node must share one "
+      'store (use "redis" or leave it unset) @ config']),
+    ("redis_without_url", '[store]\nbackend = "redis"', ['store.backend = "redis" needs cluster.redis_url @ config']),
+    ("workers_without_cluster", "[server]\nworkers = 2",
+     ["server.workers > 1 needs cluster.redis_url (workers route through Redis) @ config"]),
+    ("ttl_zero", "[cluster]\npresence_ttl_s = 0", ["must be > 0, got 0.0 @ config.cluster.presence_ttl_s"]),
     ("rooms_per_conn_zero", "[rooms]\nmax_rooms_per_connection = 0",
      ["must be > 0, got 0 @ config.rooms.max_rooms_per_connection"]),
     # a scalar or array where a table belongs

@@ -54,6 +54,7 @@ from typing import Any
 
 import attrs
 import coredis
+import orjson
 import coredis.exceptions
 import trio
 from coredis.retry import NoRetryPolicy
@@ -193,6 +194,19 @@ class Cluster:
             if self._held.get(user, 0) == 0:  # released meanwhile
                 self._queue_unsubscribe(user)
         return user in self._active and self._ps is ps
+
+    async def publish(self, key: str, msg_id: str, sender: str, ts: int, body: bytes) -> int:
+        """Publish an unstored message (a room message, seq 0) on ``key``'s channel;
+        return how many nodes received it.  Raises ClusterUnavailable."""
+        data = b"0\n" + orjson.dumps([msg_id, sender, ts]) + b"\n" + body
+        try:
+            with trio.fail_after(self._command_timeout):
+                if self._sharded:
+                    return int(await self._r.spublish(channel_for(key), data))
+                return int(await self._r.publish(channel_for(key), data))
+        except (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as exc:
+            self._note_error("publish", exc)
+            raise ClusterUnavailable(f"cannot publish: {_reason(exc)}") from None
 
     def release(self, user: str) -> None:
         """One local connection of ``user`` left; unsubscribe (in the background) after

@@ -50,14 +50,14 @@ async def handle_command(conn: Any, cmd: Any) -> None:
         elif type(cmd) is Presence:
             conn.reply("presence", id=fid, users=await conn.hub.presence(cmd.users))
         elif type(cmd) is Send:  # to a room
-            msg_id, delivered = conn.hub.send_room(conn, cmd.room, cmd.body)
+            msg_id, delivered = await conn.hub.send_room(conn, cmd.room, cmd.body)
             conn.reply("ack", id=fid, msg_id=msg_id, room=cmd.room, delivered=delivered)
         elif type(cmd) is Join:
-            recent = conn.hub.join(conn, cmd.room, conn.rooms_allowed)
+            recent = await conn.hub.join(conn, cmd.room, conn.rooms_allowed)
             conn.reply("joined", id=fid, room=cmd.room,
                         recent=[message_obj(conn, f) for f in recent])
         elif type(cmd) is Leave:
-            conn.hub.rooms.leave(conn, cmd.room)
+            conn.hub.leave(conn, cmd.room)
             conn.reply("left", id=fid, room=cmd.room)
         elif type(cmd) is Watch:
             online = conn.hub.watch(conn, cmd.users, cmd.watch)

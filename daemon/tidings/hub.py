@@ -37,7 +37,7 @@ from tidings.protocol import (
     message_fields,
     message_json,
 )
-from tidings.rooms import RoomRefused, RoomTable, WatchTable, may_join
+from tidings.rooms import ROOM_KEY_PREFIX, RoomRefused, RoomTable, WatchTable, may_join
 from tidings.router import Routed, Router
 from tidings.sessions import SessionTable
 from tidings.store import NewMessage, StoreError
@@ -113,7 +113,9 @@ class Hub:
         user's last connection record last_seen and tell watchers ``offline`` (the router
         may already have removed a slow consumer from the table)."""
         self.sessions.remove(conn)
-        self.rooms.leave_all(conn)
+        for room in self.rooms.leave_all(conn):
+            if self.cluster is not None:
+                self.cluster.release(ROOM_KEY_PREFIX + room)
         self.watches.forget(conn)
         if self.cluster is not None:
             self.cluster.release(conn.user)
@@ -133,25 +135,37 @@ class Hub:
 
     # -- rooms and watches (in memory, per connection) -------------------------------
 
-    def join(self, conn: Any, room: str, allowed: tuple[str, ...] | None) -> list[dict[str, Any]]:
+    async def join(self, conn: Any, room: str, allowed: tuple[str, ...] | None) -> list[dict[str, Any]]:
         """Join ``room`` if the token (or the config default) allows it; return the
-        room's recent messages (``rooms.history``).  Raises RoomRefused."""
+        room's recent messages (``rooms.history``).  Raises RoomRefused.  In a cluster
+        the first local member subscribes this node to the room's channel."""
         patterns = allowed if allowed is not None else self.config.rooms.default_allow
         if not may_join(patterns, room):
             raise RoomRefused("forbidden", f"not allowed to join {room!r}")
-        self.rooms.join(conn, room)
+        if self.rooms.join(conn, room) and self.cluster is not None:
+            await self.cluster.hold(ROOM_KEY_PREFIX + room)
         return self.rooms.recent(room)
 
-    def send_room(self, conn: Any, room: str, body: bytes) -> tuple[str, int]:
+    def leave(self, conn: Any, room: str) -> None:
+        if self.rooms.leave(conn, room) and self.cluster is not None:
+            self.cluster.release(ROOM_KEY_PREFIX + room)
+
+    async def send_room(self, conn: Any, room: str, body: bytes) -> tuple[str, int]:
         """Offer a room message to every connection in the room now; ``(msg_id,
-        delivered)``.  Room messages are not stored; the sender must have joined."""
+        delivered)``.  Room messages are not stored; the sender must have joined.  In a
+        cluster it is published on the room's channel and ``delivered`` counts nodes."""
         if room not in self.rooms.rooms_of(conn):
             raise RoomRefused("forbidden", f"join {room!r} before sending to it")
         msg_id, ts = self.ids.next()
-        fields = message_fields(msg_id, None, conn.user, None, body, ts, room=room)
+        if self.cluster is not None:  # comes back through on_cluster_message, like users
+            return msg_id, await self.cluster.publish(ROOM_KEY_PREFIX + room, msg_id, conn.user, ts, body)
+        return msg_id, self._route_room(room, msg_id, conn.user, body, ts)
+
+    def _route_room(self, room: str, msg_id: str, sender: str, body: bytes, ts: int) -> int:
+        fields = message_fields(msg_id, None, sender, None, body, ts, room=room)
         result = self.router.offer_all(self.rooms.members(room), Routed(message_json(fields), None, fields))
         self.rooms.remember(room, fields)
-        return msg_id, result.delivered
+        return result.delivered
 
     def watch(self, conn: Any, users: tuple[str, ...], on: bool) -> dict[str, bool]:
         """(Un)watch users' presence; return who of them is online now."""
@@ -296,7 +310,12 @@ class Hub:
             log.log("error", "store_failed", error=str(exc), what="cursors")
 
     def on_cluster_message(self, msg: Any) -> None:
-        """A message published by any node (this one included) for a user we hold."""
+        """A message published by any node (this one included) for a user or a room
+        we hold."""
+        if msg.recipient.startswith(ROOM_KEY_PREFIX):
+            room = msg.recipient[len(ROOM_KEY_PREFIX):]
+            self._route_room(room, msg.msg_id, msg.sender, msg.body, msg.ts)
+            return
         fields = message_fields(msg.msg_id, msg.seq, msg.sender, msg.recipient, msg.body, msg.ts)
         self.router.route(msg.recipient, Routed(message_json(fields), msg.seq, fields))
         if self.latency is not None:

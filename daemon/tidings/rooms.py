@@ -26,7 +26,11 @@ from typing import Any
 
 import attrs
 
-__all__ = ["RoomRefused", "RoomStatistics", "RoomTable", "WatchTable", "may_join"]
+__all__ = ["ROOM_KEY_PREFIX", "RoomRefused", "RoomStatistics", "RoomTable", "WatchTable", "may_join"]
+
+#: In a cluster a room travels on the channel of this pseudo-user; user ids are printable,
+#: so no user id can collide with it.
+ROOM_KEY_PREFIX = "\x1froom\x1f"
 
 
 class RoomRefused(Exception):
