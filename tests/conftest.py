@@ -312,3 +312,24 @@ def daemon(start_daemon) -> Daemon:
 def uniq():
     tag = uuid.uuid4().hex[:6]
     return lambda name: f"{name}-{tag}"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody may write: chmod 0555, or for root (who ignores permissions)
+    a read-only tmpfs mounted on it (skip where mounting is not allowed, fail in CI)."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        missing_requirement(f"running as root and cannot mount a read-only tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)

@@ -44,7 +44,7 @@ def test_live_and_restart_keys_are_split_and_restart_keys_keep_old_values():
                                  "auth.secret", "http.demo"}
     assert set(plan.ignored) == {"server.port", "server.path", "auth.mode", "store.backend"}
     eff = plan.effective
-    assert (eff.server.port, eff.server.path, eff.auth.mode, eff.store.backend) == (1000, "/ws", "jwt", "sqlite")
+    assert (eff.server.port, eff.server.path, eff.auth.mode, eff.store.backend) == (1000, "/ws", "jwt", "")  # "" = the default (sqlite)
     assert (eff.server.log_level, eff.limits.burst, eff.limits.max_connections) == ("debug", 7, 3)
     assert eff.auth.secret == S2 and eff.http.demo is True
 
