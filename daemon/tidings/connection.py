@@ -80,6 +80,9 @@ __all__ = ["CLOSE_TIMEOUT", "Connection"]
 
 RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 2.0
+#: How long an idle writer waits for more work before exiting (a new one starts on demand).
+WRITER_LINGER_S = 1.0
+_IDLE = object()
 REPLAY_PAGE = 256
 _bad_frames = log.LogOnce(interval=60.0)
 
@@ -99,11 +102,12 @@ class Connection:
     """A registered WebSocket connection: the router's endpoint for one device."""
 
     __slots__ = (
-        "_binary", "_bucket", "_cancel", "_deflate", "reply_binary", "rooms_allowed", "_close", "_closed_by", "_control", "_credit_waiter",
-        "_credits", "_gate", "_nursery", "_queue_bound", "_queued", "_registered", "_replay_scope",
-        "_rx", "_send_broken", "_since", "_space_waiter", "_tx", "_wake_queued",
-        "_writer_done", "auth", "conn_id", "exp", "hub", "last_activity", "pinged",
-        "stream", "user", "ws",
+        "_binary", "_bucket", "_close", "_closed_by", "_control", "_credit_waiter", "_credits",
+        "_deflate", "_gate", "_nursery", "_queue_bound", "_queued", "_reader_scope",
+        "_registered", "_replay_scope", "_rx", "_send_broken", "_since", "_space_waiter",
+        "_tx", "_wake_queued", "_writer_exit", "_writer_running", "auth", "conn_id", "exp",
+        "hub", "last_activity", "pinged", "reply_binary", "rooms_allowed", "stream", "user",
+        "ws",
     )
 
     def __init__(
@@ -154,8 +158,9 @@ class Connection:
         self._bucket: TokenBucket | None = None
         self._close: tuple[int, str] | None = None
         self._closed_by = "peer"
-        self._cancel = trio.CancelScope()
-        self._writer_done = trio.Event()
+        self._reader_scope: trio.CancelScope | None = None
+        self._writer_running = False
+        self._writer_exit: trio.Event | None = None
         self._send_broken = False
         self._registered = True  # the server registers us right after construction
 
@@ -170,6 +175,7 @@ class Connection:
             return Offer.FULL
         self._tx.send_nowait(routed)
         self._queued += 1
+        self._ensure_writer()
         if routed.seq is not None:
             self._gate.sent(routed.seq)
         return Offer.QUEUED
@@ -180,6 +186,7 @@ class Connection:
             self._give_credits(1)
             return
         self._tx.send_nowait(_Reply(payload, binary))
+        self._ensure_writer()
 
     def on_stored(self, ctx: tuple[Any, bool], msg_id: str, seq: int, delivered: int) -> None:
         """The hub stored and routed our send: queue its ack (the send's credit).
@@ -200,7 +207,8 @@ class Connection:
         self._close = (code, reason)
         self._closed_by = "server"
         self._unregister()  # nothing more is routed here
-        self._cancel.cancel()  # stops the reader; the writer finishes its batch, then closes
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()  # the connection task then flushes and closes
         if self._replay_scope is not None:
             self._replay_scope.cancel()
         self._wake()
@@ -216,10 +224,19 @@ class Connection:
         self._wake()
 
     def _wake(self) -> None:
-        """Wake an idle writer.  At most one wake-up is ever queued (a reserved slot)."""
+        """Wake a lingering writer (or start one).  At most one wake-up is ever queued
+        (a reserved slot)."""
         if not self._wake_queued:
             self._wake_queued = True
             self._tx.send_nowait(None)
+        self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
+        """Start the writer if none runs.  An idle connection has no writer task: it
+        exits after WRITER_LINGER_S without work, and the next queued item starts it."""
+        if not self._writer_running and self._nursery is not None and self._close is None:
+            self._writer_running = True
+            self._nursery.start_soon(self._writer)
 
     # -- the connection task ---------------------------------------------------------
 
@@ -228,18 +245,20 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
+                self._ensure_writer()  # hello's successors may already be queued
                 self.start_replay(self._since, credit=False)
                 peer_gone = False  # stays False when kill() cancels the reader
-                with self._cancel:
-                    peer_gone = await self._reader()
+                if self._close is None:  # kill() may have come during the handshake
+                    with trio.CancelScope() as self._reader_scope:
+                        peer_gone = await self._reader()
                 self._unregister()  # closing: nothing more is routed here
+                if self._replay_scope is not None:
+                    self._replay_scope.cancel()
                 if not peer_gone:
                     if self._close is None:
                         self._close = (1000, "")
-                    self._wake()
                     with trio.move_on_after(CLOSE_TIMEOUT):
-                        await self._writer_done.wait()
+                        await self._flush_and_close()
                 nursery.cancel_scope.cancel()
         finally:
             self._unregister()
@@ -415,6 +434,7 @@ class Connection:
                 fields = message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)
                 self._tx.send_nowait(Routed(message_json(fields), m.seq, fields))
                 self._queued += 1
+                self._ensure_writer()
                 gate.sent(m.seq)
             if gate.caught_up(len(msgs), REPLAY_PAGE):  # no await since the read
                 break
@@ -426,6 +446,7 @@ class Connection:
         enc = encode_msgpack if self._binary else encode
         resumed = enc("resumed", id=fid, since=start, last=gate.sent_seq, complete=complete)
         self._tx.send_nowait(_Reply(resumed, self._binary))
+        self._ensure_writer()
         return True
 
     async def _wait_space(self) -> None:
@@ -435,58 +456,98 @@ class Connection:
 
     # -- the writer ------------------------------------------------------------------
 
+    def _drain(self, first: Any, *, closing: bool) -> tuple[bytes, int, int]:
+        """Everything queued (up to 1024 items; all of it when ``closing``) as one
+        buffer: control frames first, then replies and messages in order, then (when
+        ``closing``) the close frame."""
+        batch = [first]
+        rx = self._rx
+        while closing or len(batch) < 1024:
+            try:
+                batch.append(rx.receive_nowait())
+            except trio.WouldBlock:
+                break
+        out: list[bytes] = self._control
+        self._control = []
+        replies = messages = 0
+        for item in batch:
+            if item is None:
+                self._wake_queued = False
+                continue
+            if type(item) is _Reply:
+                out.append(self._frame(item.payload, item.binary))
+                replies += 1
+            elif self._deflate:
+                out.append(self._frame(item.binary_payload if self._binary else item.payload, self._binary))
+                messages += 1
+            else:  # the frame built once and shared by every recipient
+                out.append(item.binary_frame if self._binary else item.frame)
+                messages += 1
+        if closing and self._close is not None:
+            try:
+                out.append(self.ws.send(CloseConnection(*self._close)))
+            except LocalProtocolError:
+                pass  # already closed both ways
+        return b"".join(out), messages, replies
+
     def _frame(self, payload: bytes, binary: bool) -> bytes:
         if self._deflate:  # compressed per connection by wsproto
             return self.ws.send(BytesMessage(payload) if binary else TextMessage(payload.decode()))
         return text_frame(payload, BINARY if binary else TEXT)
 
     async def _writer(self) -> None:
-        """Drain the outbound channel, coalescing each batch into one ``send_all``."""
-        rx, ws = self._rx, self.ws
+        """Drain the outbound channel, coalescing each batch into one ``send_all``.
+
+        Runs while there is work (lingering WRITER_LINGER_S for more), then exits; it
+        stops after its current batch once the connection is closing (the connection
+        task writes what is left and the close frame).  Nothing of a written batch stays
+        referenced while it waits."""
+        rx = self._rx
         try:
-            while True:
-                item = await rx.receive()
-                batch = [item]
-                while len(batch) < 1024:
-                    try:
-                        batch.append(rx.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                out: list[bytes] = self._control
-                self._control = []
-                replies = messages = 0
-                for item in batch:
-                    if item is None:
-                        self._wake_queued = False
-                        continue
-                    if type(item) is _Reply:
-                        out.append(self._frame(item.payload, item.binary))
-                        replies += 1
-                    elif self._deflate:
-                        out.append(self._frame(item.binary_payload if self._binary else item.payload, self._binary))
-                        messages += 1
-                    else:  # the frame built once and shared by every recipient
-                        out.append(item.binary_frame if self._binary else item.frame)
-                        messages += 1
-                if self._close is not None:
-                    try:
-                        out.append(ws.send(CloseConnection(*self._close)))
-                    except LocalProtocolError:
-                        pass  # already closed both ways
-                if out:
+            while self._close is None:
+                first: Any = _IDLE
+                try:
+                    first = rx.receive_nowait()
+                except trio.WouldBlock:
+                    with trio.move_on_after(WRITER_LINGER_S):
+                        first = await rx.receive()
+                if first is _IDLE:
+                    break  # idle: exit; the next queued item starts a new writer
+                data, messages, replies = self._drain(first, closing=False)
+                del first
+                if data:
                     self._send_broken = True
-                    await self.stream.send_all(b"".join(out))
+                    await self.stream.send_all(data)
                     self._send_broken = False
-                self._queued -= messages
-                if messages and self._space_waiter is not None:
-                    self._space_waiter.set()
-                    self._space_waiter = None
-                if replies:
-                    self._give_credits(replies)
-                if self._close is not None:
-                    return
+                    del data
+                self._written(messages, replies)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._closed_by = "peer" if self._close is None else self._closed_by
-            self._cancel.cancel()
+            if self._reader_scope is not None:
+                self._reader_scope.cancel()
         finally:
-            self._writer_done.set()
+            self._writer_running = False
+            if self._writer_exit is not None:
+                self._writer_exit.set()
+
+    def _written(self, messages: int, replies: int) -> None:
+        self._queued -= messages
+        if messages and self._space_waiter is not None:
+            self._space_waiter.set()
+            self._space_waiter = None
+        if replies:
+            self._give_credits(replies)
+
+    async def _flush_and_close(self) -> None:
+        """Closing: let a running writer finish its batch, then write what is still
+        queued and the close frame (unless a cancelled send left half a frame)."""
+        if self._writer_running:
+            self._writer_exit = trio.Event()
+            await self._writer_exit.wait()
+        if self._send_broken:
+            return
+        data, messages, replies = self._drain(None, closing=True)
+        self._send_broken = True
+        await self.stream.send_all(data)
+        self._send_broken = False
+        self._written(messages, replies)
