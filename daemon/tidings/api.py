@@ -20,8 +20,6 @@ stored: the API waits for the hub's group commit.  If the store refuses, 503.
 from __future__ import annotations
 
 import hmac
-import os
-import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -31,6 +29,7 @@ import orjson
 import trio
 
 from tidings import log
+from tidings.auth import state_secret
 from tidings.config import Config
 from tidings.handshake import http_response
 from tidings.hub import Hub
@@ -60,21 +59,7 @@ def load_api_key(config: Config, *, create: bool) -> bytes:
         return config.api.key.encode()
     if config.api.key_file:
         return Path(config.api.key_file).expanduser().read_bytes().strip()
-    path = config.server.resolved_state_dir() / "api_key"
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        if not create:
-            raise
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32).encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(key + b"\n")
-    return key
+    return state_secret(config.server.resolved_state_dir() / "api_key", create=create)
 
 
 class _Stored:

@@ -20,7 +20,7 @@ import jwt
 from tidings.config import MIN_SECRET_BYTES, Config
 from tidings.protocol import valid_user_id
 
-__all__ = ["AuthError", "Authenticator", "Identity", "load_secret"]
+__all__ = ["AuthError", "Authenticator", "Identity", "load_secret", "state_secret"]
 
 ALGORITHM = "HS256"
 
@@ -49,17 +49,22 @@ def load_secret(config: Config, *, create: bool) -> bytes:
         if len(secret) < MIN_SECRET_BYTES:
             raise OSError(f"{config.auth.secret_file}: secret is shorter than {MIN_SECRET_BYTES} bytes")
         return secret
-    path = config.server.resolved_state_dir() / "secret"
+    return state_secret(config.server.resolved_state_dir() / "secret", create=create)
+
+
+def state_secret(path: Path, *, create: bool, min_bytes: int = MIN_SECRET_BYTES) -> bytes:
+    """Read the random secret kept at ``path`` (the JWT secret, the API key); with
+    ``create``, make it once if it is missing: a private temp file linked into place,
+    so it appears whole or not at all, and if two processes race, the loser reads the
+    winner's.  Raises OSError naming the path (missing, unreadable, too short)."""
     try:
-        return _checked(path.read_bytes().strip(), path)
+        return _checked(path.read_bytes().strip(), path, min_bytes)
     except FileNotFoundError:
         if not create:
             raise
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48).encode()
-    # Write a private temp file, then link it into place: the secret appears whole or
-    # not at all, and if two processes race, the loser reads the winner's secret.
-    tmp = path.with_name(f".secret.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secret + b"\n")
@@ -68,15 +73,15 @@ def load_secret(config: Config, *, create: bool) -> bytes:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        return _checked(path.read_bytes().strip(), path)
+        return _checked(path.read_bytes().strip(), path, min_bytes)
     finally:
         tmp.unlink()
     return secret
 
 
-def _checked(secret: bytes, path: Path) -> bytes:
-    if len(secret) < MIN_SECRET_BYTES:
-        raise OSError(f"{path}: secret is shorter than {MIN_SECRET_BYTES} bytes")
+def _checked(secret: bytes, path: Path, min_bytes: int) -> bytes:
+    if len(secret) < min_bytes:
+        raise OSError(f"{path}: secret is shorter than {min_bytes} bytes")
     return secret
 
 
