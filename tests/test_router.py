@@ -233,18 +233,36 @@ class ReplayMachine(RuleBasedStateMachine):
         self.received: list[int] = []
         self.start = 0
         self.page = 3
-        self.reading = False  # a replay is in progress
+        self.phase: str | None = None  # "state" (reading inbox_state), "pages", None = live
+        self.since = 0
+        self.state = None  # an inbox_state read but not yet handled
         self.snapshot = None  # a page read but not yet handled
         self.begin(0)
 
     def begin(self, since: int) -> None:
-        state = self.store.inbox_state("bob")
-        self.start = min(since, state.last_seq)
+        """A replay (re)starts: from now on live messages are absorbed (start_replay)."""
         self.gate.replaying = True
+        self.since = since
+        self.phase = "state"
+        self.state = self.snapshot = None  # a resume cancels a replay in progress
+
+    @precondition(lambda self: self.phase == "state" and self.state is None)
+    @rule()
+    def state_read_begins(self) -> None:
+        self.state = self.store.inbox_state("bob")
+
+    @precondition(lambda self: self.phase == "state" and self.state is not None)
+    @rule()
+    def state_read_ends(self) -> None:
+        state, self.state = self.state, None
+        self.start = min(self.since, state.last_seq)
         self.gate.start(self.start)
         self.received = []
-        self.reading = True
-        self.snapshot = None  # the resume cancels a replay in progress
+        # connection._replay_pages: nothing stored after start -> no page read needed
+        if state.last_seq <= self.start and self.gate.caught_up(0, self.page):
+            self.phase = None
+        else:
+            self.phase = "pages"
 
     @rule(n=st.integers(1, 4))
     def commit(self, n: int) -> None:
@@ -259,7 +277,7 @@ class ReplayMachine(RuleBasedStateMachine):
             self.received.append(seq)
             self.gate.sent(seq)
 
-    @precondition(lambda self: self.reading and self.snapshot is None)
+    @precondition(lambda self: self.phase == "pages" and self.snapshot is None)
     @rule()
     def read_begins(self) -> None:
         # The read runs in a worker thread: it sees the store as of now, but the
@@ -274,7 +292,7 @@ class ReplayMachine(RuleBasedStateMachine):
             self.received.append(m.seq)
             self.gate.sent(m.seq)
         if self.gate.caught_up(len(msgs), self.page):
-            self.reading = False
+            self.phase = None
 
     @rule(since=st.integers(0, 30))
     def resume(self, since: int) -> None:
@@ -292,8 +310,11 @@ class ReplayMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         # Let everything settle: finish routing and the replay; nothing may be missing.
-        while self.unrouted or self.reading:
-            if self.reading:
+        while self.unrouted or self.phase is not None:
+            if self.phase == "state":
+                self.state_read_begins()
+                self.state_read_ends()
+            elif self.phase == "pages":
                 self.read_begins()
                 self.read_ends()
             if self.unrouted:

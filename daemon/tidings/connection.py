@@ -427,7 +427,10 @@ class Connection:
         start = state.cursor if since is None else min(since, state.last_seq)
         complete = state.first_seq <= start + 1  # else retention dropped part of the gap
         gate.start(start)
-        while True:
+        # Nothing stored after `start` (the usual reconnect): the state read stands for
+        # an empty page read, unless a live message came in meanwhile.
+        caught_up = state.last_seq <= start and gate.caught_up(0, REPLAY_PAGE)
+        while not caught_up:
             msgs = await self.hub.read(self.hub.store.read_inbox, self.user, gate.sent_seq, REPLAY_PAGE)
             for m in gate.take(msgs):
                 await self._wait_space()
@@ -436,8 +439,7 @@ class Connection:
                 self._queued += 1
                 self._ensure_writer()
                 gate.sent(m.seq)
-            if gate.caught_up(len(msgs), REPLAY_PAGE):  # no await since the read
-                break
+            caught_up = gate.caught_up(len(msgs), REPLAY_PAGE)  # no await since the read
         self._replay_scope = None
         if not announce:
             return False
@@ -543,6 +545,7 @@ class Connection:
         queued and the close frame (unless a cancelled send left half a frame)."""
         if self._writer_running:
             self._writer_exit = trio.Event()
+            self._wake()  # a lingering writer is waiting for work: let it see _close now
             await self._writer_exit.wait()
         if self._send_broken:
             return

@@ -190,9 +190,10 @@ class InboxGate:
         self.live_seq = 0
 
     def start(self, from_seq: int) -> None:
+        """A replay from ``from_seq`` begins.  ``live_seq`` is kept: a live message
+        absorbed while the replay was deciding where to start must still be read."""
         self.replaying = True
         self.sent_seq = from_seq
-        self.live_seq = 0
 
     def live(self, seq: int) -> bool:
         if seq <= self.sent_seq:

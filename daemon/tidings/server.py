@@ -54,7 +54,9 @@ class StartupError(Exception):
     """The daemon cannot start (unwritable state dir, bad secret file, port in use...)."""
 
 
-async def open_store(config: Config, stack: contextlib.AsyncExitStack) -> tuple[Any, str]:
+async def open_store(
+    config: Config, stack: contextlib.AsyncExitStack, worker: int | None = None
+) -> tuple[Any, str]:
     """Open the configured store on ``stack`` (closed when it unwinds); return ``(store,
     hub mode)``.  Raise StartupError with the path or URL and the reason."""
     backend = config.store_backend()
@@ -67,7 +69,7 @@ async def open_store(config: Config, stack: contextlib.AsyncExitStack) -> tuple[
         try:
             store = await stack.enter_async_context(
                 open_redis_store(cc.redis_url, max_inbox=config.store.max_inbox,
-                                 node_id=cc.resolved_node_id(), cluster=cc.redis_cluster)
+                                 node_id=cc.resolved_node_id(worker), cluster=cc.redis_cluster)
             )
         except StoreError as exc:
             raise StartupError(f"cannot reach the cluster's Redis: {exc}") from None
@@ -85,7 +87,9 @@ async def open_store(config: Config, stack: contextlib.AsyncExitStack) -> tuple[
     return store, "threaded"
 
 
-async def open_cluster_on(config: Config, hub: Hub, stack: contextlib.AsyncExitStack) -> None:
+async def open_cluster_on(
+    config: Config, hub: Hub, stack: contextlib.AsyncExitStack, worker: int | None = None
+) -> None:
     """Join the cluster (pub/sub routing, presence) when cluster.redis_url is set."""
     if not config.cluster.redis_url:
         return
@@ -93,7 +97,7 @@ async def open_cluster_on(config: Config, hub: Hub, stack: contextlib.AsyncExitS
 
     cc = config.cluster
     hub.cluster = await stack.enter_async_context(
-        open_cluster(cc.redis_url, cc.resolved_node_id(), cc.presence_ttl_s, hub.on_cluster_message,
+        open_cluster(cc.redis_url, cc.resolved_node_id(worker), cc.presence_ttl_s, hub.on_cluster_message,
                      on_resync=hub.on_cluster_resync, cluster=cc.redis_cluster)
     )
 
@@ -278,7 +282,7 @@ async def serve(
         raise StartupError(str(exc)) from None
     activated = bool(listeners)
     async with contextlib.AsyncExitStack() as stack:
-        store, mode = await open_store(config, stack)
+        store, mode = await open_store(config, stack, worker)
         auth = make_authenticator(config)
         try:
             if not listeners and worker is not None:
@@ -287,7 +291,7 @@ async def serve(
         except OSError as exc:
             raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
         hub = Hub(config, store, mode=mode)
-        await open_cluster_on(config, hub, stack)
+        await open_cluster_on(config, hub, stack, worker)
         metrics = Metrics()
         metrics.hub = hub
         hub.latency = metrics.latency
