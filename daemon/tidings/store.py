@@ -269,9 +269,13 @@ class MemoryStore:
         """Store all of ``msgs`` atomically; return each one's new inbox seq."""
         with self._lock:
             self._check_open()
-            ids = [m.msg_id for m in msgs]
-            if len(set(ids)) != len(ids) or any(i in self._by_id for i in ids):
-                raise DuplicateMessage("duplicate msg_id in append_many")
+            if len(msgs) == 1:  # the common case (memory mode appends one by one)
+                if msgs[0].msg_id in self._by_id:
+                    raise DuplicateMessage("duplicate msg_id in append_many")
+            else:
+                ids = [m.msg_id for m in msgs]
+                if len(set(ids)) != len(ids) or any(i in self._by_id for i in ids):
+                    raise DuplicateMessage("duplicate msg_id in append_many")
             seqs = []
             for m in msgs:
                 user = self._user(m.recipient)
