@@ -55,6 +55,7 @@ from wsproto.utilities import LocalProtocolError
 
 from tidings import log
 from tidings.auth import Authenticator
+from tidings.handshake import http_response
 from tidings.hub import Hub
 from tidings.limits import TokenBucket
 from tidings.protocol import (
@@ -78,10 +79,10 @@ from tidings.store import StoreError
 
 __all__ = ["CLOSE_TIMEOUT", "Connection"]
 
-RECEIVE_SIZE = 65536
+RECEIVE_SIZE = 16384
 CLOSE_TIMEOUT = 2.0
 #: How long an idle writer waits for more work before exiting (a new one starts on demand).
-WRITER_LINGER_S = 1.0
+WRITER_LINGER_S = 0.25
 _IDLE = object()
 REPLAY_PAGE = 256
 _bad_frames = log.LogOnce(interval=60.0)
@@ -106,7 +107,7 @@ class Connection:
         "_deflate", "_gate", "_nursery", "_queue_bound", "_queued", "_reader_scope",
         "_registered", "_replay_scope", "_rx", "_send_broken", "_since", "_space_waiter",
         "_tx", "_wake_queued", "_writer_exit", "_writer_running", "auth", "conn_id", "exp",
-        "hub", "last_activity", "pinged", "reply_binary", "rooms_allowed", "stream", "user",
+        "hub", "last_activity", "pinged", "reply_binary", "rooms_allowed", "greeting", "stream", "user",
         "ws",
     )
 
@@ -162,6 +163,7 @@ class Connection:
         self._writer_running = False
         self._writer_exit: trio.Event | None = None
         self._send_broken = False
+        self.greeting = b""  # the 101 + hello, set by the server, written by run()
         self._registered = True  # the server registers us right after construction
 
     # -- router endpoint (sync, never blocks) ---------------------------------------
@@ -245,8 +247,8 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._ensure_writer()  # hello's successors may already be queued
-                self.start_replay(self._since, credit=False)
+                if not await self._greet():
+                    return
                 peer_gone = False  # stays False when kill() cancels the reader
                 if self._close is None:  # kill() may have come during the handshake
                     with trio.CancelScope() as self._reader_scope:
@@ -265,6 +267,38 @@ class Connection:
             await trio.aclose_forcefully(self.stream)
             code = self._close[0] if self._close else None
             log.log("debug", "closed", conn=self.conn_id, user=self.user, by=self._closed_by, code=code)
+
+    async def _greet(self) -> bool:
+        """Write the 101 and ``hello`` (prepared by the server) and start the first
+        replay from the ack cursor (or ``?since=``).  When nothing is stored after that
+        point -- the usual case -- ``resumed`` goes out in the same write and neither a
+        replay task nor a writer task is started.  A store failure answers HTTP 503
+        instead (no WebSocket is opened) and returns False."""
+        self._writer_running = True  # nothing else may write until the greeting is out
+        try:
+            try:
+                state = await self.hub.read(self.hub.store.inbox_state, self.user)
+            except StoreError as exc:
+                log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)
+                self._close = (1011, "store unavailable")
+                await self.stream.send_all(http_response(503, b"store unavailable; retry\n"))
+                return False
+            start = state.cursor if self._since is None else min(self._since, state.last_seq)
+            self._gate.start(start)
+            greeting, self.greeting = self.greeting, b""
+            if state.last_seq <= start and self._gate.caught_up(0, REPLAY_PAGE):
+                complete = state.first_seq <= start + 1
+                enc = encode_msgpack if self._binary else encode
+                resumed = enc("resumed", since=start, last=start, complete=complete)
+                await self.stream.send_all(greeting + text_frame(resumed, BINARY if self._binary else TEXT))
+            else:
+                await self.stream.send_all(greeting)
+                self.start_replay(start, credit=False, state=state)
+        finally:
+            self._writer_running = False
+        if self._tx.statistics().current_buffer_used:
+            self._ensure_writer()  # for whatever was routed here meanwhile
+        return True
 
     async def _reader(self) -> bool:
         """Read and handle frames; return True when the peer dropped TCP (nothing to send).
@@ -381,7 +415,7 @@ class Connection:
 
     # -- replay ----------------------------------------------------------------------
 
-    def start_replay(self, since: int | None, *, credit: bool, fid: Any = None) -> None:
+    def start_replay(self, since: int | None, *, credit: bool, fid: Any = None, state: Any = None) -> None:
         """(Re)start the replay; live messages are absorbed until it has caught up.
 
         ``credit``: the caller holds a reply credit for the ``resumed`` frame (a resume
@@ -392,7 +426,7 @@ class Connection:
         self._gate.replaying = True  # absorb live messages from now on: the replay reads them
         self._replay_scope = trio.CancelScope()
         assert self._nursery is not None
-        self._nursery.start_soon(self._replay, since, self._replay_scope, credit, fid, True)
+        self._nursery.start_soon(self._replay, since, self._replay_scope, credit, fid, True, state)
 
     def resync(self) -> None:
         """Live messages may have been missed (the cluster's Redis link came back):
@@ -402,10 +436,11 @@ class Connection:
             return
         self._gate.replaying = True
         self._replay_scope = trio.CancelScope()
-        self._nursery.start_soon(self._replay, self._gate.sent_seq, self._replay_scope, True, None, False)
+        self._nursery.start_soon(self._replay, self._gate.sent_seq, self._replay_scope, True, None, False, None)
 
     async def _replay(
-        self, since: int | None, scope: trio.CancelScope, credit: bool, fid: Any, announce: bool
+        self, since: int | None, scope: trio.CancelScope, credit: bool, fid: Any, announce: bool,
+        state: Any,
     ) -> None:
         """Send stored messages after ``since`` (default: the ack cursor), then go live;
         with ``announce``, end with the ``resumed`` frame."""
@@ -414,16 +449,18 @@ class Connection:
         sent_resumed = False
         with scope:
             try:
-                sent_resumed = await self._replay_pages(since, fid, announce)
+                sent_resumed = await self._replay_pages(since, fid, announce, state)
             except StoreError as exc:
                 log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)
                 self.kill(1011, "store unavailable")
         if announce and not sent_resumed:  # cancelled (a newer resume, or closing), or failed
             self._give_credits(1)
 
-    async def _replay_pages(self, since: int | None, fid: Any, announce: bool) -> bool:
+    async def _replay_pages(self, since: int | None, fid: Any, announce: bool, state: Any) -> bool:
+        """``state``: the inbox_state already read by the greeting (else read here)."""
         gate = self._gate
-        state = await self.hub.read(self.hub.store.inbox_state, self.user)
+        if state is None:
+            state = await self.hub.read(self.hub.store.inbox_state, self.user)
         start = state.cursor if since is None else min(since, state.last_seq)
         complete = state.first_seq <= start + 1  # else retention dropped part of the gap
         gate.start(start)

@@ -182,16 +182,14 @@ class Server:
         except Refused as exc:
             await self._refuse(stream, request, exc.status, exc.reason)
             return None
-        try:
-            info = {"user": identity.user, "conn": conn.conn_id, "exp": identity.exp}
-            if upgrade.binary:  # (an uncompressed frame is valid under permessage-deflate)
-                hello = text_frame(encode_msgpack("hello", **info), BINARY)
-            else:
-                hello = text_frame(encode("hello", **info))
-            await stream.send_all(accept_response(upgrade.key, deflate[1] if deflate else None) + hello)
-        except BaseException:
-            self.hub.unregister(conn)
-            raise
+        info = {"user": identity.user, "conn": conn.conn_id, "exp": identity.exp}
+        if upgrade.binary:  # (an uncompressed frame is valid under permessage-deflate)
+            hello = text_frame(encode_msgpack("hello", **info), BINARY)
+        else:
+            hello = text_frame(encode("hello", **info))
+        # Written by conn.run(), together with the first `resumed` when nothing is
+        # waiting in the inbox (one send, no replay task, no writer task).
+        conn.greeting = accept_response(upgrade.key, deflate[1] if deflate else None) + hello
         return conn
 
     async def _read_request(self, stream: trio.SocketStream) -> tuple[h11.Request | None, bytes]:
@@ -206,7 +204,7 @@ class Server:
                 await stream.send_all(http_response(status, b"malformed HTTP request\n"))
                 return None, b""
             if event is h11.NEED_DATA:
-                data = await stream.receive_some(MAX_REQUEST_HEAD)
+                data = await stream.receive_some(4096)
                 h.receive_data(data)
                 if not data:
                     return None, b""
