@@ -408,3 +408,60 @@ class StoreComparison(RuleBasedStateMachine):
 TestStoreComparison = StoreComparison.TestCase
 TestStoreComparison.settings = settings(max_examples=50, stateful_step_count=30,
                                         deadline=None)
+
+
+# ------------------------------------------------------------------ deferred full-text index
+
+def test_appends_are_indexed_later_but_search_sees_them(tmp_path):
+    s = SqliteStore.open(tmp_path / "t.db")
+    s.append_many([msg("a", "b", f"pizza {i}") for i in range(3)])
+    indexed = s._reader.execute("SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH 'pizza'")
+    assert indexed.fetchone()[0] == 0  # the append transaction did not index
+    assert len(s.search("a", "pizza", 10, 0)[0]) == 3  # search indexes what is pending
+    assert s.index_pending() == 0
+    s.append_many([msg("a", "b", "pizza 4")])
+    assert s.index_pending() == 1 and s.index_pending() == 0
+    s._writer.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    s.close()
+
+
+def test_prune_indexes_pending_rows_before_deleting_them(tmp_path):
+    s = SqliteStore.open(tmp_path / "t.db")
+    s.append_many([msg("a", "b", f"hello {i}") for i in range(10)])  # none indexed yet
+    assert s.prune(0, None, 3) == 7
+    s._writer.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    assert [m.body for m in s.search("b", "hello", 10, 0)[0]].__len__() == 3
+    s.close()
+
+
+def test_version_1_database_is_migrated_with_its_rows_indexed(tmp_path):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for sql in MIGRATIONS[0]:
+        conn.execute(sql)
+    conn.execute("INSERT INTO messages (msg_id, recipient, seq, sender, conv, body, ts) "
+                 "VALUES ('m1', 'b', 1, 'a', 'a\x1fb', '\"old pizza\"', 1)")
+    conn.execute("INSERT INTO messages_fts (rowid, text, owners) SELECT id, text, owners FROM messages")
+    conn.execute("INSERT INTO users (user, last_seq) VALUES ('b', 1)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    s = SqliteStore.open(path)
+    assert s.index_pending() == 0  # version 1 indexed at append time: nothing pending
+    assert [m.msg_id for m in s.search("a", "pizza", 10, 0)[0]] == ["m1"]
+    s.append_many([msg("a", "b", "new pizza")])
+    assert len(s.search("a", "pizza", 10, 0)[0]) == 2
+    s._writer.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    s.close()
+
+
+def test_ids_are_not_reused_below_the_index_after_pruning_the_newest(tmp_path):
+    s = SqliteStore.open(tmp_path / "t.db")
+    s.append_many([msg("a", "b", "pizza one") for _ in range(3)])
+    assert s.index_pending() == 3
+    assert s.prune(0, None, 0) == 3  # every row gone: SQLite would reuse ids 1..3
+    s.append_many([msg("a", "b", "pizza two")])
+    assert [m.seq for m in s.search("a", "pizza", 10, 0)[0]] == [4]
+    assert s.prune(0, None, 0) == 1
+    s._writer.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+    s.close()

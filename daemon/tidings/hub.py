@@ -346,11 +346,15 @@ class Hub:
             self._deliver(job, seq)
 
     async def _checkpoint_loop(self) -> None:
-        """Copy the WAL into the database every second from a thread of its own, so the
-        checkpoint's fsyncs stay off the group-commit path (SQLite PASSIVE checkpoint)."""
+        """Every second: index what was stored since (full-text search, off the append
+        path, serialized with the group commits), then copy the WAL into the database
+        from a thread of its own, so the checkpoint's fsyncs stay off the group-commit
+        path (SQLite PASSIVE checkpoint)."""
         while True:
             await trio.sleep(1.0)
             try:
+                if hasattr(self.store, "index_pending"):
+                    await self.write(self.store.index_pending)
                 await trio.to_thread.run_sync(self.store.checkpoint)
             except StoreError as exc:
                 log.log("error", "checkpoint_failed", error=str(exc))

@@ -103,14 +103,23 @@ MIGRATIONS: list[tuple[str, ...]] = [
             text, owners, content='messages', content_rowid='id',
             tokenize='unicode61 remove_diacritics 2')""",
     ),
+    # 2: full-text indexing moves out of the append transaction (index_pending); the
+    #    high-water mark says which rows are indexed (all of them at migration time).
+    (
+        """CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID""",
+        """INSERT INTO meta (key, value)
+           SELECT 'fts_indexed_id', COALESCE(MAX(id), 0) FROM messages""",
+    ),
 ]
 
 _COLS = "m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts"
 _IN_PAIR = "((+m.sender = :u AND +m.recipient = :p) OR (+m.sender = :p AND +m.recipient = :u))"
-_SQL_INSERT = ("INSERT INTO messages (msg_id, recipient, seq, sender, conv, body, ts) "
-               "VALUES (?, ?, ?, ?, ?, ?, ?)")
-_SQL_FTS_ADD = ("INSERT INTO messages_fts (rowid, text, owners) "
-                "SELECT id, text, owners FROM messages WHERE id > ?")
+_SQL_INSERT = ("INSERT INTO messages (id, msg_id, recipient, seq, sender, conv, body, ts) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_SQL_NEXT_ID = ("SELECT MAX((SELECT COALESCE(MAX(id), 0) FROM messages), "
+                "(SELECT value FROM meta WHERE key = 'fts_indexed_id'))")
+_SQL_FTS_ADD_RANGE = ("INSERT INTO messages_fts (rowid, text, owners) "
+                      "SELECT id, text, owners FROM messages WHERE id > ? AND id <= ?")
 _SQL_FTS_DEL = ("INSERT INTO messages_fts (messages_fts, rowid, text, owners) "
                 "SELECT 'delete', id, text, owners FROM messages "
                 "WHERE id IN (SELECT value FROM json_each(?))")
@@ -260,18 +269,40 @@ class SqliteStore:
         recipients = list(dict.fromkeys(m.recipient for m in msgs))
         with self._write() as c:
             last = dict(c.execute(_SQL_LAST_SEQ, (orjson.dumps(recipients),)))
-            (max_id,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()
+            # Row ids above everything ever indexed: after a prune removed the newest
+            # rows, SQLite would hand their ids out again, below the index high-water.
+            (row_id,) = c.execute(_SQL_NEXT_ID).fetchone()
             rows, seqs = [], []
             for m in msgs:
                 seq = last.get(m.recipient, 0) + 1
                 last[m.recipient] = seq
                 seqs.append(seq)
-                rows.append((m.msg_id, m.recipient, seq, m.sender,
+                row_id += 1
+                rows.append((row_id, m.msg_id, m.recipient, seq, m.sender,
                              _conv(m.sender, m.recipient), m.body, m.ts))
             c.executemany(_SQL_INSERT, rows)
-            c.execute(_SQL_FTS_ADD, (max_id,))  # new rows get ids > max_id
             c.executemany(_SQL_SET_LAST_SEQ, [(r, last[r]) for r in recipients])
         return seqs
+
+    def index_pending(self, max_rows: int = 20000) -> int:
+        """Add up to ``max_rows`` stored-but-unindexed messages to the full-text index,
+        in one transaction; return how many.  Appends do not index (FTS5 writes a new
+        segment per transaction: ~45 % of a small append's cost); the hub calls this
+        about every second, and ``search`` and ``prune`` call it first, so search
+        still sees every stored message and prune never deletes an unindexed row
+        from the index."""
+        with self._write() as c:
+            (done,) = c.execute("SELECT value FROM meta WHERE key = 'fts_indexed_id'").fetchone()
+            (top,) = c.execute(
+                "SELECT COALESCE(MAX(id), 0) FROM (SELECT id FROM messages WHERE id > ? "
+                "ORDER BY id LIMIT ?)", (done, max_rows)).fetchone()
+            if top <= done:
+                return 0
+            (count,) = c.execute("SELECT COUNT(*) FROM messages WHERE id > ? AND id <= ?",
+                                 (done, top)).fetchone()
+            c.execute(_SQL_FTS_ADD_RANGE, (done, top))
+            c.execute("UPDATE meta SET value = ? WHERE key = 'fts_indexed_id'", (top,))
+            return count
 
     def read_inbox(self, user: str, after_seq: int, limit: int) -> list[StoredMessage]:
         """Up to ``limit`` messages of ``user``'s inbox with seq > after_seq, ascending."""
@@ -324,6 +355,8 @@ class SqliteStore:
         whether more results follow."""
         phrases = parse_query(query)
         _check_page(limit, offset)
+        while self.index_pending():  # every stored message is searchable
+            pass
         terms = " AND ".join('"' + " ".join(p) + '"' for p in phrases)
         match = f'{{owners}} : "u{user.encode().hex()}" AND {{text}} : ({terms})'
         try:
@@ -363,6 +396,8 @@ class SqliteStore:
         always an inbox prefix, so seqs stay contiguous. Deletes in transactions
         of at most PRUNE_BATCH rows. Returns the number deleted."""
         cutoff = prune_cutoff_ms(now_ms, retention_days)
+        while self.index_pending():  # the index must hold every row it deletes
+            pass
         cuts: dict[str, int] = {}
         with self._read() as c:  # plan on the reader: does not block writes
             if cutoff is not None:
