@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""Cluster benchmark: 2 tidings nodes on one private Redis, and server.workers = 2.
+
+Compared in ONE session (setups alternated per repetition, median reported) with the
+single-node servers of bench/run.py (store=memory, store=sqlite):
+
+    python bench/cluster_run.py                      # closed + open, 3 reps
+    python bench/cluster_run.py --reps 2 --no-open   # closed loop only
+
+Setups
+  memory    one node, store=memory (bench/run.py config)
+  sqlite    one node, store=sqlite (bench/run.py config)
+  redis1    one node with cluster.redis_url (both ends of every pair on it)
+  cluster2  two nodes, one Redis; senders on node 1, receivers on node 2 (loadgen --url2)
+  workers2  server.workers = 2 on one fixed port (SO_REUSEPORT), one Redis
+
+Every measurement starts a fresh redis-server (127.0.0.1, free port, temp dir,
+`--save "" --appendonly no`) and fresh tidings processes.  Server CPU = the tidings
+processes (both nodes, or the supervisor and its workers); Redis CPU is reported
+separately.  Raw results: bench/results/cluster-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as R  # noqa: E402  (bench/run.py: Server, CPU sampling, helpers)
+
+LABELS = {
+    "memory": "single node, store=memory",
+    "sqlite": "single node, store=sqlite",
+    "redis1": "single node, cluster.redis_url (same-node pairs)",
+    "cluster2": "2 nodes, 1 Redis, every pair split across nodes",
+    "workers2": "server.workers = 2, 1 Redis, one port",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    def __init__(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="tidings-bench-redis-")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.tmp.name,
+             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=R.renice)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not answer PING")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def commandstats(self) -> dict:
+        """INFO commandstats: {cmd: {calls, usec, usec_per_call}} (whole run incl. warm-up)."""
+        out = subprocess.run(["redis-cli", "-p", str(self.port), "INFO", "commandstats"],
+                             capture_output=True, text=True, timeout=10).stdout
+        stats = {}
+        for line in out.splitlines():
+            if line.startswith("cmdstat_"):
+                name, _, kv = line.partition(":")
+                d = dict(x.split("=", 1) for x in kv.split(","))
+                stats[name[8:]] = {k: float(d[k]) for k in ("calls", "usec", "usec_per_call")}
+        return stats
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.tmp.cleanup()
+
+
+class Node(R.Server):
+    """A tidings process with a custom config (cluster node or workers supervisor)."""
+
+    def __init__(self, name: str, a: argparse.Namespace, redis_url: str, port: int = 0,
+                 workers: int = 1) -> None:
+        super().__init__("memory", a)
+        self.name, self.redis_url, self.fixed_port, self.workers = name, redis_url, port, workers
+        self.listen_ports: list[int] = []
+
+    def command(self) -> list[str]:
+        self.tmp = tempfile.TemporaryDirectory(prefix=f"tidings-bench-{self.name}-")
+        cfg = Path(self.tmp.name) / "tidings.toml"
+        cfg.write_text("\n".join([
+            "[server]", 'host = "127.0.0.1"', f"port = {self.fixed_port}",
+            f"state_dir = {json.dumps(str(Path(self.tmp.name) / 'state'))}", 'log_level = "info"',
+            f"workers = {self.workers}", "",
+            "[auth]", 'mode = "insecure"', "",
+            "[api]", 'listen = ""', "",
+            "[limits]", "messages_per_second = 1000000.0", "burst = 1000000",
+            "max_connections = 20000", "max_connections_per_user = 16", "",
+            "[cluster]", f"redis_url = {json.dumps(self.redis_url)}", "",
+        ]))
+        return [*R.tidings_cmd(), "serve", "--config", str(cfg)]
+
+    def _drain(self) -> None:  # like Server._drain, but wait for every worker's listening line
+        assert self.proc and self.proc.stderr
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.nlines += 1
+            self.lines.append(line)
+            if "event=listening" in line:
+                for tok in line.split():
+                    if tok.startswith("port="):
+                        self.listen_ports.append(int(tok[5:]))
+                if len(self.listen_ports) >= self.workers and self.port is None:
+                    self.port = self.listen_ports[0]
+                    self._port_evt.set()
+        self._port_evt.set()
+
+
+def conn_spread(port: int, pids: list[int]) -> dict[int, int]:
+    """Established client connections on `port` per tidings process (ss -p)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True).stdout
+    counts: collections.Counter[int] = collections.Counter()
+    for line in out.splitlines():
+        for pid in re.findall(r"pid=(\d+)", line):
+            if int(pid) in pids:
+                counts[int(pid)] += 1
+    return dict(counts)
+
+
+def run_lg(urls: tuple[str, str | None], server_root_pids: list[int], redis_pid: int | None,
+           lg_args: list[str], a: argparse.Namespace, spread_port: int | None = None) -> dict:
+    cmd = ["node", str(R.LOADGEN), "--url", urls[0], *(["--url2", urls[1]] if urls[1] else []), *lg_args]
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=str(R.BENCH), preexec_fn=R.renice)
+    box: dict = {}
+    go = threading.Event()
+    out_lines: list[str] = []
+    err: list[str] = []
+
+    def reader() -> None:
+        assert p.stdout
+        for line in p.stdout:
+            out_lines.append(line)
+            if line.startswith('{"event":"go"'):
+                go.set()
+        go.set()
+
+    def err_reader() -> None:
+        assert p.stderr
+        err.append(p.stderr.read())
+
+    def srv_cpu() -> float:
+        return sum(R.tree_cpu_s(pid) for pid in server_root_pids)
+
+    def sampler() -> None:
+        go.wait()
+        if spread_port is not None:
+            kids = [q for root in server_root_pids for q in R.tree_pids(root)]
+            box["conn_spread"] = conn_spread(spread_port, kids)
+        time.sleep(a.warmup)
+        s0, r0, g0, b0, t0 = (srv_cpu(), R.proc_cpu_s(redis_pid) if redis_pid else 0.0,
+                              R.tree_cpu_s(p.pid), R.system_busy_s(), time.monotonic())
+        time.sleep(max(0.5, a.duration - 0.3))
+        s1, r1, g1, b1, t1 = (srv_cpu(), R.proc_cpu_s(redis_pid) if redis_pid else 0.0,
+                              R.tree_cpu_s(p.pid), R.system_busy_s(), time.monotonic())
+        d = t1 - t0
+        box.update(server_cores=(s1 - s0) / d, redis_cores=(r1 - r0) / d, gen_cores_sampled=(g1 - g0) / d,
+                   box_cores=(b1 - b0) / d)
+        box["bg_cores"] = max(0.0, box["box_cores"] - box["server_cores"] - box["redis_cores"]
+                              - box["gen_cores_sampled"])
+
+    ths = [threading.Thread(target=f, daemon=True) for f in (reader, err_reader, sampler)]
+    for th in ths:
+        th.start()
+    try:
+        p.wait(timeout=a.warmup + a.duration + 120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    for th in ths:
+        th.join(timeout=5)
+    lines = [ln for ln in "".join(out_lines).splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"loadgen failed rc={p.returncode}: {''.join(out_lines)[-1500:]} {''.join(err)[-1500:]}")
+    res = json.loads(lines[-1])
+    res.update(box)
+    return res
+
+
+def measure(setup: str, mode: str, a: argparse.Namespace) -> dict:
+    quiet = R.wait_quiet(a.quiet_threshold, a.quiet_wait)
+    lg = (R.loadgen_args_closed(a) if mode == "closed" else R.loadgen_args_open(a))
+    redis = None
+    nodes: list[R.Server] = []
+    spread_port = None
+    try:
+        if setup in ("memory", "sqlite"):
+            nodes = [R.Server(setup, a).start()]
+            urls = (nodes[0].url(), None)
+        else:
+            redis = Redis()
+            if setup == "redis1":
+                nodes = [Node("n1", a, redis.url).start()]
+                urls = (nodes[0].url(), None)
+            elif setup == "cluster2":
+                nodes = [Node("n1", a, redis.url).start(), Node("n2", a, redis.url).start()]
+                urls = (nodes[0].url(), nodes[1].url())
+            elif setup == "workers2":
+                port = free_port()
+                nodes = [Node("w", a, redis.url, port=port, workers=2).start()]
+                urls = (nodes[0].url(), None)
+                spread_port = port
+            else:
+                raise ValueError(setup)
+        res = run_lg(urls, [n.pid for n in nodes], redis.pid if redis else None, lg, a, spread_port)
+    finally:
+        alive = all(n.alive() for n in nodes)
+        rcs = [n.stop() for n in nodes]
+        cstats = None
+        if redis:
+            try:
+                cstats = redis.commandstats()
+            except Exception as e:  # noqa: BLE001
+                R.log(f"  commandstats failed: {e}")
+            redis.stop()
+    if cstats:
+        res["redis_commandstats"] = cstats
+        ev = sum(v["calls"] for k, v in cstats.items() if k in ("evalsha", "eval", "fcall"))
+        if ev:
+            res["redis_script_calls"] = ev
+            res["msgs_per_script_call"] = res["sent"] / ev
+    res.update(setup=setup, mode=mode, pre_quiet_cores=quiet, server_exit=rcs, server_alive_at_end=alive,
+               server_log_tail=[ln for n in nodes for ln in list(n.lines)[-3:]])
+    R.log(f"  {mode:<6} {setup:<9} {res['msgs_per_s']:>7} msgs/s  p50 {res['p50_ms']} p99 {res['p99_ms']} ms  "
+          f"srv {res.get('server_cores', 0):.2f} redis {res.get('redis_cores', 0):.2f} "
+          f"gen {res.get('gen_cores_sampled', 0):.2f} bg {res.get('bg_cores', 0):.2f}  errors {res['errors']} "
+          f"closes {res['unexpected_closes']} missing {res.get('missing', 0)} spread {res.get('conn_spread')} "
+          f"msgs/script {res.get('msgs_per_script_call', 0):.1f}")
+    if res["errors"] or res["unexpected_closes"] or res["connect_errors"]:
+        R.log(f"    !! {res.get('last_error_frame') or res.get('last_error')}")
+    return res
+
+
+def table(rows: list[dict], setups: list[str], title: str) -> str:
+    med, fmt = R.med, R.fmt
+    by = {s: [r for r in rows if r["setup"] == s] for s in setups}
+    base = {k: med([r["msgs_per_s"] for r in by.get(k, [])]) for k in ("memory", "sqlite")}
+    out = [f"### {title}", "",
+           "| setup | msgs/s (median) | min-max | vs memory | vs sqlite | p50 ms | p99 ms | server CPU (cores) "
+           "| redis-server CPU | server+redis us/msg | gen CPU | bg CPU | errors | missing |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in setups:
+        rs = by[s]
+        if not rs:
+            continue
+        m = med([r["msgs_per_s"] for r in rs])
+        runs = [r["msgs_per_s"] for r in rs]
+        us = med([(r["server_cores"] + r["redis_cores"]) * 1e6 / r["msgs_per_s"] for r in rs if r["msgs_per_s"]])
+        out.append(
+            f"| {LABELS[s]} | {m:,.0f} | {min(runs):,}-{max(runs):,} "
+            f"| {fmt(m / base['memory'] if base['memory'] else None)} | {fmt(m / base['sqlite'] if base['sqlite'] else None)} "
+            f"| {fmt(med([r['p50_ms'] for r in rs]))} | {fmt(med([r['p99_ms'] for r in rs]))} "
+            f"| {fmt(med([r['server_cores'] for r in rs]))} | {fmt(med([r['redis_cores'] for r in rs]))} "
+            f"| {fmt(us, 1)} | {fmt(med([r['gen_cores_sampled'] for r in rs]))} | {fmt(med([r['bg_cores'] for r in rs]))} "
+            f"| {sum(r['errors'] + r['unexpected_closes'] + r['connect_errors'] for r in rs)} "
+            f"| {sum(r.get('missing', 0) for r in rs)} |")
+    out.append("")
+    out.append("Per-run msgs/s: " + "; ".join(f"{s}: {[r['msgs_per_s'] for r in by[s]]}" for s in setups if by[s]))
+    mps = {s: R.med([r.get("msgs_per_script_call") for r in by[s]]) for s in setups if by[s]}
+    mps = {s: v for s, v in mps.items() if v}
+    if mps:
+        out.append("")
+        out.append("Messages per append-script call (Redis INFO commandstats, whole run): "
+                   + "; ".join(f"{s}: {v:.1f}" for s, v in mps.items()))
+    sp = [r.get("conn_spread") for r in rows if r.get("conn_spread")]
+    if sp:
+        out.append("")
+        out.append("server.workers connection spread (established WebSocket connections per worker pid, "
+                   "100 per run): " + "; ".join(str(sorted(x.values())) for x in sp))
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--setups", default="memory,sqlite,redis1,cluster2,workers2")
+    ap.add_argument("--open-setups", default="memory,cluster2")
+    ap.add_argument("--no-open", action="store_true")
+    ap.add_argument("--no-closed", action="store_true")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--procs", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=50)
+    ap.add_argument("--window", type=int, default=20)
+    ap.add_argument("--size", type=int, default=100)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--rate", type=int, default=5000)
+    ap.add_argument("--client-ack", type=int, default=0)
+    ap.add_argument("--quiet-threshold", type=float, default=0.3)
+    ap.add_argument("--quiet-wait", type=float, default=30.0)
+    ap.add_argument("--start-retries", type=int, default=0)
+    ap.add_argument("--start-retry-wait", type=float, default=5.0)
+    a = ap.parse_args()
+    a.tidings_set = []
+    if not shutil.which("redis-server"):
+        raise SystemExit("redis-server not found")
+    R.raise_nofile()
+    info = R.machine_info()
+    R.log(f"machine: {info}")
+    raw: dict = dict(machine=info, args=vars(a), results={})
+    R.RESULTS.mkdir(exist_ok=True)
+    path = R.RESULTS / f"cluster-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    md = [f"Run {info['date']} on {info['cpus']} CPUs ({info['cpu']}), Python {info['python']}, "
+          f"Node {info['node']}; loadgen procs {a.procs}; reps {a.reps}.\n"]
+    for mode, setups in (("closed", a.setups), ("open", a.open_setups)):
+        if (mode == "closed" and a.no_closed) or (mode == "open" and a.no_open):
+            continue
+        setups_l = [s for s in setups.split(",") if s]
+        rows = []
+        for rep in range(a.reps):
+            order = setups_l[rep % len(setups_l):] + setups_l[: rep % len(setups_l)]
+            for s in order:
+                try:
+                    r = measure(s, mode, a)
+                except Exception as e:
+                    R.log(f"  {mode} {s} FAILED: {e}")
+                    continue
+                r["rep"] = rep + 1
+                rows.append(r)
+                raw["results"][mode] = rows
+                path.write_text(json.dumps(raw, indent=1, default=str))
+        title = (f"Closed loop P={a.pairs} W={a.window} S={a.size}, {a.duration:g} s after {a.warmup:g} s warm-up"
+                 if mode == "closed" else f"Open loop {a.rate:,} msgs/s, P={a.pairs}, S={a.size}, {a.duration:g} s")
+        md.append(table(rows, setups_l, title))
+    print("\n".join(md))
+    R.log(f"raw results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
