@@ -333,3 +333,15 @@ def read_only_dir(tmp_path):
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=False)
+
+
+async def replay_until_resumed(client, timeout: float = 10.0) -> tuple[list[dict], dict]:
+    """Messages replayed on connect/resume, and the closing ``resumed`` frame."""
+    got = []
+    with trio.fail_after(timeout):
+        while True:
+            frame = await client.receive(timeout=timeout)
+            if frame["type"] == "resumed":
+                return got, frame
+            assert frame["type"] == "message", frame
+            got.append(frame)

@@ -28,7 +28,7 @@ import trio
 
 from tidings.client import ConnectionClosedError, ServerError, TidingsClient, open_client
 
-from conftest import TEST_SECRET, merge_config, write_toml
+from conftest import TEST_SECRET, merge_config, replay_until_resumed, write_toml
 from redis_fixture import free_port, redis_server, require_coredis  # noqa: F401
 
 require_coredis()
@@ -53,17 +53,16 @@ def start_node(start_daemon, redis, name: str, *, ttl: float = 15.0,
     return start_daemon(merge_config(base, sections))
 
 
-async def replay_until_resumed(client: TidingsClient, timeout: float = 10.0
-                               ) -> tuple[list[dict], dict]:
-    """Messages replayed on connect/resume, and the closing ``resumed`` frame."""
-    got = []
-    with trio.fail_after(timeout):
+async def collect_until_quiet(seen: list, acked, client, *, quiet: float, limit: float) -> None:
+    """Wait until nothing new arrived for ``quiet`` s and every acked msg_id was seen
+    (or the client closed); give up after ``limit`` s and let the caller's assertions
+    say what is missing."""
+    with trio.move_on_after(limit):
         while True:
-            frame = await client.receive(timeout=timeout)
-            if frame["type"] == "resumed":
-                return got, frame
-            assert frame["type"] == "message", frame
-            got.append(frame)
+            n = len(seen)
+            await trio.sleep(quiet)
+            if len(seen) == n and (set(acked) <= _ids(seen) or client.closed_code):
+                return
 
 
 async def connect(stack: AsyncExitStack, d, user: str, **kw: Any) -> TidingsClient:
@@ -446,14 +445,7 @@ async def test_redis_restart_mid_traffic_loses_no_acked_message(redis_server, st
             await wait_acks(20, 15)
             stop.set()
 
-            # collect until quiet: nothing new for 1.5 s, and everything acked seen
-            # (or give up after 15 s and let the assertions below say what is missing)
-            with trio.move_on_after(15):
-                while True:
-                    n = len(seen)
-                    await trio.sleep(1.5)
-                    if len(seen) == n and (set(acked) <= _ids(seen) or b.closed_code):
-                        break
+            await collect_until_quiet(seen, acked, b, quiet=1.5, limit=15)
             nursery.cancel_scope.cancel()
         assert b.closed_code is None, f"bob's connection was closed ({b.closed_code})"
         assert a.closed_code is None, f"alice's connection was closed ({a.closed_code})"
@@ -539,12 +531,7 @@ async def test_lost_subscription_is_resynced_from_the_inbox(redis_server, start_
                     kills += 1
                 await trio.sleep(0.3)
             stop.set()
-            with trio.move_on_after(10):
-                while True:
-                    n = len(seen)
-                    await trio.sleep(1.0)
-                    if len(seen) == n and (set(acked) <= _ids(seen) or b.closed_code):
-                        break
+            await collect_until_quiet(seen, acked, b, quiet=1.0, limit=10)
             nursery.cancel_scope.cancel()
         assert b.closed_code is None, f"bob's connection was closed ({b.closed_code})"
     print(f"{len(acked)} acked, {len(errors)} refused over {kills} pub/sub kills; "

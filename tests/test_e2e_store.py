@@ -16,19 +16,7 @@ import trio
 
 from tidings.client import ServerError, open_client
 
-from conftest import TEST_SECRET, write_toml
-
-
-async def replay_until_resumed(client, timeout: float = 10.0) -> tuple[list[dict], dict]:
-    """Messages replayed on connect/resume, and the closing ``resumed`` frame."""
-    got = []
-    with trio.fail_after(timeout):
-        while True:
-            frame = await client.receive(timeout=timeout)
-            if frame["type"] == "resumed":
-                return got, frame
-            assert frame["type"] == "message", frame
-            got.append(frame)
+from conftest import TEST_SECRET, replay_until_resumed, write_toml
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "memory"])
