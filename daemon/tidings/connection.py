@@ -79,7 +79,7 @@ from tidings.store import StoreError
 
 __all__ = ["CLOSE_TIMEOUT", "Connection"]
 
-RECEIVE_SIZE = 16384
+RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 2.0
 #: How long an idle writer waits for more work before exiting (a new one starts on demand).
 WRITER_LINGER_S = 0.25
