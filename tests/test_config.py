@@ -32,7 +32,7 @@ SECRET32 = "s" * 32
 # -- defaults ----------------------------------------------------------------------------
 
 
-#: The documented default of every key (docs/CONTRACT-draft.md and config.example.toml).
+#: The documented default of every key (config.example.toml).
 DEFAULTS = {
     "server": {
         "host": "127.0.0.1", "port": 8765, "path": "/ws", "state_dir": "", "max_message_bytes": 65536,

@@ -1,6 +1,6 @@
 """A small typed async client for the Tidings protocol (trio + trio-websocket).
 
-Contract (see docs/CONTRACT-draft.md for the frames)::
+Contract (see docs/protocol.md for the frames)::
 
     async with open_client("ws://127.0.0.1:8765/ws", token=jwt) as c:
         c.user, c.conn                       # from the server's "hello" frame
