@@ -31,7 +31,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -157,61 +156,20 @@ def conn_spread(port: int, pids: list[int]) -> dict[int, int]:
 
 def run_lg(urls: tuple[str, str | None], server_root_pids: list[int], redis_pid: int | None,
            lg_args: list[str], a: argparse.Namespace, spread_port: int | None = None) -> dict:
-    cmd = ["node", str(R.LOADGEN), "--url", urls[0], *(["--url2", urls[1]] if urls[1] else []), *lg_args]
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=str(R.BENCH), preexec_fn=R.renice)
-    box: dict = {}
-    go = threading.Event()
-    out_lines: list[str] = []
-    err: list[str] = []
-
-    def reader() -> None:
-        assert p.stdout
-        for line in p.stdout:
-            out_lines.append(line)
-            if line.startswith('{"event":"go"'):
-                go.set()
-        go.set()
-
-    def err_reader() -> None:
-        assert p.stderr
-        err.append(p.stderr.read())
-
+    """run.py's load generator driver with the nodes' CPU summed over their process
+    trees, redis-server's CPU apart, and the connection spread over workers."""
     def srv_cpu() -> float:
         return sum(R.tree_cpu_s(pid) for pid in server_root_pids)
 
-    def sampler() -> None:
-        go.wait()
+    def spread(box: dict) -> None:
         if spread_port is not None:
             kids = [q for root in server_root_pids for q in R.tree_pids(root)]
             box["conn_spread"] = conn_spread(spread_port, kids)
-        time.sleep(a.warmup)
-        s0, r0, g0, b0, t0 = (srv_cpu(), R.proc_cpu_s(redis_pid) if redis_pid else 0.0,
-                              R.tree_cpu_s(p.pid), R.system_busy_s(), time.monotonic())
-        time.sleep(max(0.5, a.duration - 0.3))
-        s1, r1, g1, b1, t1 = (srv_cpu(), R.proc_cpu_s(redis_pid) if redis_pid else 0.0,
-                              R.tree_cpu_s(p.pid), R.system_busy_s(), time.monotonic())
-        d = t1 - t0
-        box.update(server_cores=(s1 - s0) / d, redis_cores=(r1 - r0) / d, gen_cores_sampled=(g1 - g0) / d,
-                   box_cores=(b1 - b0) / d)
-        box["bg_cores"] = max(0.0, box["box_cores"] - box["server_cores"] - box["redis_cores"]
-                              - box["gen_cores_sampled"])
 
-    ths = [threading.Thread(target=f, daemon=True) for f in (reader, err_reader, sampler)]
-    for th in ths:
-        th.start()
-    try:
-        p.wait(timeout=a.warmup + a.duration + 120)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-    for th in ths:
-        th.join(timeout=5)
-    lines = [ln for ln in "".join(out_lines).splitlines() if ln.startswith("{")]
-    if p.returncode or not lines:
-        raise RuntimeError(f"loadgen failed rc={p.returncode}: {''.join(out_lines)[-1500:]} {''.join(err)[-1500:]}")
-    res = json.loads(lines[-1])
-    res.update(box)
+    side = {"redis": lambda: R.proc_cpu_s(redis_pid)} if redis_pid else {}
+    res = R.drive_loadgen(urls[0], srv_cpu, lg_args, a.warmup, a.duration, url2=urls[1],
+                          side_cpu=side, on_go=spread)
+    res.setdefault("redis_cores", 0.0)
     return res
 
 

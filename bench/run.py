@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -312,11 +313,27 @@ def check_tidings_config(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------- load generator
 def run_loadgen(server: Server, lg_args: list[str], warmup: float, duration: float,
                 profile: Path | None = None) -> dict:
-    """Run a closed/open loop; sample server/generator/box CPU over the measurement window."""
-    cmd = ["node", str(LOADGEN), "--url", server.url(), *lg_args]
+    """Run a closed/open loop against one server process (see ``drive_loadgen``)."""
+    return drive_loadgen(
+        server.url(), lambda: proc_cpu_s(server.pid), lg_args, warmup, duration,
+        profile_pid=server.pid if profile is not None else None, profile=profile)
+
+
+def drive_loadgen(url: str, server_cpu: Callable[[], float], lg_args: list[str], warmup: float,
+                  duration: float, *, url2: str | None = None,
+                  side_cpu: dict[str, Callable[[], float]] | None = None,
+                  on_go: Callable[[dict], None] | None = None,
+                  profile_pid: int | None = None, profile: Path | None = None) -> dict:
+    """Run a closed/open loop; sample CPU over the measurement window: the server's
+    (``server_cpu``: seconds used so far), the generator's, each of ``side_cpu`` (e.g.
+    redis-server: ``<name>_cores``) and the rest of the box (``bg_cores``).  ``url2``:
+    receivers connect there (pairs split across two nodes); ``on_go(box)`` runs when the
+    generator starts sending."""
+    cmd = ["node", str(LOADGEN), "--url", url, *(["--url2", url2] if url2 else []), *lg_args]
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, cwd=str(BENCH), preexec_fn=renice)
-    box: dict[str, float] = {}
+    side = side_cpu or {}
+    box: dict = {}
     go = threading.Event()
     out_lines: list[str] = []
     err_chunks: list[str] = []
@@ -333,23 +350,32 @@ def run_loadgen(server: Server, lg_args: list[str], warmup: float, duration: flo
         assert p.stderr
         err_chunks.append(p.stderr.read())
 
+    def sample() -> tuple:
+        return (server_cpu(), {k: f() for k, f in side.items()}, tree_cpu_s(p.pid),
+                system_busy_s(), time.monotonic())
+
     def sampler() -> None:
         # the measurement window starts `warmup` s after the generator's "go" line
         go.wait()
+        if on_go is not None:
+            on_go(box)
         time.sleep(warmup)
-        if profile is not None:
+        if profile is not None and profile_pid is not None:
             # py-spy samples from its own process (~100 Hz): small but non-zero cost, so
             # profiled runs are never counted in the tables
-            subprocess.Popen(["py-spy", "record", "--pid", str(server.pid), "--duration",
+            subprocess.Popen(["py-spy", "record", "--pid", str(profile_pid), "--duration",
                               str(max(1, int(duration) - 1)), "--format", "raw", "--nonblocking",
                               "-o", str(profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        s0, g0, b0, t0 = proc_cpu_s(server.pid), tree_cpu_s(p.pid), system_busy_s(), time.monotonic()
+        s0, x0, g0, b0, t0 = sample()
         time.sleep(max(0.5, duration - 0.3))
-        s1, g1, b1, t1 = proc_cpu_s(server.pid), tree_cpu_s(p.pid), system_busy_s(), time.monotonic()
+        s1, x1, g1, b1, t1 = sample()
         dtw = t1 - t0
         box.update(server_cores=(s1 - s0) / dtw, gen_cores_sampled=(g1 - g0) / dtw,
                    box_cores=(b1 - b0) / dtw)
-        box["bg_cores"] = max(0.0, box["box_cores"] - box["server_cores"] - box["gen_cores_sampled"])
+        for k in side:
+            box[f"{k}_cores"] = (x1[k] - x0[k]) / dtw
+        box["bg_cores"] = max(0.0, box["box_cores"] - box["server_cores"] - box["gen_cores_sampled"]
+                              - sum(box[f"{k}_cores"] for k in side))
 
     threads = [threading.Thread(target=f, daemon=True) for f in (reader, err_reader, sampler)]
     for th in threads:
