@@ -222,38 +222,30 @@ class SqliteStore:
 
     # -------------------------------------------------------- transactions
 
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One write transaction on the writer connection."""
+        return self._transaction(self._wlock, "_writer", "BEGIN IMMEDIATE")
+
+    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One read transaction (a consistent snapshot) on the reader connection."""
+        return self._transaction(self._rlock, "_reader", "BEGIN")
+
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on the writer connection; translates errors."""
-        with self._wlock:
-            conn = self._writer
+    def _transaction(self, lock: threading.Lock, name: str, begin: str) -> Iterator[sqlite3.Connection]:
+        """A transaction on one connection under its lock; sqlite errors become
+        DuplicateMessage (a msg_id constraint) or StoreUnavailable (with the path)."""
+        with lock:
+            conn = getattr(self, name)
             if conn is None:
                 raise StoreUnavailable(f"store {self.path} is closed")
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(begin)
                 yield conn
                 conn.execute("COMMIT")
             except BaseException as e:
                 _rollback(conn)
                 if isinstance(e, sqlite3.IntegrityError) and "msg_id" in str(e):
                     raise DuplicateMessage(f"duplicate msg_id: {e}") from e
-                if isinstance(e, sqlite3.Error):
-                    raise StoreUnavailable(f"store {self.path}: {e}") from e
-                raise
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """One read transaction (a consistent snapshot) on the reader connection."""
-        with self._rlock:
-            conn = self._reader
-            if conn is None:
-                raise StoreUnavailable(f"store {self.path} is closed")
-            try:
-                conn.execute("BEGIN")
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as e:
-                _rollback(conn)
                 if isinstance(e, sqlite3.Error):
                     raise StoreUnavailable(f"store {self.path}: {e}") from e
                 raise
