@@ -292,7 +292,7 @@ def tidings_config(backend: str, state_dir: Path, overrides: list[str]) -> str:
 
 def tidings_available() -> tuple[bool, str]:
     try:
-        r = subprocess.run([sys.executable, "-c", "import tidings.server, tidings.cli"],
+        r = subprocess.run([sys.executable, "-c", "import tidings.server.daemon, tidings.cli"],
                            capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         return False, "import timed out"

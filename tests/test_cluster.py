@@ -18,8 +18,8 @@ require_coredis()
 import coredis  # noqa: E402
 
 from tidings.cluster import Cluster, ClusterUnavailable, open_cluster
-from tidings.store import NewMessage
-from tidings.store_redis import open_redis_store
+from tidings.store import NewMessage, StoreLimits
+from tidings.store.redis import open_redis_store
 
 
 class Node:
@@ -61,7 +61,7 @@ async def wait_until(predicate, timeout: float = 5.0, step: float = 0.02) -> flo
 async def test_hold_release_route_only_to_the_holding_node(redis_server):
     a, b = Node(), Node()
     async with (
-        open_redis_store(redis_server.url, max_inbox=None, node_id="s") as store,
+        open_redis_store(redis_server.url, limits=StoreLimits(), node_id="s") as store,
         open_cluster(redis_server.url, "A", 3.0, a.on_message, on_resync=a.on_resync) as ca,
         open_cluster(redis_server.url, "B", 3.0, b.on_message, on_resync=b.on_resync) as cb,
     ):
@@ -69,7 +69,7 @@ async def test_hold_release_route_only_to_the_holding_node(redis_server):
         assert await ca.hold("alice") is True
         assert await ca.hold("alice") is True   # second connection: refcount only
         assert await cb.hold("bob") is True
-        res = await store.append_routed([new("x", "alice"), new("x", "bob"), new("x", "carol")])
+        res = await store.append([new("x", "alice"), new("x", "bob"), new("x", "carol")])
         assert [(r.seq, r.receivers) for r in res] == [(1, 1), (1, 1), (1, 0)]
         await a.wait_for(1)
         await b.wait_for(1)
@@ -80,14 +80,14 @@ async def test_hold_release_route_only_to_the_holding_node(redis_server):
         assert (await store.read_inbox("alice", 0, 1)) == [m]  # exactly what was stored
         # both nodes hold alice: both get it, in seq order
         assert await cb.hold("alice") is True
-        res = await store.append_routed([new("x", "alice"), new("x", "alice")])
+        res = await store.append([new("x", "alice"), new("x", "alice")])
         assert [(r.seq, r.receivers) for r in res] == [(2, 2), (3, 2)]
         await a.wait_for(3)
         await b.wait_for(3)
         assert [s for u, s, _ in a.got if u == "alice"] == [1, 2, 3]
         # A's connections leave: one release keeps the channel, the last one drops it
         ca.release("alice")
-        res = await store.append_routed([new("x", "alice")])
+        res = await store.append([new("x", "alice")])
         assert res[0].receivers == 2
         ca.release("alice")
         ca.release("alice")  # extra releases are ignored
@@ -102,7 +102,7 @@ async def _true(value: bool) -> bool:
 
 
 async def _receivers(store, user: str, want: int) -> bool:
-    res = await store.append_routed([new("x", user)])
+    res = await store.append([new("x", user)])
     return res[0].receivers == want
 
 
@@ -162,8 +162,8 @@ async def test_redis_restart_unhealthy_then_resubscribes(redis_server):
                             command_timeout=1.0, backoff_max=0.5) as ca:
         await wait_until(lambda: _true(ca.healthy))
         assert await ca.hold("alice")
-        async with open_redis_store(redis_server.url, max_inbox=None, node_id="s") as store:
-            await store.append_many([new("x", "alice")])
+        async with open_redis_store(redis_server.url, limits=StoreLimits(), node_id="s") as store:
+            await store.append([new("x", "alice")])
             await a.wait_for(1)
             redis_server.stop()
             await wait_until(lambda: _true(not ca.healthy), timeout=3)
@@ -177,7 +177,7 @@ async def test_redis_restart_unhealthy_then_resubscribes(redis_server):
             await wait_until(lambda: _true(ca.healthy), timeout=10)
             assert sorted(a.resyncs[-1]) == ["alice", "bob"]  # replay them from the store
             await wait_until(lambda: _receivers(store, "bob", 1), timeout=5)
-            await store.append_many([new("x", "alice")])
+            await store.append([new("x", "alice")])
             await wait_until(lambda: _true(any(u == "alice" for u, _, _ in a.got[1:])))
             assert (await ca.presence(["alice", "bob"])) == {"alice": 1, "bob": 1}
             st = ca.statistics()
@@ -194,8 +194,8 @@ async def test_cluster_starts_while_redis_is_down(redis_server):
         redis_server.start()
         await wait_until(lambda: _true(ca.healthy), timeout=10)
         assert a.resyncs == [["alice"]]
-        async with open_redis_store(redis_server.url, max_inbox=None, node_id="s") as store:
-            await store.append_many([new("x", "alice")])
+        async with open_redis_store(redis_server.url, limits=StoreLimits(), node_id="s") as store:
+            await store.append([new("x", "alice")])
             await a.wait_for(1)
 
 
@@ -231,7 +231,7 @@ async def test_on_a_redis_cluster_sharded_pubsub_and_presence(redis_cluster):
     a, b = Node(), Node()
     url = redis_cluster.url
     async with (
-        open_redis_store(url, max_inbox=None, node_id="s", cluster=True) as store,
+        open_redis_store(url, limits=StoreLimits(), node_id="s", cluster=True) as store,
         open_cluster(url, "A", 3.0, a.on_message, cluster=True) as ca,
         open_cluster(url, "B", 3.0, b.on_message, cluster=True) as cb,
     ):
@@ -241,7 +241,7 @@ async def test_on_a_redis_cluster_sharded_pubsub_and_presence(redis_cluster):
             assert await ca.hold(u)
         for u in users[6:]:
             assert await cb.hold(u)
-        res = await store.append_routed([new("x", u) for u in users] + [new("x", "nobody")])
+        res = await store.append([new("x", u) for u in users] + [new("x", "nobody")])
         assert [r.receivers for r in res] == [1] * 12 + [0]
         await a.wait_for(6)
         await b.wait_for(6)
@@ -254,7 +254,7 @@ async def test_on_a_redis_cluster_sharded_pubsub_and_presence(redis_cluster):
 async def test_release_then_hold_again_quickly_keeps_the_channel(redis_server):
     a = Node()
     async with (
-        open_redis_store(redis_server.url, max_inbox=None, node_id="s") as store,
+        open_redis_store(redis_server.url, limits=StoreLimits(), node_id="s") as store,
         open_cluster(redis_server.url, "A", 3.0, a.on_message, on_resync=a.on_resync) as ca,
     ):
         await wait_until(lambda: _true(ca.healthy))

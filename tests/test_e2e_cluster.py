@@ -32,7 +32,7 @@ from conftest import TEST_SECRET, merge_config, replay_until_resumed, write_toml
 from redis_fixture import free_port, redis_server, require_coredis  # noqa: F401
 
 require_coredis()
-from tidings.store_redis import user_tag  # (after require_coredis: it imports coredis)
+from tidings.store.redis import user_tag  # (after require_coredis: it imports coredis)
 
 FAST = {"messages_per_second": 100000.0, "burst": 100000}
 MSG_ID_RE = re.compile(r"^[0-9a-f]{24}$")

@@ -9,7 +9,7 @@ import attrs
 import h11
 import pytest
 
-from tidings.handshake import HttpError, Upgrade, accept_response, check_upgrade, http_response
+from tidings.wire.handshake import HttpError, Upgrade, accept_response, check_upgrade, http_response
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3
 GOOD_HEADERS = {

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidings.limits import TokenBucket
+from tidings.wire.limits import TokenBucket
 
 
 def test_starts_full_then_refuses():

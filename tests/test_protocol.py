@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, TextMessage
 
-from tidings import protocol
-from tidings.protocol import (
+from tidings.wire import protocol
+from tidings.wire.protocol import (
     MAX_ID_LEN,
     MAX_USER_LEN,
     Ack,

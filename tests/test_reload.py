@@ -15,10 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tidings import http, sdnotify, tls
+from tidings.server import demo
+from tidings.service import sdnotify, tls
 from tidings.auth import AuthError, Authenticator
 from tidings.config import Config, structure_config
-from tidings.reload import LIVE_KEYS, KeyRing, flatten, plan_reload
+from tidings.service.reload import LIVE_KEYS, KeyRing, flatten, plan_reload
 
 S1, S2, S3 = (c * 40 for c in "abc")
 
@@ -172,20 +173,20 @@ def _req(target: bytes, method: bytes = b"GET") -> h11.Request:
 
 
 def test_demo_off_answers_nothing():
-    assert http.answer(_req(b"/"), cfg()) is None
+    assert demo.answer(_req(b"/"), cfg()) is None
 
 
 def test_demo_serves_page_and_module():
     c = cfg(http={"demo": True}, server={"path": "/chat"}, auth={"mode": "insecure"})
-    page = http.answer(_req(b"/"), c)
+    page = demo.answer(_req(b"/"), c)
     assert page.startswith(b"HTTP/1.1 200 ") and b"text/html" in page
     assert b'content="/chat"' in page and b'content="insecure"' in page
-    js = http.answer(_req(b"/tidings.js?v=1"), c)
+    js = demo.answer(_req(b"/tidings.js?v=1"), c)
     assert b"text/javascript" in js and b"export class TidingsClient" in js
-    assert http.answer(_req(b"/demo.js"), c).startswith(b"HTTP/1.1 200 ")
-    assert http.answer(_req(b"/etc/passwd"), c) is None
-    assert http.answer(_req(b"/", b"POST"), c) is None
-    head = http.answer(_req(b"/", b"HEAD"), c)
+    assert demo.answer(_req(b"/demo.js"), c).startswith(b"HTTP/1.1 200 ")
+    assert demo.answer(_req(b"/etc/passwd"), c) is None
+    assert demo.answer(_req(b"/", b"POST"), c) is None
+    head = demo.answer(_req(b"/", b"HEAD"), c)
     assert head.endswith(b"\r\n\r\n") and b"<html" not in head
 
 

@@ -21,9 +21,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from tidings.rooms import RoomRefused, RoomTable
-from tidings.router import InboxGate, Offer, Routed, Router
-from tidings.sessions import Refused, SessionTable
+from tidings.routing.rooms import RoomRefused, RoomTable
+from tidings.routing.router import InboxGate, Offer, Routed, Router
+from tidings.routing.sessions import Refused, SessionTable
 from tidings.store import MemoryStore, NewMessage
 
 USERS = ["alice", "bob", "carol"]

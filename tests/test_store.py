@@ -16,7 +16,7 @@ from tidings.store import (
     BadQuery, DuplicateMessage, InboxState, MemoryStore, NewMessage, StoreUnavailable,
     UnknownMessage, parse_query,
 )
-from tidings.store_sqlite import MIGRATIONS, SqliteStore
+from tidings.store.sqlite import MIGRATIONS, SqliteStore
 
 DAY = 86_400_000
 
@@ -194,7 +194,7 @@ def test_prune_retention(store):
 
 
 def test_prune_large_batches(tmp_path, monkeypatch):
-    import tidings.store_sqlite as mod
+    import tidings.store.sqlite as mod
     monkeypatch.setattr(mod, "PRUNE_BATCH", 7)
     s = SqliteStore.open(tmp_path / "t.db")
     s.append_many([msg("a", u, "hello") for u in ("x", "y") for _ in range(20)])

@@ -27,7 +27,7 @@ from tidings.store import (
     StoreUnavailable,
     UnknownMessage,
 )
-from tidings.store_redis import (
+from tidings.store.redis import (
     Unsupported,
     channel_for,
     decode_envelope,

@@ -18,7 +18,7 @@ import attrs
 import jwt
 
 from tidings.config import MIN_SECRET_BYTES, Config
-from tidings.protocol import valid_user_id
+from tidings.wire.protocol import valid_user_id
 
 __all__ = ["AuthError", "Authenticator", "Identity", "load_secret", "state_secret"]
 

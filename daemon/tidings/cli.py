@@ -27,11 +27,11 @@ def _load(path: str | None) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
     import trio
 
-    from tidings.server import StartupError, serve
+    from tidings.server.daemon import StartupError, serve
 
     config = _load(args.config)
     if config.server.workers > 1 and args.worker is None:
-        from tidings.workers import supervise
+        from tidings.service.workers import supervise
 
         log.configure(config.server.log_level)
         return supervise(args.config, config.server.workers)
@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from tidings.auth import Authenticator, load_secret
-    from tidings.protocol import valid_user_id
+    from tidings.wire.protocol import valid_user_id
 
     config = _load(args.config)
     if not valid_user_id(args.user):
@@ -68,7 +68,7 @@ def _api_call(args: argparse.Namespace, method: str, path: str, body: dict | Non
     import urllib.error
     import urllib.request
 
-    from tidings.api import load_api_key, parse_listen
+    from tidings.server.api import load_api_key, parse_listen
 
     config = _load(args.config)
     if not config.api.listen:

@@ -31,11 +31,11 @@ import trio
 from tidings import log
 from tidings.auth import state_secret
 from tidings.config import Config
-from tidings.handshake import http_response
-from tidings.hub import Hub
-from tidings.metrics import CONTENT_TYPE, Metrics
-from tidings.protocol import MAX_PRESENCE_USERS, ProtocolError, encode_body, valid_user_id
-from tidings.workers import reuseport_listeners
+from tidings.wire.handshake import http_response
+from tidings.server.hub import Hub
+from tidings.server.metrics import CONTENT_TYPE, Metrics
+from tidings.wire.protocol import MAX_PRESENCE_USERS, ProtocolError, encode_body, valid_user_id
+from tidings.service.workers import reuseport_listeners
 
 __all__ = ["load_api_key", "serve_api"]
 
@@ -237,7 +237,7 @@ class Api:
         ok = True
         with trio.move_on_after(HEALTH_TIMEOUT) as timeout:
             try:
-                await self.hub.read(self.hub.store.inbox_state, "tidings-health-check")
+                await self.hub.store.inbox_state("tidings-health-check")
             except Exception as exc:  # any store failure means not ready
                 ok = False
                 self._log.log("warning", "health_check_failed", key="store", error=repr(exc))

@@ -21,11 +21,11 @@ import html
 from pathlib import Path
 from typing import Any
 
-from tidings.handshake import http_response
+from tidings.wire.handshake import http_response
 
 __all__ = ["STATIC_DIR", "answer"]
 
-STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 _ROUTES = {
     "/": ("demo.html", b"text/html; charset=utf-8"),

@@ -28,11 +28,12 @@ from typing import Any
 
 import trio
 
-from tidings import log, tls
+from tidings import log
+from tidings.service import tls
 from tidings.auth import load_secret
 from tidings.config import ConfigError, load_config
-from tidings.reload import KeyRing, plan_reload
-from tidings.sdnotify import Notifier
+from tidings.service.reload import KeyRing, plan_reload
+from tidings.service.sdnotify import Notifier
 
 __all__ = ["Lifecycle"]
 

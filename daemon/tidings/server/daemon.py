@@ -24,27 +24,29 @@ from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import Ping
 
-from tidings import http, log, sdnotify, tls
+from tidings import log
+from tidings.server import demo
+from tidings.service import sdnotify, tls
 from tidings.auth import AuthError, Authenticator, load_secret
 from tidings.config import Config
-from tidings.connection import Connection
-from tidings.handshake import (
+from tidings.server.connection import Connection
+from tidings.wire.handshake import (
     HttpError,
     accept_response,
     check_upgrade,
     http_response,
     negotiate_deflate,
 )
-from tidings.api import serve_api
-from tidings.hub import Hub
-from tidings.metrics import Metrics
-from tidings.lifecycle import Lifecycle, listener_address
-from tidings.protocol import BINARY, encode, encode_msgpack, text_frame
-from tidings.sessions import Refused
-from tidings.store import MemoryStore, SqliteStore, StoreError
-from tidings.workers import reuseport_listeners
+from tidings.server.api import serve_api
+from tidings.server.hub import Hub
+from tidings.server.metrics import Metrics
+from tidings.service.lifecycle import Lifecycle, listener_address
+from tidings.wire.protocol import BINARY, encode, encode_msgpack, text_frame
+from tidings.routing.sessions import Refused
+from tidings.store import StoreError, open_store
+from tidings.service.workers import reuseport_listeners
 
-__all__ = ["StartupError", "Server", "open_store", "serve"]
+__all__ = ["StartupError", "Server", "serve"]
 
 HOUSEKEEPING_INTERVAL = 1.0
 MAX_REQUEST_HEAD = 16384
@@ -52,39 +54,6 @@ MAX_REQUEST_HEAD = 16384
 
 class StartupError(Exception):
     """The daemon cannot start (unwritable state dir, bad secret file, port in use...)."""
-
-
-async def open_store(
-    config: Config, stack: contextlib.AsyncExitStack, worker: int | None = None
-) -> tuple[Any, str]:
-    """Open the configured store on ``stack`` (closed when it unwinds); return ``(store,
-    hub mode)``.  Raise StartupError with the path or URL and the reason."""
-    backend = config.store_backend()
-    if backend == "memory":
-        return MemoryStore(), "inline"
-    if backend == "redis":
-        from tidings.store_redis import open_redis_store  # coredis: the cluster extra
-
-        cc = config.cluster
-        try:
-            store = await stack.enter_async_context(
-                open_redis_store(cc.redis_url, max_inbox=config.store.max_inbox,
-                                 node_id=cc.resolved_node_id(worker), cluster=cc.redis_cluster)
-            )
-        except StoreError as exc:
-            raise StartupError(f"cannot reach the cluster's Redis: {exc}") from None
-        return store, "async"
-    path = config.store_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"cannot create state directory {path.parent}: {exc.strerror}") from None
-    try:
-        store = SqliteStore.open(path)
-    except StoreError as exc:
-        raise StartupError(str(exc)) from None
-    stack.callback(store.close)
-    return store, "threaded"
 
 
 async def open_cluster_on(
@@ -223,7 +192,7 @@ class Server:
         if request.method == b"GET" and request.target.split(b"?")[0] == b"/healthz":
             await stream.send_all(http_response(200, b"ok\n"))
             return
-        page = http.answer(request, self.config)  # the demo page, when http.demo = true
+        page = demo.answer(request, self.config)  # the demo page, when http.demo = true
         if page is not None:
             with trio.move_on_after(5):
                 await stream.send_all(page)
@@ -280,7 +249,12 @@ async def serve(
         raise StartupError(str(exc)) from None
     activated = bool(listeners)
     async with contextlib.AsyncExitStack() as stack:
-        store, mode = await open_store(config, stack, worker)
+        try:
+            store = await stack.enter_async_context(open_store(config, worker))
+        except StoreError as exc:
+            if config.store_backend() == "redis":
+                raise StartupError(f"cannot reach the cluster's Redis: {exc}") from None
+            raise StartupError(str(exc)) from None
         auth = make_authenticator(config)
         try:
             if not listeners and worker is not None:
@@ -288,7 +262,7 @@ async def serve(
             listeners = listeners or await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         except OSError as exc:
             raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
-        hub = Hub(config, store, mode=mode)
+        hub = Hub(config, store)
         await open_cluster_on(config, hub, stack, worker)
         metrics = Metrics()
         metrics.hub = hub

@@ -14,7 +14,7 @@ import orjson
 
 from tidings import log
 from tidings.auth import AuthError
-from tidings.protocol import (
+from tidings.wire.protocol import (
     History,
     Join,
     Leave,
@@ -29,7 +29,7 @@ from tidings.protocol import (
     message_fields,
     message_json,
 )
-from tidings.rooms import RoomRefused
+from tidings.routing.rooms import RoomRefused
 from tidings.store import BadQuery, StoreError, UnknownMessage, Unsupported
 
 __all__ = ["handle_command", "message_obj"]
@@ -88,7 +88,7 @@ async def _history(conn: Any, cmd: History) -> None:
     cap = conn.hub.config.store.history_limit
     limit = min(cmd.limit or cap, cap)
     try:
-        msgs, more = await conn.hub.read(conn.hub.store.history, conn.user, cmd.peer, cmd.before, limit)
+        msgs, more = await conn.hub.store.history(conn.user, cmd.peer, cmd.before, limit)
     except UnknownMessage:
         raise ProtocolError("bad_request", "'before' is not a known msg_id", cmd.id) from None
     conn.reply("history_page", id=cmd.id, messages=[_stored_obj(conn, m) for m in msgs], more=more,
@@ -98,7 +98,7 @@ async def _search(conn: Any, cmd: Search) -> None:
     cap = conn.hub.config.store.history_limit
     limit = min(cmd.limit or 20, cap)
     try:
-        msgs, more = await conn.hub.read(conn.hub.store.search, conn.user, cmd.q, limit, cmd.offset)
+        msgs, more = await conn.hub.store.search(conn.user, cmd.q, limit, cmd.offset)
     except BadQuery as exc:
         raise ProtocolError("bad_request", f"bad search query: {exc}", cmd.id) from None
     conn.reply("search_results", id=cmd.id, q=cmd.q, messages=[_stored_obj(conn, m) for m in msgs],

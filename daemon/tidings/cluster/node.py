@@ -61,13 +61,8 @@ from coredis.retry import NoRetryPolicy
 
 from tidings import log
 from tidings.store import StoredMessage, StoreUnavailable
-from tidings.store_redis import (
-    channel_for,
-    decode_envelope,
-    single_errors,
-    user_from_channel,
-    user_tag,
-)
+from tidings.store.redis import single_errors
+from tidings.store.redis_lua import channel_for, decode_envelope, user_from_channel, user_tag
 
 __all__ = ["Cluster", "ClusterStatistics", "ClusterUnavailable", "open_cluster"]
 

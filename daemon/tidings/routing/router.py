@@ -37,8 +37,8 @@ import attrs
 
 import msgpack
 
-from tidings.protocol import BINARY, message_msgpack, text_frame
-from tidings.sessions import SessionTable
+from tidings.wire.protocol import BINARY, message_msgpack, text_frame
+from tidings.routing.sessions import SessionTable
 
 __all__ = [
     "Endpoint",

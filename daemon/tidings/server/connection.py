@@ -55,10 +55,10 @@ from wsproto.utilities import LocalProtocolError
 
 from tidings import log
 from tidings.auth import Authenticator
-from tidings.handshake import http_response
-from tidings.hub import Hub
-from tidings.limits import TokenBucket
-from tidings.protocol import (
+from tidings.wire.handshake import http_response
+from tidings.server.hub import Hub
+from tidings.wire.limits import TokenBucket
+from tidings.wire.protocol import (
     BINARY,
     TEXT,
     Ack,
@@ -73,8 +73,8 @@ from tidings.protocol import (
     parse_client_frame,
     text_frame,
 )
-from tidings.commands import handle_command
-from tidings.router import InboxGate, Offer, Routed
+from tidings.server.commands import handle_command
+from tidings.routing.router import InboxGate, Offer, Routed
 from tidings.store import StoreError
 
 __all__ = ["CLOSE_TIMEOUT", "Connection"]
@@ -197,6 +197,17 @@ class Connection:
         enc = encode_msgpack if binary else encode
         self.reply_nowait(enc("ack", id=fid, msg_id=msg_id, seq=seq, delivered=delivered), binary)
 
+    def on_cursor_saved(self, ctx: tuple[Any, bool], seq: int) -> None:
+        """The hub saved the cursor an ``ack`` with an id moved: queue ``acked``."""
+        fid, binary = ctx
+        enc = encode_msgpack if binary else encode
+        self.reply_nowait(enc("acked", id=fid, seq=seq), binary)
+
+    def on_cursor_failed(self, ctx: tuple[Any, bool]) -> None:
+        fid, binary = ctx
+        enc = encode_msgpack if binary else encode
+        self.reply_nowait(enc("error", id=fid, code="unavailable", message="ack not saved; retry"), binary)
+
     def on_store_failed(self, ctx: tuple[Any, bool]) -> None:
         fid, binary = ctx
         enc = encode_msgpack if binary else encode
@@ -277,7 +288,7 @@ class Connection:
         self._writer_running = True  # nothing else may write until the greeting is out
         try:
             try:
-                state = await self.hub.read(self.hub.store.inbox_state, self.user)
+                state = await self.hub.store.inbox_state(self.user)
             except StoreError as exc:
                 log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)
                 self._close = (1011, "store unavailable")
@@ -405,11 +416,11 @@ class Connection:
         elif type(cmd) is PingCmd:
             self.reply("pong", id=cmd.id)
         elif type(cmd) is Ack:
-            self.hub.ack_cursor(self.user, cmd.seq)
             if cmd.id is None:
+                self.hub.ack_cursor(self.user, cmd.seq)
                 self._give_credits(1)
-            else:
-                self.reply("acked", id=cmd.id, seq=cmd.seq)
+            else:  # `acked` once the cursor is saved: a reconnect then starts after it
+                self.hub.ack_cursor(self.user, cmd.seq, self, (cmd.id, binary))
         else:
             await handle_command(self, cmd)
 
@@ -460,7 +471,7 @@ class Connection:
         """``state``: the inbox_state already read by the greeting (else read here)."""
         gate = self._gate
         if state is None:
-            state = await self.hub.read(self.hub.store.inbox_state, self.user)
+            state = await self.hub.store.inbox_state(self.user)
         start = state.cursor if since is None else min(since, state.last_seq)
         complete = state.first_seq <= start + 1  # else retention dropped part of the gap
         gate.start(start)
@@ -468,7 +479,7 @@ class Connection:
         # an empty page read, unless a live message came in meanwhile.
         caught_up = state.last_seq <= start and gate.caught_up(0, REPLAY_PAGE)
         while not caught_up:
-            msgs = await self.hub.read(self.hub.store.read_inbox, self.user, gate.sent_seq, REPLAY_PAGE)
+            msgs = await self.hub.store.read_inbox(self.user, gate.sent_seq, REPLAY_PAGE)
             for m in gate.take(msgs):
                 await self._wait_space()
                 fields = message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)

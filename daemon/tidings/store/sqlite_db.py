@@ -1,9 +1,10 @@
-"""SqliteStore: the durable store (stdlib sqlite3, WAL, FTS5). Sans-IO: no trio.
+"""SqliteDatabase: the sqlite engine's synchronous half (stdlib sqlite3, WAL, FTS5).  Sans-IO.
 
 Theory of operation
 -------------------
-Semantics are those of :mod:`tidings.store` (read its docstring first); this
-module maps them onto one SQLite file:
+Semantics are those of :mod:`tidings.store.records` (read its docstring first); this
+module maps them onto one SQLite file.  :class:`tidings.store.sqlite.SqliteStore` calls
+it from trio (threads, maintenance); this module never imports trio.
 
 * ``messages``: one row per message, ``id`` INTEGER PRIMARY KEY (the FTS rowid),
   ``msg_id`` UNIQUE, ``(recipient, seq)`` UNIQUE index for inbox reads,
@@ -51,16 +52,17 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import orjson
 
-from .store import (
-    BadQuery, DuplicateMessage, InboxState, NewMessage, StoredMessage,
-    StoreUnavailable, UnknownMessage, _check_page, parse_query, prune_cutoff_ms,
+from tidings.store.records import (
+    BadQuery, DuplicateMessage, InboxState, NewMessage, StoredMessage, StoreUnavailable,
+    UnknownMessage, check_page, prune_cutoff_ms,
 )
+from tidings.store.search import parse_query
 
-__all__ = ["MIGRATIONS", "PRUNE_BATCH", "SqliteStore"]
+__all__ = ["MIGRATIONS", "PRUNE_BATCH", "SqliteDatabase"]
 
 PRUNE_BATCH = 5000
 WRITER_CACHE_KIB = 16384
@@ -144,13 +146,18 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-class SqliteStore:
-    """The SQLite store. Create with :meth:`open`; see tidings.store.Store for
-    the contract of each method."""
+class SqliteDatabase:
+    """One SQLite file. Create with :meth:`open`; see :mod:`tidings.store.base` for the
+    contract of each method (here synchronous and thread-safe).
+
+    ``max_inbox``: reads see at most the newest ``max_inbox`` messages of each inbox
+    (rows pushed out are hidden at once and deleted by the next ``prune``), so every
+    engine shows the same thing without a delete in the append transaction."""
 
     def __init__(self, path: str, writer: sqlite3.Connection,
-                 reader: sqlite3.Connection) -> None:
+                 reader: sqlite3.Connection, max_inbox: int | None = None) -> None:
         self.path = path
+        self.max_inbox = max_inbox
         self._writer: sqlite3.Connection | None = writer
         self._reader: sqlite3.Connection | None = reader
         self._wlock = threading.Lock()
@@ -161,7 +168,7 @@ class SqliteStore:
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> SqliteStore:
+    def open(cls, path: str | os.PathLike[str], max_inbox: int | None = None) -> SqliteDatabase:
         """Open (creating the file, mode 0600, if needed) and migrate the store.
 
         The directory must already exist. Raises StoreUnavailable, naming the path
@@ -192,7 +199,7 @@ class SqliteStore:
             if isinstance(e, sqlite3.Error):
                 raise StoreUnavailable(f"cannot open store {path}: {e}") from e
             raise
-        return cls(path, writer, reader)
+        return cls(path, writer, reader, max_inbox)
 
     @staticmethod
     def _connect(path: str) -> sqlite3.Connection:
@@ -298,8 +305,11 @@ class SqliteStore:
 
     def read_inbox(self, user: str, after_seq: int, limit: int) -> list[StoredMessage]:
         """Up to ``limit`` messages of ``user``'s inbox with seq > after_seq, ascending."""
-        _check_page(limit)
+        check_page(limit)
         with self._read() as c:
+            if self.max_inbox is not None:
+                row = c.execute("SELECT last_seq FROM users WHERE user = ?", (user,)).fetchone()
+                after_seq = max(after_seq, (row[0] if row else 0) - self.max_inbox)
             rows = c.execute(f"SELECT {_COLS} FROM messages m WHERE recipient = ? "
                              "AND seq > ? ORDER BY seq LIMIT ?",
                              (user, _i64(after_seq), _i64(limit))).fetchall()
@@ -312,31 +322,40 @@ class SqliteStore:
             first = c.execute("SELECT MIN(seq) FROM messages WHERE recipient = ?",
                               (user,)).fetchone()[0]
         last_seq, cursor = row or (0, 0)
-        return InboxState(last_seq + 1 if first is None else first, last_seq, cursor)
+        first = last_seq + 1 if first is None else first
+        if self.max_inbox is not None:
+            first = max(first, last_seq - self.max_inbox + 1)
+        return InboxState(first, last_seq, cursor)
 
-    def set_cursor(self, user: str, seq: int) -> int:
-        """cursor = max(old, min(seq, last_seq)); returns the new cursor."""
+    def save_cursors(self, cursors: Mapping[str, int], last_seen: Mapping[str, int]) -> None:
+        """In one transaction: each cursor = max(old, min(seq, last_seq)) (unknown users
+        have nothing to ack) and each user's last_seen."""
+        if not cursors and not last_seen:
+            return
         with self._write() as c:
-            row = c.execute("UPDATE users SET cursor = MAX(cursor, MIN(?, last_seq)) "
-                            "WHERE user = ? RETURNING cursor", (_i64(seq), user)).fetchone()
-        return row[0] if row else 0
+            c.executemany("UPDATE users SET cursor = MAX(cursor, MIN(?, last_seq)) "
+                          "WHERE user = ?", [(_i64(seq), u) for u, seq in cursors.items()])
+            c.executemany("INSERT INTO users (user, last_seen) VALUES (?, ?) ON CONFLICT (user) "
+                          "DO UPDATE SET last_seen = excluded.last_seen",
+                          [(u, _i64(ts)) for u, ts in last_seen.items()])
 
     def history(self, user: str, peer: str, before_msg_id: str | None,
                 limit: int) -> tuple[list[StoredMessage], bool]:
         """Messages between user and peer, newest first, msg_id < before_msg_id;
         plus whether older ones exist. before_msg_id not in this conversation
         (never was, or pruned) -> UnknownMessage."""
-        _check_page(limit)
+        check_page(limit)
         args = {"u": user, "p": peer, "conv": _conv(user, peer),
-                "before": before_msg_id, "n": _i64(limit) + 1}
+                "before": before_msg_id, "n": _i64(limit) + 1, "k": self.max_inbox}
+        visible = self._visible()
         with self._read() as c:
             if before_msg_id is not None and c.execute(
                     f"SELECT 1 FROM messages m WHERE msg_id = :before AND conv = :conv "
-                    f"AND {_IN_PAIR}", args).fetchone() is None:
+                    f"AND {_IN_PAIR} {visible}", args).fetchone() is None:
                 raise UnknownMessage(f"unknown message {before_msg_id!r}")
             older = "" if before_msg_id is None else "AND msg_id < :before"
             rows = c.execute(f"SELECT {_COLS} FROM messages m WHERE conv = :conv {older} "
-                             f"AND {_IN_PAIR} ORDER BY msg_id DESC LIMIT :n",
+                             f"AND {_IN_PAIR} {visible} ORDER BY msg_id DESC LIMIT :n",
                              args).fetchall()
         return [StoredMessage(*r) for r in rows[:limit]], len(rows) > limit
 
@@ -346,7 +365,7 @@ class SqliteStore:
         tidings.store.parse_query), best bm25 first (ties: newest first); plus
         whether more results follow."""
         phrases = parse_query(query)
-        _check_page(limit, offset)
+        check_page(limit, offset)
         while self.index_pending():  # every stored message is searchable
             pass
         terms = " AND ".join('"' + " ".join(p) + '"' for p in phrases)
@@ -355,9 +374,11 @@ class SqliteStore:
             with self._read() as c:
                 rows = c.execute(
                     f"SELECT {_COLS} FROM messages_fts f JOIN messages m ON m.id = f.rowid "
-                    "WHERE messages_fts MATCH ? AND (+m.sender = ? OR +m.recipient = ?) "
-                    "ORDER BY bm25(messages_fts, 1.0, 0.0), m.msg_id DESC LIMIT ? OFFSET ?",
-                    (match, user, user, _i64(limit) + 1, _i64(offset))).fetchall()
+                    "WHERE messages_fts MATCH :match AND (+m.sender = :u OR +m.recipient = :u) "
+                    f"{self._visible()} "
+                    "ORDER BY bm25(messages_fts, 1.0, 0.0), m.msg_id DESC LIMIT :n OFFSET :o",
+                    {"match": match, "u": user, "n": _i64(limit) + 1, "o": _i64(offset),
+                     "k": self.max_inbox}).fetchall()
         except StoreUnavailable as e:  # parse_query should make this unreachable
             if "fts5" in str(e):
                 raise BadQuery("malformed query") from e
@@ -365,11 +386,6 @@ class SqliteStore:
         return [StoredMessage(*r) for r in rows[:limit]], len(rows) > limit
 
     # ------------------------------------------------------------ presence
-
-    def set_last_seen(self, user: str, ts_ms: int) -> None:
-        with self._write() as c:
-            c.execute("INSERT INTO users (user, last_seen) VALUES (?, ?) ON CONFLICT (user) "
-                      "DO UPDATE SET last_seen = excluded.last_seen", (user, _i64(ts_ms)))
 
     def last_seen(self, users: Sequence[str]) -> dict[str, int | None]:
         result: dict[str, int | None] = dict.fromkeys(users)
@@ -381,13 +397,14 @@ class SqliteStore:
 
     # ---------------------------------------------------------- retention
 
-    def prune(self, now_ms: int, retention_days: float | None,
-              max_inbox: int | None) -> int:
+    def prune(self, now_ms: int, retention_days: float | None) -> int:
         """Delete, per recipient, every message up to the newest one older than the
-        retention (ts < now - retention) and all but the newest ``max_inbox``;
+        retention (ts < now - retention) and all but the newest ``max_inbox`` (which
+        reads already hide);
         always an inbox prefix, so seqs stay contiguous. Deletes in transactions
         of at most PRUNE_BATCH rows. Returns the number deleted."""
         cutoff = prune_cutoff_ms(now_ms, retention_days)
+        max_inbox = self.max_inbox
         while self.index_pending():  # the index must hold every row it deletes
             pass
         cuts: dict[str, int] = {}
@@ -420,6 +437,13 @@ class SqliteStore:
                     budget -= len(ids)
                     deleted += len(ids)
         return deleted
+
+    def _visible(self) -> str:
+        """SQL that hides what ``max_inbox`` pushed out (for a query on ``messages m``
+        with the parameter ``:k``)."""
+        if self.max_inbox is None:
+            return ""
+        return ("AND m.seq > (SELECT last_seq FROM users WHERE user = m.recipient) - :k")
 
     def checkpoint(self) -> None:
         """Copy committed WAL pages into the database file (PASSIVE: never waits for

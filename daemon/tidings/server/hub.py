@@ -1,0 +1,379 @@
+"""The hub: the trio service joining the session table, the router and the store.
+
+Contract
+--------
+* ``Hub.send(origin, sender, to, body, ctx)`` stores the message first and routes it
+  after the store has accepted it.  One writer task takes everything queued and hands
+  it to the store in one ``append`` (group commit), then routes the batch in order; the
+  origin hears ``on_stored`` (its ack) only after that.  ``send`` blocks only while the
+  writer's bounded input queue is full (the store is behind): backpressure to the
+  sender's socket, never a drop.
+* Which engine stores is not the hub's business: every engine has the same async
+  interface (``tidings.store.base``).  An engine that publishes what it stores (redis,
+  in a cluster) says so per message (``Appended.receivers``): the message then reaches
+  local connections through the cluster (``on_cluster_message``), like every other
+  node's, so each user's messages arrive in seq order.
+* Acks of received messages (cursor moves) and ``last_seen`` updates are coalesced per
+  user and saved by the writer after its next batch; they never block a connection.  An
+  ack that asked for a reply hears ``on_cursor_saved`` once its cursor is saved.
+* Store failures answer every affected origin (``on_store_failed``) and are logged
+  once per interval with a count, never once per message.
+* Cancellation: a cancelled ``send`` either queued the message (it will be stored and
+  acked if the connection still lives) or did not (nothing stored).
+* On shutdown, ``close_intake`` stops new sends; ``run`` drains what is queued, saves
+  cursors and last_seen, and returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import trio
+
+from tidings import log
+from tidings.config import Config
+from tidings.wire.protocol import (
+    MsgIdGenerator,
+    encode,
+    message_fields,
+    message_json,
+)
+from tidings.routing.rooms import ROOM_KEY_PREFIX, RoomRefused, RoomTable, WatchTable, may_join
+from tidings.routing.router import Routed, Router
+from tidings.routing.sessions import SessionTable
+from tidings.store import NewMessage, Store, StoredMessage, StoreError
+
+if TYPE_CHECKING:
+    from tidings.cluster import Cluster
+
+__all__ = ["Hub", "HubStatistics", "Origin"]
+
+_WAKE = object()
+#: Store failures are logged at most once per this many seconds (with a count).
+STORE_FAILURE_LOG_INTERVAL_S = 10.0
+
+
+class Origin(Protocol):
+    """Whoever waits for a store result: a connection, or an API request.
+
+    ``ctx`` is what the origin handed to the hub (its frame id...), given back
+    verbatim.  The callbacks run in the hub's writer task and must never block."""
+
+    def on_stored(self, ctx: Any, msg_id: str, seq: int, delivered: int) -> None: ...
+
+    def on_store_failed(self, ctx: Any) -> None: ...
+
+
+class CursorOrigin(Protocol):
+    """Whoever waits for an ack's cursor to be saved (an ``ack`` frame with an id)."""
+
+    def on_cursor_saved(self, ctx: Any, seq: int) -> None: ...
+
+    def on_cursor_failed(self, ctx: Any) -> None: ...
+
+
+class _Job:
+    """One queued send."""
+
+    __slots__ = ("accepted", "ctx", "message", "origin")
+
+    def __init__(self, message: NewMessage, origin: Origin, ctx: Any) -> None:
+        self.message = message
+        self.origin = origin
+        self.ctx = ctx
+        self.accepted = time.monotonic()
+
+
+@attrs.frozen
+class HubStatistics:
+    connections: int
+    users: int
+    rooms: int
+    stored: int
+    routed: int
+    delivered: int
+    dropped: int
+    slow_disconnects: int
+    store_errors: int
+    queued: int
+
+
+class Hub:
+    def __init__(self, config: Config, store: Store) -> None:
+        """``store``: any engine.  ``cluster`` (set by the server when
+        ``cluster.redis_url`` is set) carries live delivery between nodes."""
+        self.config = config
+        self.sessions = SessionTable(
+            config.limits.max_connections, config.limits.max_connections_per_user
+        )
+        self.router = Router(self.sessions, config.limits.slow_consumer)
+        rc = config.rooms
+        self.rooms = RoomTable(rc.max_rooms_per_connection, rc.max_members_per_room, rc.history)
+        self.watches = WatchTable(max_per_connection=100)
+        self.store = store
+        self.ids = MsgIdGenerator()
+        self.lock = trio.Lock()
+        self.cluster: Cluster | None = None
+        self._jobs_tx, self._jobs_rx = trio.open_memory_channel[Any](config.store.queue)
+        self._cursors: dict[str, int] = {}
+        self._cursor_waiters: list[tuple[CursorOrigin, Any, int]] = []
+        self._last_seen: dict[str, int] = {}
+        self._stored = 0
+        self._store_errors = 0
+        self._failed_unlogged = 0
+        self._failure_log = log.LogOnce(interval=STORE_FAILURE_LOG_INTERVAL_S)
+        self._slow_log = log.LogOnce(interval=30.0)
+        self.latency: Any = None  # a prometheus Histogram, when metrics are on
+        self.router.on_slow_consumer = self._log_slow
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def register(self, conn: Any) -> None:
+        """Make ``conn`` routable; raises ``sessions.Refused`` over a limit.  The user's
+        watchers hear ``online`` when this is the user's first connection."""
+        async with self.lock:
+            self.sessions.add(conn)
+            if self.sessions.count(conn.user) == 1:
+                self._presence_event(conn.user, True)
+            if self.cluster is not None:
+                # Subscribed before the replay reads the store: whatever is stored after
+                # that read is also published to us (cluster.hold's contract).
+                await self.cluster.hold(conn.user)
+
+    def unregister(self, conn: Any) -> None:
+        """Remove ``conn`` (once per connection) with its rooms and watches; on the
+        user's last connection record last_seen and tell watchers ``offline`` (the router
+        may already have removed a slow consumer from the table)."""
+        self.sessions.remove(conn)
+        for room in self.rooms.leave_all(conn):
+            if self.cluster is not None:
+                self.cluster.release(ROOM_KEY_PREFIX + room)
+        self.watches.forget(conn)
+        if self.cluster is not None:
+            self.cluster.release(conn.user)
+        if self.sessions.count(conn.user) == 0:
+            self._presence_event(conn.user, False)
+            self._last_seen[conn.user] = int(time.time() * 1000)
+            self._wake_writer()
+
+    def _presence_event(self, user: str, online: bool) -> None:
+        watchers = self.watches.watchers(user)
+        if watchers:
+            fields = {"type": "presence", "user": user, "online": online}
+            self.router.offer_all(watchers, Routed(encode("presence", user=user, online=online), None, fields))
+
+    # -- rooms and watches (in memory, per connection) -------------------------------
+
+    async def join(self, conn: Any, room: str, allowed: tuple[str, ...] | None) -> list[dict[str, Any]]:
+        """Join ``room`` if the token (or the config default) allows it; return the
+        room's recent messages (``rooms.history``).  Raises RoomRefused.  In a cluster
+        the first local member subscribes this node to the room's channel."""
+        patterns = allowed if allowed is not None else self.config.rooms.default_allow
+        if not may_join(patterns, room):
+            raise RoomRefused("forbidden", f"not allowed to join {room!r}")
+        if self.rooms.join(conn, room) and self.cluster is not None:
+            await self.cluster.hold(ROOM_KEY_PREFIX + room)
+        return self.rooms.recent(room)
+
+    def leave(self, conn: Any, room: str) -> None:
+        if self.rooms.leave(conn, room) and self.cluster is not None:
+            self.cluster.release(ROOM_KEY_PREFIX + room)
+
+    async def send_room(self, conn: Any, room: str, body: bytes) -> tuple[str, int]:
+        """Offer a room message to every connection in the room now; ``(msg_id,
+        delivered)``.  Room messages are not stored; the sender must have joined.  In a
+        cluster it is published on the room's channel and ``delivered`` counts nodes."""
+        if room not in self.rooms.rooms_of(conn):
+            raise RoomRefused("forbidden", f"join {room!r} before sending to it")
+        msg_id, ts = self.ids.next()
+        if self.cluster is not None:  # comes back through on_cluster_message, like users
+            return msg_id, await self.cluster.publish(ROOM_KEY_PREFIX + room, msg_id, conn.user, ts, body)
+        return msg_id, self._route_room(room, msg_id, conn.user, body, ts)
+
+    def _route_room(self, room: str, msg_id: str, sender: str, body: bytes, ts: int) -> int:
+        fields = message_fields(msg_id, None, sender, None, body, ts, room=room)
+        result = self.router.offer_all(self.rooms.members(room), Routed(message_json(fields), None, fields))
+        self.rooms.remember(room, fields)
+        return result.delivered
+
+    def watch(self, conn: Any, users: tuple[str, ...], on: bool) -> dict[str, bool]:
+        """(Un)watch users' presence; return who of them is online now."""
+        if on:
+            self.watches.watch(conn, users)
+        else:
+            self.watches.unwatch(conn, users)
+        return {user: self.sessions.count(user) > 0 for user in users}
+
+    def _log_slow(self, conn: Any) -> None:
+        self._slow_log.log(
+            "warning", "slow_consumer", key=conn.user, user=conn.user, conn=conn.conn_id,
+            policy=self.router.slow_consumer,
+        )
+
+    # -- sends -----------------------------------------------------------------------
+
+    async def send(self, origin: Origin, sender: str, to: str, body: bytes, ctx: Any = None) -> None:
+        """Store then route a message; then call ``origin.on_stored(ctx, msg_id, seq,
+        delivered)`` -- or ``origin.on_store_failed(ctx)`` if the store refused it.
+
+        Blocks only while the writer's queue is full.  A connection origin must hold a
+        reply credit for the ack (or error) this produces; the callbacks never block.
+        """
+        if self.cluster is not None and not self.cluster.healthy:
+            origin.on_store_failed(ctx)  # Redis is unreachable: never ack what is not stored
+            return
+        msg_id, ts = self.ids.next()
+        await self._jobs_tx.send(_Job(NewMessage(msg_id, sender, to, body, ts), origin, ctx))
+
+    def _route(self, msg_id: str, seq: int, sender: str, recipient: str, body: bytes, ts: int) -> int:
+        """Offer a stored message to the recipient's local connections; the count."""
+        fields = message_fields(msg_id, seq, sender, recipient, body, ts)
+        return self.router.route(recipient, Routed(message_json(fields), seq, fields)).delivered
+
+    def _failed(self, count: int, exc: StoreError, what: str) -> None:
+        """Count a store failure; log it at most once per interval, with how many
+        messages (or cursor saves) failed since the last line."""
+        self._store_errors += 1
+        self._failed_unlogged += count
+        if self._failure_log.log("error", "store_failed", key=what, store=self.store.name,
+                                 what=what, failed=self._failed_unlogged, error=str(exc)):
+            self._failed_unlogged = 0
+
+    # -- coalesced writes ------------------------------------------------------------
+
+    def ack_cursor(self, user: str, seq: int, origin: CursorOrigin | None = None, ctx: Any = None) -> None:
+        """Move ``user``'s acknowledged cursor to ``seq`` (coalesced; never blocks).
+        With ``origin``, it hears ``on_cursor_saved(ctx, seq)`` once the cursor is
+        saved (or ``on_cursor_failed(ctx)``)."""
+        if seq > self._cursors.get(user, -1):
+            self._cursors[user] = seq
+        if origin is not None:
+            self._cursor_waiters.append((origin, ctx, seq))
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        try:
+            self._jobs_tx.send_nowait(_WAKE)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass  # the writer is busy (it saves them after its batch) or shut down
+
+    # -- the writer ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the store's maintenance and the group-commit writer until
+        ``close_intake`` and drained."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.store.run)
+            task_status.started()
+            await self._writer()
+            nursery.cancel_scope.cancel()
+
+    def close_intake(self) -> None:
+        self._jobs_tx.close()
+
+    async def _writer(self) -> None:
+        batch_max = self.config.store.batch_max
+        rx = self._jobs_rx
+        async for first in rx:
+            jobs = [] if first is _WAKE else [first]
+            while len(jobs) < batch_max:
+                try:
+                    job = rx.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                if job is not _WAKE:
+                    jobs.append(job)
+            if jobs:
+                await self._append(jobs)
+            if self._cursors or self._last_seen or self._cursor_waiters:
+                await self._save_cursors()
+        if self._cursors or self._last_seen or self._cursor_waiters:
+            await self._save_cursors()
+
+    async def _append(self, jobs: list[_Job]) -> None:
+        """Store a batch; route and answer each message in order."""
+        results = await self.store.append([j.message for j in jobs])
+        failed: StoreError | None = None
+        n_failed = 0
+        for job, result in zip(jobs, results, strict=True):
+            if result.error is not None:
+                failed, n_failed = result.error, n_failed + 1
+                job.origin.on_store_failed(job.ctx)
+                continue
+            self._stored += 1
+            m = job.message
+            if result.receivers is None:  # ours to route; else it comes back via the cluster
+                delivered = self._route(m.msg_id, result.seq, m.sender, m.recipient, m.body, m.ts)
+                if self.latency is not None:
+                    self.latency.observe(time.monotonic() - job.accepted)
+            else:
+                delivered = result.receivers
+            job.origin.on_stored(job.ctx, m.msg_id, result.seq, delivered)
+        if failed is not None:
+            self._failed(n_failed, failed, "append")
+
+    async def _save_cursors(self) -> None:
+        cursors, seen, waiters = self._cursors, self._last_seen, self._cursor_waiters
+        self._cursors, self._last_seen, self._cursor_waiters = {}, {}, []
+        try:
+            await self.store.save_cursors(cursors, seen)
+        except StoreError as exc:
+            self._failed(len(cursors) + len(seen), exc, "cursors")
+            for origin, ctx, _seq in waiters:
+                origin.on_cursor_failed(ctx)
+            return
+        for origin, ctx, seq in waiters:
+            origin.on_cursor_saved(ctx, seq)
+
+    def on_cluster_message(self, msg: StoredMessage) -> None:
+        """A message published by any node (this one included) for a user or a room
+        we hold."""
+        if msg.recipient.startswith(ROOM_KEY_PREFIX):
+            room = msg.recipient[len(ROOM_KEY_PREFIX):]
+            self._route_room(room, msg.msg_id, msg.sender, msg.body, msg.ts)
+            return
+        self._route(msg.msg_id, msg.seq, msg.sender, msg.recipient, msg.body, msg.ts)
+        if self.latency is not None:
+            self.latency.observe(max(0.0, time.time() - msg.ts / 1000))
+
+    def on_cluster_resync(self, users: list[str]) -> None:
+        """Live messages may have been missed (Redis reconnect, a seq gap): replay."""
+        for user in users:
+            for conn in self.sessions.connections(user):
+                conn.resync()
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def presence(self, users: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        """Online state, connection count and last_seen; cluster-wide in a cluster."""
+        seen = await self.store.last_seen(list(users))
+        counts = None
+        if self.cluster is not None:  # raises ClusterUnavailable, a StoreUnavailable
+            counts = await self.cluster.presence(list(users))
+        out = {}
+        for user in users:
+            count = counts.get(user, 0) if counts is not None else self.sessions.count(user)
+            out[user] = {
+                "online": count > 0,
+                "connections": count,
+                "last_seen": self._last_seen.get(user, seen.get(user)),
+            }
+        return out
+
+    def statistics(self) -> HubStatistics:
+        s, r = self.sessions.statistics(), self.router.statistics()
+        return HubStatistics(
+            connections=s.connections,
+            users=s.users,
+            rooms=self.rooms.statistics().rooms,
+            stored=self._stored,
+            routed=r.routed,
+            delivered=r.delivered,
+            dropped=r.dropped,
+            slow_disconnects=r.slow_disconnects,
+            store_errors=self._store_errors,
+            queued=self._jobs_rx.statistics().current_buffer_used,
+        )

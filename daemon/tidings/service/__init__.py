@@ -1,0 +1,3 @@
+"""Running as a service: systemd readiness, watchdog and socket activation
+(``sdnotify``), SIGHUP reload (``reload``, ``lifecycle``), TLS (``tls``) and
+``server.workers`` processes sharing a port (``workers``)."""

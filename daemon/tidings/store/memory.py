@@ -1,0 +1,209 @@
+"""The memory engine: dicts and lists, nothing survives ``aclose``.  Sans-IO.
+
+Same contract as every engine (:mod:`tidings.store.base`); used by tests and by
+``store.backend = "memory"``.  Every method runs to completion without awaiting
+anything, so each call is atomic with respect to other trio tasks and no lock is
+needed.  ``max_inbox`` is applied at append time: the oldest messages of an inbox are
+deleted as soon as an append pushes them out.
+
+Search is a linear scan over the messages the user sent or received: all phrases must
+occur (case-insensitive, tokens split on non-alphanumerics); ranked by total phrase hits,
+then newest (highest msg_id) first.  SQLite ranks by bm25; the set of matches is the
+same for plain ASCII text.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from tidings.store.records import (
+    Appended, DuplicateMessage, InboxState, NewMessage, StoredMessage, StoreUnavailable,
+    UnknownMessage, check_page, prune_cutoff_ms,
+)
+from tidings.store.search import indexed_text, parse_query, phrase_hits, tokenize
+
+__all__ = ["MemoryStore"]
+
+
+@attrs.define
+class _User:
+    last_seq: int = 0
+    cursor: int = 0
+    last_seen: int | None = None
+    inbox: list[StoredMessage] = attrs.Factory(list)  # ascending, contiguous seqs
+
+
+class MemoryStore:
+    """The in-memory engine.  ``limits`` is a :class:`tidings.store.base.StoreLimits`
+    (None: keep everything, forever)."""
+
+    name = "memory"
+
+    def __init__(self, limits: Any = None) -> None:
+        self._max_inbox: int | None = limits.max_inbox if limits is not None else None
+        self._limits = limits
+        self._users: dict[str, _User] = {}
+        self._by_id: dict[str, StoredMessage] = {}
+        # (sorted pair of users) -> msg_ids ascending
+        self._convs: dict[tuple[str, str], list[str]] = {}
+        self._closed = False
+
+    # -- maintenance -------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = None) -> None:
+        """Prune by retention every ``prune_interval_s`` until cancelled."""
+        import trio  # the engine's only trio use: its maintenance loop (store.maintenance)
+
+        from tidings.store.maintenance import prune_periodically
+
+        if task_status is not None:
+            task_status.started()
+        if self._limits is None:
+            await trio.sleep_forever()
+        await prune_periodically(self, self._limits)
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def append(self, msgs: Sequence[NewMessage]) -> list[Appended]:
+        """Store each message; a duplicate msg_id is refused alone."""
+        self._check_open()
+        out = []
+        for m in msgs:
+            if m.msg_id in self._by_id:
+                out.append(Appended(None, DuplicateMessage(f"duplicate msg_id {m.msg_id!r}")))
+                continue
+            out.append(Appended(self._append_one(m)))
+        return out
+
+    def _append_one(self, m: NewMessage) -> int:
+        user = self._user(m.recipient)
+        user.last_seq += 1
+        stored = StoredMessage(m.msg_id, user.last_seq, m.sender, m.recipient, m.body, m.ts)
+        user.inbox.append(stored)
+        self._by_id[m.msg_id] = stored
+        ids = self._convs.setdefault(self._conv(m.sender, m.recipient), [])
+        if ids and ids[-1] > m.msg_id:
+            bisect.insort(ids, m.msg_id)
+        else:
+            ids.append(m.msg_id)  # msg_ids grow with time: the usual case
+        if self._max_inbox is not None and len(user.inbox) > self._max_inbox:
+            self._drop_prefix(user, len(user.inbox) - self._max_inbox)
+        return user.last_seq
+
+    async def save_cursors(self, cursors: Mapping[str, int], last_seen: Mapping[str, int]) -> None:
+        self._check_open()
+        for name, seq in cursors.items():
+            u = self._users.get(name)
+            if u is not None:
+                u.cursor = max(u.cursor, min(seq, u.last_seq))
+        for name, ts in last_seen.items():
+            self._user(name).last_seen = ts
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def read_inbox(self, user: str, after_seq: int, limit: int) -> list[StoredMessage]:
+        """Up to ``limit`` messages of ``user``'s inbox with seq > after_seq, ascending."""
+        check_page(limit)
+        self._check_open()
+        u = self._users.get(user)
+        if u is None:
+            return []
+        i = bisect.bisect_right(u.inbox, after_seq, key=lambda m: m.seq)
+        return u.inbox[i:i + limit]
+
+    async def inbox_state(self, user: str) -> InboxState:
+        self._check_open()
+        u = self._users.get(user) or _User()
+        first = u.inbox[0].seq if u.inbox else u.last_seq + 1
+        return InboxState(first, u.last_seq, u.cursor)
+
+    async def history(self, user: str, peer: str, before_msg_id: str | None,
+                      limit: int) -> tuple[list[StoredMessage], bool]:
+        """Messages between user and peer, newest first, msg_id < before_msg_id;
+        plus whether older ones exist. Unknown before_msg_id -> UnknownMessage."""
+        check_page(limit)
+        self._check_open()
+        ids = self._convs.get(self._conv(user, peer), [])
+        if before_msg_id is None:
+            end = len(ids)
+        else:
+            end = bisect.bisect_left(ids, before_msg_id)
+            if end == len(ids) or ids[end] != before_msg_id:
+                raise UnknownMessage(f"unknown message {before_msg_id!r}")
+        start = max(0, end - limit)
+        page = [self._by_id[i] for i in reversed(ids[start:end])]
+        return page, start > 0
+
+    async def search(self, user: str, query: str, limit: int,
+                     offset: int = 0) -> tuple[list[StoredMessage], bool]:
+        """Messages user sent or received matching all phrases of ``query``, best
+        first; plus whether more results follow."""
+        phrases = parse_query(query)
+        check_page(limit, offset)
+        self._check_open()
+        scored = []
+        for m in self._by_id.values():
+            if user not in (m.sender, m.recipient):
+                continue
+            tokens = tokenize(indexed_text(m.body))
+            hits = [phrase_hits(tokens, p) for p in phrases]
+            if all(hits):
+                scored.append((-sum(hits), m.msg_id, m))
+        scored.sort(key=lambda t: t[1], reverse=True)  # newest first...
+        scored.sort(key=lambda t: t[0])                # ...within equal hits (stable)
+        page = [t[2] for t in scored[offset:offset + limit]]
+        return page, len(scored) > offset + limit
+
+    async def last_seen(self, users: Sequence[str]) -> dict[str, int | None]:
+        self._check_open()
+        return {u: (self._users[u].last_seen if u in self._users else None) for u in users}
+
+    # -- retention -----------------------------------------------------------------------
+
+    async def prune(self, now_ms: int, retention_days: float | None) -> int:
+        """Delete, per recipient, every message up to the newest one older than the
+        retention (ts < now - retention); returns the count deleted."""
+        self._check_open()
+        cutoff = prune_cutoff_ms(now_ms, retention_days)
+        if cutoff is None:
+            return 0
+        deleted = 0
+        for u in self._users.values():
+            cut = max((m.seq for m in u.inbox if m.ts < cutoff), default=0)
+            n = bisect.bisect_right(u.inbox, cut, key=lambda m: m.seq)
+            deleted += self._drop_prefix(u, n)
+        return deleted
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _drop_prefix(self, u: _User, n: int) -> int:
+        for m in u.inbox[:n]:
+            del self._by_id[m.msg_id]
+            key = self._conv(m.sender, m.recipient)
+            ids = self._convs[key]
+            del ids[bisect.bisect_left(ids, m.msg_id)]
+            if not ids:
+                del self._convs[key]
+        del u.inbox[:n]
+        return n
+
+    def _user(self, name: str) -> _User:
+        user = self._users.get(name)
+        if user is None:
+            user = self._users[name] = _User()
+        return user
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreUnavailable("memory store is closed")
+
+    @staticmethod
+    def _conv(a: str, b: str) -> tuple[str, str]:
+        return (a, b) if a <= b else (b, a)

@@ -1,0 +1,130 @@
+"""What every store engine takes and returns: records and errors.  Sans-IO.
+
+Semantics shared by every engine (memory, sqlite, redis)
+--------------------------------------------------------
+A store keeps, per user, an *inbox*: the messages addressed to that user, each
+numbered with a per-recipient sequence number ``seq`` (1, 2, 3, ...).  Seqs are
+assigned by the store at append time, strictly increasing without gaps, and never
+reused: the highest seq ever assigned (``last_seq``) is kept per user even after the
+messages themselves are pruned.
+
+Only a *prefix* of an inbox ever goes away, so the visible seqs of a user are always
+the contiguous range ``first_seq .. last_seq``.  Two rules remove that prefix:
+
+* ``max_inbox`` (a setting of the engine): at most the newest ``max_inbox`` messages of
+  an inbox are visible, from the moment an append pushes an older one out (every
+  engine, every read: inbox, state, history).  Engines may delete the rows later.
+* retention: ``prune(now_ms, retention_days)`` removes every message up to the newest
+  one older than the retention.
+
+The router uses the contiguous range for resume: a client asking for everything after
+``since`` gets a complete replay iff ``since + 1 >= first_seq``.
+
+Every message is also visible to its sender through ``history`` (both directions of a
+conversation, paged by ``msg_id``, which the hub makes lexicographically increasing
+with time) and ``search``.  A user only ever sees messages they sent or received.
+
+Errors say what happened, never how the engine spells it: every failure an engine
+raises on purpose is a :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = [
+    "MS_PER_DAY", "Appended", "BadQuery", "DuplicateMessage", "InboxState", "NewMessage",
+    "StoreError", "StoreUnavailable", "StoredMessage", "UnknownMessage", "Unsupported",
+    "check_page", "prune_cutoff_ms",
+]
+
+MS_PER_DAY = 86_400_000
+
+
+# --------------------------------------------------------------------- errors
+
+class StoreError(Exception):
+    """Base class of every error a store raises on purpose."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be opened, read or written (path, permissions, disk full,
+    Redis down, schema too new, closed store).  The message names the place and the
+    reason.  Our fault or the environment's, never the client's."""
+
+
+class DuplicateMessage(StoreError):
+    """An append got a ``msg_id`` that is already stored (that message was not stored)."""
+
+
+class UnknownMessage(StoreError):
+    """``history`` got a ``before_msg_id`` that is not in that conversation."""
+
+
+class Unsupported(StoreError):
+    """The operation is not available with this engine (search on Redis)."""
+
+
+class BadQuery(StoreError):
+    """A search query is malformed; ``str(exc)`` is a short reason for the client."""
+
+
+# -------------------------------------------------------------------- records
+
+@attrs.frozen
+class NewMessage:
+    """What the hub asks to store. ``body`` is the orjson-encoded JSON body, stored and
+    returned verbatim; ``ts`` is epoch milliseconds."""
+    msg_id: str
+    sender: str
+    recipient: str
+    body: bytes
+    ts: int
+
+
+@attrs.frozen
+class StoredMessage:
+    msg_id: str
+    seq: int
+    sender: str
+    recipient: str
+    body: bytes
+    ts: int
+
+
+@attrs.frozen
+class InboxState:
+    """``first_seq``: lowest visible seq (``last_seq + 1`` if the inbox is empty);
+    ``last_seq``: highest seq ever assigned (0 if never); ``cursor``: acked seq."""
+    first_seq: int
+    last_seq: int
+    cursor: int
+
+
+@attrs.frozen
+class Appended:
+    """The outcome of one message of an append: its inbox ``seq``, or ``error``.
+
+    ``receivers``: None when the engine does not publish (the hub routes the message to
+    local connections itself); else the number of cluster nodes the engine's atomic
+    publish reached (the message comes back to this node through the cluster)."""
+    seq: int | None
+    error: StoreError | None = None
+    receivers: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def check_page(limit: int, offset: int = 0) -> None:
+    """Raise ValueError for a negative page size or offset (a bug of the caller)."""
+    if limit < 0 or offset < 0:
+        raise ValueError("limit and offset must be >= 0")
+
+
+def prune_cutoff_ms(now_ms: int, retention_days: float | None) -> int | None:
+    """Messages with ``ts`` below the returned value are expired (None: keep all)."""
+    if not retention_days:
+        return None
+    return now_ms - int(retention_days * MS_PER_DAY)
