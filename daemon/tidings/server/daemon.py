@@ -11,6 +11,7 @@ in one connection is logged (1011 to that client) and never takes the server dow
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import signal
@@ -293,6 +294,9 @@ async def serve(
                             host=host, port=port, store=config.store_backend(),
                             auth=config.auth.mode, pid=os.getpid(), worker=worker,
                             activated=len(listeners) if activated else None)
+                    # Everything built so far lives as long as the process: keep it out of
+                    # every future garbage collection (a full one paused the loop 12-22 ms).
+                    gc.freeze()
                     lifecycle.ready()
                     task_status.started(port)
                     async for signum in signals:

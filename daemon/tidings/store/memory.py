@@ -29,12 +29,24 @@ from tidings.store.search import indexed_text, parse_query, phrase_hits, tokeniz
 __all__ = ["MemoryStore"]
 
 
+#: A stored message as kept here: ``tuple(StoredMessage)``.  Plain tuples of str, bytes
+#: and int are untracked by the cyclic GC, so stored messages never lengthen a collection
+#: (a named tuple stays tracked).  Field 1 is the seq.
+_Row = tuple
+_SEQ = 1
+_stored = StoredMessage._make
+
+
+def _seq_of(row: _Row) -> int:
+    return row[_SEQ]
+
+
 @attrs.define
 class _User:
     last_seq: int = 0
     cursor: int = 0
     last_seen: int | None = None
-    inbox: list[StoredMessage] = attrs.Factory(list)  # ascending, contiguous seqs
+    inbox: list[_Row] = attrs.Factory(list)  # ascending, contiguous seqs
 
 
 class MemoryStore:
@@ -47,7 +59,7 @@ class MemoryStore:
         self._max_inbox: int | None = limits.max_inbox if limits is not None else None
         self._limits = limits
         self._users: dict[str, _User] = {}
-        self._by_id: dict[str, StoredMessage] = {}
+        self._by_id: dict[str, _Row] = {}
         # (sorted pair of users) -> msg_ids ascending
         self._convs: dict[tuple[str, str], list[str]] = {}
         self._closed = False
@@ -85,7 +97,7 @@ class MemoryStore:
     def _append_one(self, m: NewMessage) -> int:
         user = self._user(m.recipient)
         user.last_seq += 1
-        stored = StoredMessage(m.msg_id, user.last_seq, m.sender, m.recipient, m.body, m.ts)
+        stored = (m.msg_id, user.last_seq, m.sender, m.recipient, m.body, m.ts)
         user.inbox.append(stored)
         self._by_id[m.msg_id] = stored
         ids = self._convs.setdefault(self._conv(m.sender, m.recipient), [])
@@ -115,13 +127,13 @@ class MemoryStore:
         u = self._users.get(user)
         if u is None:
             return []
-        i = bisect.bisect_right(u.inbox, after_seq, key=lambda m: m.seq)
-        return u.inbox[i:i + limit]
+        i = bisect.bisect_right(u.inbox, after_seq, key=_seq_of)
+        return [_stored(row) for row in u.inbox[i:i + limit]]
 
     async def inbox_state(self, user: str) -> InboxState:
         self._check_open()
         u = self._users.get(user) or _User()
-        first = u.inbox[0].seq if u.inbox else u.last_seq + 1
+        first = u.inbox[0][_SEQ] if u.inbox else u.last_seq + 1
         return InboxState(first, u.last_seq, u.cursor)
 
     async def history(self, user: str, peer: str, before_msg_id: str | None,
@@ -138,7 +150,7 @@ class MemoryStore:
             if end == len(ids) or ids[end] != before_msg_id:
                 raise UnknownMessage(f"unknown message {before_msg_id!r}")
         start = max(0, end - limit)
-        page = [self._by_id[i] for i in reversed(ids[start:end])]
+        page = [_stored(self._by_id[i]) for i in reversed(ids[start:end])]
         return page, start > 0
 
     async def search(self, user: str, query: str, limit: int,
@@ -149,7 +161,8 @@ class MemoryStore:
         check_page(limit, offset)
         self._check_open()
         scored = []
-        for m in self._by_id.values():
+        for row in self._by_id.values():
+            m = _stored(row)
             if user not in (m.sender, m.recipient):
                 continue
             tokens = tokenize(indexed_text(m.body))
@@ -176,15 +189,15 @@ class MemoryStore:
             return 0
         deleted = 0
         for u in self._users.values():
-            cut = max((m.seq for m in u.inbox if m.ts < cutoff), default=0)
-            n = bisect.bisect_right(u.inbox, cut, key=lambda m: m.seq)
+            cut = max((_stored(r).seq for r in u.inbox if _stored(r).ts < cutoff), default=0)
+            n = bisect.bisect_right(u.inbox, cut, key=_seq_of)
             deleted += self._drop_prefix(u, n)
         return deleted
 
     # -- internals -----------------------------------------------------------------------
 
     def _drop_prefix(self, u: _User, n: int) -> int:
-        for m in u.inbox[:n]:
+        for m in map(_stored, u.inbox[:n]):
             del self._by_id[m.msg_id]
             key = self._conv(m.sender, m.recipient)
             ids = self._convs[key]

@@ -30,6 +30,8 @@ raises on purpose is a :class:`StoreError`.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import attrs
 
 __all__ = [
@@ -71,10 +73,14 @@ class BadQuery(StoreError):
 
 # -------------------------------------------------------------------- records
 
-@attrs.frozen
-class NewMessage:
+class NewMessage(NamedTuple):
     """What the hub asks to store. ``body`` is the orjson-encoded JSON body, stored and
-    returned verbatim; ``ts`` is epoch milliseconds."""
+    returned verbatim; ``ts`` is epoch milliseconds.
+
+    Messages are named tuples: cheap to build, and an engine that keeps many of them
+    (memory) can keep them as plain tuples, which the cyclic garbage collector stops
+    tracking, so they add nothing to the pause of a full collection (measured: ~49 ms
+    per million tracked objects)."""
     msg_id: str
     sender: str
     recipient: str
@@ -82,8 +88,8 @@ class NewMessage:
     ts: int
 
 
-@attrs.frozen
-class StoredMessage:
+class StoredMessage(NamedTuple):
+    """A message as stored: ``seq`` is its place in the recipient's inbox."""
     msg_id: str
     seq: int
     sender: str

@@ -1,29 +1,40 @@
 """The sqlite engine: :class:`tidings.store.sqlite_db.SqliteDatabase` driven from trio.
 
-Threads
--------
-Every call into SQLite runs in a worker thread (``trio.to_thread``), never on the event
-loop: a commit, a page read or a checkpoint may wait on the disk.  Worker threads are
-never abandoned on cancel (a shared connection must not be used by a thread the caller
-gave up on), so a cancelled call still finishes its transaction.
+Where each call runs (measured, docs/performance.md)
+----------------------------------------------------
+* **Writes run on the event-loop thread**, in transactions of at most ``WRITE_CHUNK``
+  rows (about 0.5 ms each here), yielding to other tasks between chunks.  The hub hands
+  over everything queued at once (group commit), so one commit serves many messages.
+  A hop to a worker thread per commit cost more than the commit itself: 3-5 ms waiting
+  for the thread and the GIL, which was the daemon's median latency.  With
+  ``synchronous = NORMAL`` a WAL commit is a write to the page cache, no fsync.
+  Every writer of the database file is on this thread (appends, cursors, full-text
+  indexing, pruning), so none ever waits on another's lock.
+* **Reads** run in a worker thread on the read connection (WAL: they never wait for
+  the writer, and a slow page read never stalls the loop).
+* **Checkpoints** (the fsyncs) run in a worker thread on their own connection.
 
-* Writes of the hot path (``append``, ``save_cursors``) go through one writer limiter:
-  one transaction per call, in the order the hub calls them (group commit: the hub
-  hands over everything queued at once).
-* Reads run on the read connection (WAL: they never wait for the writer).
-* Maintenance runs in ``run()``: every second the rows appended since are added to the
-  full-text index in transactions of at most ``INDEX_CHUNK`` rows (so an append waits at
-  most one chunk for the write lock) and the WAL is checkpointed (PASSIVE) from a thread
-  of its own, keeping checkpoint fsyncs off the append path; every
-  ``prune_interval_s`` retention and ``max_inbox`` are applied in bounded batches.
+Maintenance (``run``)
+---------------------
+Every ``MAINTENANCE_INTERVAL_S``: rows appended since are added to the full-text index
+in chunks of ``INDEX_CHUNK`` rows (on the loop thread, yielding between chunks), then a
+PASSIVE checkpoint copies the WAL into the database from a thread.  While writes go on
+such a checkpoint never catches up with the end of the WAL, and SQLite would restart
+the WAL only from inside a commit (its autocheckpoint: a 30-40 ms stall of that commit).
+So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine holds new writes for one more
+PASSIVE checkpoint (it then copies only what the last second added) and the next write
+starts the WAL over.  Every ``prune_interval_s`` retention and ``max_inbox`` are applied
+in transactions of at most ``PRUNE_CHUNK`` rows, likewise yielding between them.
 
 A duplicate msg_id (never produced by the hub's id generator) fails only that message:
-the batch is retried one message at a time.
+the chunk is retried one message at a time.  Cancellation: a write that started on the
+loop thread always completes (it never awaits inside a transaction).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -35,13 +46,17 @@ from tidings.store.maintenance import prune_periodically
 from tidings.store.records import (
     Appended, DuplicateMessage, InboxState, NewMessage, StoredMessage, StoreError,
 )
-from tidings.store.sqlite_db import SqliteDatabase
+from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
 
-__all__ = ["INDEX_CHUNK", "MAINTENANCE_INTERVAL_S", "SqliteStore"]
+__all__ = ["INDEX_CHUNK", "MAINTENANCE_INTERVAL_S", "PRUNE_CHUNK", "SqliteStore",
+           "WAL_RESTART_BYTES", "WRITE_CHUNK"]
 
 T = TypeVar("T")
-INDEX_CHUNK = 2000
+WRITE_CHUNK = 128
+INDEX_CHUNK = 256
+PRUNE_CHUNK = 256
 MAINTENANCE_INTERVAL_S = 1.0
+WAL_RESTART_BYTES = 16 * 1024 * 1024
 
 
 class SqliteStore:
@@ -52,8 +67,8 @@ class SqliteStore:
     def __init__(self, db: SqliteDatabase, limits: StoreLimits) -> None:
         self.db = db
         self._limits = limits
-        self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(1)
+        self._held: trio.Event | None = None  # set while writes wait for a WAL restart
         self._maintenance_errors = log.LogOnce(interval=60.0)
 
     @classmethod
@@ -63,38 +78,39 @@ class SqliteStore:
         limits = limits or StoreLimits()
         return cls(SqliteDatabase.open(path, max_inbox=limits.max_inbox), limits)
 
-    # -- threads -----------------------------------------------------------------------
-
-    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._write_limiter)
+    async def _writable(self) -> None:
+        while self._held is not None:
+            await self._held.wait()
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
 
-    # -- writes --------------------------------------------------------------------------
+    # -- writes (loop thread) ------------------------------------------------------------
 
     async def append(self, msgs: Sequence[NewMessage]) -> list[Appended]:
-        if not msgs:
-            return []
+        await self._writable()
+        out: list[Appended] = []
+        for start in range(0, len(msgs), WRITE_CHUNK):
+            if start:
+                await trio.sleep(0)  # let the loop breathe between chunks
+            out += self._append_chunk(msgs[start:start + WRITE_CHUNK])
+        return out
+
+    def _append_chunk(self, msgs: Sequence[NewMessage]) -> list[Appended]:
         try:
-            seqs = await self._write(self.db.append_many, msgs)
+            return [Appended(seq) for seq in self.db.append_many(msgs)]
         except DuplicateMessage:
-            return [await self._append_alone(m) for m in msgs]
+            if len(msgs) > 1:
+                return [r for m in msgs for r in self._append_chunk([m])]
+            return [Appended(None, DuplicateMessage(f"duplicate msg_id {msgs[0].msg_id!r}"))]
         except StoreError as exc:
             return [Appended(None, exc) for _ in msgs]
-        return [Appended(seq) for seq in seqs]
-
-    async def _append_alone(self, msg: NewMessage) -> Appended:
-        try:
-            (seq,) = await self._write(self.db.append_many, [msg])
-        except StoreError as exc:
-            return Appended(None, exc)
-        return Appended(seq)
 
     async def save_cursors(self, cursors: Mapping[str, int], last_seen: Mapping[str, int]) -> None:
-        await self._write(self.db.save_cursors, cursors, last_seen)
+        await self._writable()
+        self.db.save_cursors(cursors, last_seen)
 
-    # -- reads ---------------------------------------------------------------------------
+    # -- reads (worker thread) -----------------------------------------------------------
 
     async def read_inbox(self, user: str, after_seq: int, limit: int) -> list[StoredMessage]:
         return await self._read(self.db.read_inbox, user, after_seq, limit)
@@ -108,6 +124,7 @@ class SqliteStore:
 
     async def search(self, user: str, query: str, limit: int,
                      offset: int = 0) -> tuple[list[StoredMessage], bool]:
+        await self._index_all()  # every stored message is searchable
         return await self._read(self.db.search, user, query, limit, offset)
 
     async def last_seen(self, users: Sequence[str]) -> dict[str, int | None]:
@@ -115,10 +132,40 @@ class SqliteStore:
 
     # -- maintenance ---------------------------------------------------------------------
 
+    async def _index_all(self) -> None:
+        """Index every pending row, ``INDEX_CHUNK`` per transaction, yielding between."""
+        while True:
+            await self._writable()
+            if self.db.index_pending(INDEX_CHUNK) < INDEX_CHUNK:
+                return
+            await trio.sleep(0)
+
     async def prune(self, now_ms: int, retention_days: float | None) -> int:
-        # Not under the writer limiter: the database lock serializes it with appends,
-        # one bounded transaction at a time.
-        return await trio.to_thread.run_sync(self.db.prune, now_ms, retention_days)
+        await self._index_all()  # the index must hold every row a step deletes
+        pending = await self._read(self.db.prune_plan, now_ms, retention_days)
+        deleted = 0
+        while pending:
+            await self._writable()
+            deleted += self.db.prune_step(pending, PRUNE_CHUNK)
+            await trio.sleep(0)
+        return deleted
+
+    async def checkpoint(self) -> None:
+        """Index what was appended, checkpoint, and restart a WAL that grew too big
+        (see the module docstring).  Raises StoreError."""
+        await self._index_all()
+        frames, _done = await trio.to_thread.run_sync(self.db.checkpoint)
+        if frames * (PAGE_BYTES + 24) < WAL_RESTART_BYTES:
+            return
+        held = self._held = trio.Event()
+        began = time.monotonic()
+        try:
+            frames, done = await trio.to_thread.run_sync(self.db.checkpoint)
+        finally:
+            self._held = None
+            held.set()
+        log.log("debug", "wal_restart", frames=frames, complete=frames == done,
+                held_ms=round((time.monotonic() - began) * 1000, 1))
 
     async def run(self, *, task_status: Any = None) -> None:
         """Index, checkpoint and prune until cancelled (see the module docstring)."""
@@ -129,9 +176,7 @@ class SqliteStore:
             while True:
                 await trio.sleep(MAINTENANCE_INTERVAL_S)
                 try:
-                    while await trio.to_thread.run_sync(self.db.index_pending, INDEX_CHUNK):
-                        pass
-                    await trio.to_thread.run_sync(self.db.checkpoint)
+                    await self.checkpoint()
                 except StoreError as exc:
                     self._maintenance_errors.log("error", "checkpoint_failed", key="checkpoint",
                                                  error=str(exc))

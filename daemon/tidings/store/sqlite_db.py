@@ -35,8 +35,10 @@ but never corrupts the file.
 
 Checkpoints: ``checkpoint()`` runs a PASSIVE checkpoint on a third connection;
 call it from a thread other than the writer's so checkpoint fsyncs stay off
-the append path (SQLite's autocheckpoint is only a backstop, see
-AUTOCHECKPOINT_PAGES).
+the append path.  SQLite's own autocheckpoint runs *inside* a commit (measured
+30-40 ms on this box, every ~2,500 commits), so it is only a far backstop
+(AUTOCHECKPOINT_PAGES): the engine restarts the WAL itself (see
+:mod:`tidings.store.sqlite`).
 
 Schema changes go in MIGRATIONS (append only); ``PRAGMA user_version`` records
 how many have been applied. ``open`` applies the missing ones in one write
@@ -66,10 +68,11 @@ __all__ = ["MIGRATIONS", "PRUNE_BATCH", "SqliteDatabase"]
 
 PRUNE_BATCH = 5000
 WRITER_CACHE_KIB = 16384
-# Backstop only: checkpoints run in the committing writer and fsync (the measured
-# cost of a commit is dominated by them on this box), so callers should run
-# checkpoint() from another thread; this bounds the WAL (~64 MiB) if they do not.
-AUTOCHECKPOINT_PAGES = 16384
+# Backstop only: an autocheckpoint runs in the committing writer and fsyncs (30-40 ms
+# here), so callers run checkpoint() from another thread and restart the WAL well
+# before this (256 MiB of 4 KiB pages).
+AUTOCHECKPOINT_PAGES = 65536
+PAGE_BYTES = 4096
 _I64 = 2**63 - 1
 
 _BODY = "CAST(body AS TEXT)"
@@ -400,15 +403,25 @@ class SqliteDatabase:
     def prune(self, now_ms: int, retention_days: float | None) -> int:
         """Delete, per recipient, every message up to the newest one older than the
         retention (ts < now - retention) and all but the newest ``max_inbox`` (which
-        reads already hide);
-        always an inbox prefix, so seqs stay contiguous. Deletes in transactions
-        of at most PRUNE_BATCH rows. Returns the number deleted."""
-        cutoff = prune_cutoff_ms(now_ms, retention_days)
-        max_inbox = self.max_inbox
+        reads already hide); always an inbox prefix, so seqs stay contiguous.  Indexes
+        pending rows first, then deletes in transactions of at most PRUNE_BATCH rows.
+        Returns the number deleted.  (The engine runs the same steps with pauses.)"""
         while self.index_pending():  # the index must hold every row it deletes
             pass
+        pending = self.prune_plan(now_ms, retention_days)
+        deleted = 0
+        while pending:
+            deleted += self.prune_step(pending, PRUNE_BATCH)
+        return deleted
+
+    def prune_plan(self, now_ms: int, retention_days: float | None) -> list[tuple[str, int]]:
+        """What ``prune`` deletes: ``(user, last seq to delete)`` pairs, planned on the
+        read connection (never blocks writes).  Call ``index_pending`` until it returns
+        0 before deleting, so the index holds every row a step deletes."""
+        cutoff = prune_cutoff_ms(now_ms, retention_days)
+        max_inbox = self.max_inbox
         cuts: dict[str, int] = {}
-        with self._read() as c:  # plan on the reader: does not block writes
+        with self._read() as c:
             if cutoff is not None:
                 cuts.update(c.execute(
                     "SELECT recipient, MAX(seq) FROM messages INDEXED BY messages_ts "
@@ -419,23 +432,25 @@ class SqliteDatabase:
                         "EXISTS (SELECT 1 FROM messages WHERE recipient = u.user "
                         "AND seq <= u.last_seq - :k)", {"k": _i64(max(max_inbox, 0))}):
                     cuts[user] = max(cut, cuts.get(user, 0))
-        pending = sorted(cuts.items(), reverse=True)
+        return sorted(cuts.items(), reverse=True)
+
+    def prune_step(self, pending: list[tuple[str, int]], budget: int) -> int:
+        """Delete up to ``budget`` rows of the plan in one transaction, popping the
+        users that are done from the end of ``pending``; return the count."""
         deleted = 0
-        while pending:
-            with self._write() as c:
-                budget = PRUNE_BATCH
-                while pending and budget:
-                    user, cut = pending[-1]
-                    ids = [r[0] for r in c.execute(
-                        "SELECT id FROM messages WHERE recipient = ? AND seq <= ? "
-                        "ORDER BY seq LIMIT ?", (user, cut, budget))]
-                    if len(ids) < budget:
-                        pending.pop()
-                    if ids:
-                        c.execute(_SQL_FTS_DEL, (orjson.dumps(ids),))
-                        c.execute(_SQL_DEL, (orjson.dumps(ids),))
-                    budget -= len(ids)
-                    deleted += len(ids)
+        with self._write() as c:
+            while pending and budget:
+                user, cut = pending[-1]
+                ids = [r[0] for r in c.execute(
+                    "SELECT id FROM messages WHERE recipient = ? AND seq <= ? "
+                    "ORDER BY seq LIMIT ?", (user, cut, budget))]
+                if len(ids) < budget:
+                    pending.pop()
+                if ids:
+                    c.execute(_SQL_FTS_DEL, (orjson.dumps(ids),))
+                    c.execute(_SQL_DEL, (orjson.dumps(ids),))
+                budget -= len(ids)
+                deleted += len(ids)
         return deleted
 
     def _visible(self) -> str:
@@ -445,20 +460,33 @@ class SqliteDatabase:
             return ""
         return ("AND m.seq > (SELECT last_seq FROM users WHERE user = m.recipient) - :k")
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> tuple[int, int]:
         """Copy committed WAL pages into the database file (PASSIVE: never waits for
-        and never blocks the writer or readers). Meant to be called periodically
-        (e.g. every second) from a thread other than the writer's, which keeps
-        checkpoint fsyncs off the append path."""
+        and never blocks the writer or readers); return ``(frames in the WAL, frames
+        now in the database)``: when equal, the next write starts the WAL over.  A frame
+        is one page (``PAGE_BYTES``) plus a 24-byte header.  Meant to be called
+        periodically from a thread other than the writer's, which keeps checkpoint
+        fsyncs off the append path."""
         with self._cplock:
             if self._writer is None:
                 raise StoreUnavailable(f"store {self.path} is closed")
             try:
                 if self._checkpointer is None:
                     self._checkpointer = self._connect(self.path)
-                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                busy, log, done = self._checkpointer.execute(
+                    "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             except sqlite3.Error as e:
                 raise StoreUnavailable(f"store {self.path}: {e}") from e
+        return max(log, 0), max(done, 0)
+
+    def wal_bytes(self) -> int:
+        """The size of the WAL file (0 when there is none).  A restarted WAL keeps its
+        file (cutting a big file costs tens of ms of kernel time on the writer, measured)
+        and is written over from the start; what is in use is ``checkpoint()``'s."""
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
 
     def close(self) -> None:
         """Close the connections; later calls raise StoreUnavailable. Idempotent."""
