@@ -19,10 +19,10 @@ Differences from MemoryStore / SqliteStore (documented in docs/cluster.md):
 
 * ``search`` raises :class:`Unsupported` (there is no full-text index in Redis).
 * ``DuplicateMessage`` is detected per recipient (msg_ids are unique by construction;
-  this is a safety net), and a batch is atomic per recipient, not as a whole: when the
-  connection fails mid-batch some recipients' messages may be stored (and published)
-  while the call raises :class:`StoreUnavailable`.  :meth:`RedisStore.append_routed`
-  reports the outcome per message.
+  this is a safety net): a msg_id that only another recipient has is stored.  A batch is
+  atomic per recipient, not as a whole: when the connection fails mid-batch some
+  recipients' messages may be stored (and published) while others are reported failed
+  (a group whose outcome is unknown is reported failed).
 * Retention pruning removes, per inbox, the longest *prefix* of messages older than the
   cutoff (oldest first, in bounded batches).  The other stores remove everything up to
   the newest expired message; the two agree whenever ``ts`` does not decrease along an
@@ -149,10 +149,6 @@ class RedisStore:
             yield
         except StoreError:
             raise
-        except coredis.exceptions.ResponseError as exc:
-            if str(exc).startswith("DUPLICATE"):
-                raise DuplicateMessage(f"duplicate msg_id in append_many: {exc}") from None
-            raise _unavailable(exc, what) from None
         except _TRANSIENT as exc:
             raise _unavailable(exc, what) from None
 
@@ -203,23 +199,18 @@ class RedisStore:
         for idx, request in requests:
             try:
                 reply = await request
-            except coredis.exceptions.ResponseError as exc:
-                err: StoreError = (DuplicateMessage(f"duplicate msg_id: {exc}")
-                                   if str(exc).startswith("DUPLICATE")
-                                   else _unavailable(exc, "append"))
-                for i in idx:
-                    results[i] = Appended(None, err)
-                continue
             except (*_TRANSIENT, RuntimeError) as exc:  # RuntimeError: never executed
                 err = _unavailable(exc, "append")
                 for i in idx:
                     results[i] = Appended(None, err)
                 continue
-            receivers = None if not self.publish else 0
             for j, i in enumerate(idx):
-                if receivers is not None:
-                    receivers = int(reply[2 * j + 1])
-                results[i] = Appended(int(reply[2 * j]), None, receivers)
+                seq = int(reply[2 * j])
+                if seq < 0:
+                    results[i] = Appended(None, DuplicateMessage(
+                        f"duplicate msg_id {msgs[i].msg_id!r} for {msgs[i].recipient!r}"))
+                    continue
+                results[i] = Appended(seq, None, int(reply[2 * j + 1]) if self.publish else None)
         return [r if r is not None else Appended(None, StoreUnavailable("lost"))
                 for r in results]
 
