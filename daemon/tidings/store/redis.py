@@ -177,7 +177,7 @@ class RedisStore:
         # standalone: one script call for the whole batch; cluster: one per recipient
         calls = [list(groups.items())] if not self.cluster else [[g] for g in groups.items()]
         results: list[Appended | None] = [None] * len(msgs)
-        head = [max(self.max_inbox or 0, 0), self.publish]
+        head = [-1 if self.max_inbox is None else max(self.max_inbox, 0), self.publish]
         requests = []
         try:
             async with self._r.pipeline(transaction=False, raise_on_error=False) as pipe:

@@ -87,7 +87,7 @@ def decode_envelope(user: str, data: bytes) -> StoredMessage:
 # --------------------------------------------------------------------- Lua scripts
 
 # KEYS: only for routing (Redis Cluster: the `u` key of the single recipient).
-# ARGV: max_inbox (0 = no trim), publish command ("" = none), then one group per
+# ARGV: max_inbox (-1 = no limit), publish command ("" = none), then one group per
 # recipient: tag, count, and 5 args per message: msg_id, sender, body, ts, header.
 # Every key is derived from the tag, so a standalone server runs a whole batch of many
 # recipients in one call; on a cluster each call carries one recipient (one slot).
@@ -123,7 +123,7 @@ while i <= #ARGV do
       out[#out + 1] = receivers
     end
   end
-  if max_inbox > 0 then
+  if max_inbox >= 0 then
     local excess = redis.call('XLEN', inbox) - max_inbox
     if excess > 0 then
       local old = redis.call('XRANGE', inbox, '-', '+', 'COUNT', excess)
