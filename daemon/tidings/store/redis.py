@@ -164,11 +164,14 @@ class RedisStore:
     async def append(self, msgs: Sequence[NewMessage]) -> list[Appended]:
         """Store (and publish) ``msgs``; one result per message, in order.
 
-        Atomic per recipient (one script each), all recipients pipelined in one round
-        trip.  A failed recipient group yields ``Appended(None, 0, error)`` for each of
-        its messages; when the connection broke, a group's outcome is unknown and it is
-        reported as failed (it may still have been stored and published)."""
-        self._check_open()
+        Atomic per recipient, all recipients pipelined in one round trip.  Never raises
+        for store failures: a failed recipient group yields ``Appended(None, error)``
+        for each of its messages; when the connection broke, a group's outcome is
+        unknown and it is reported as failed (it may still have been stored and
+        published).  On a closed store every message gets StoreUnavailable."""
+        if self._closed:
+            error = StoreUnavailable("redis store is closed")
+            return [Appended(None, error) for _ in msgs]
         if not msgs:
             return []
         groups: dict[str, list[int]] = {}
