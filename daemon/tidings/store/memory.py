@@ -84,8 +84,11 @@ class MemoryStore:
     # -- writes --------------------------------------------------------------------------
 
     async def append(self, msgs: Sequence[NewMessage]) -> list[Appended]:
-        """Store each message; a duplicate msg_id is refused alone."""
-        self._check_open()
+        """Store each message; a duplicate msg_id is refused alone.  Never raises: on a
+        closed store every message gets StoreUnavailable."""
+        if self._closed:
+            error = StoreUnavailable("memory store is closed")
+            return [Appended(None, error) for _ in msgs]
         out = []
         for m in msgs:
             if m.msg_id in self._by_id:

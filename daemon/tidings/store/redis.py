@@ -19,10 +19,10 @@ Differences from MemoryStore / SqliteStore (documented in docs/cluster.md):
 
 * ``search`` raises :class:`Unsupported` (there is no full-text index in Redis).
 * ``DuplicateMessage`` is detected per recipient (msg_ids are unique by construction;
-  this is a safety net), and a batch is atomic per recipient, not as a whole: when the
-  connection fails mid-batch some recipients' messages may be stored (and published)
-  while the call raises :class:`StoreUnavailable`.  :meth:`RedisStore.append_routed`
-  reports the outcome per message.
+  this is a safety net): a msg_id that only another recipient has is stored.  A batch is
+  atomic per recipient, not as a whole: when the connection fails mid-batch some
+  recipients' messages may be stored (and published) while others are reported failed
+  (a group whose outcome is unknown is reported failed).
 * Retention pruning removes, per inbox, the longest *prefix* of messages older than the
   cutoff (oldest first, in bounded batches).  The other stores remove everything up to
   the newest expired message; the two agree whenever ``ts`` does not decrease along an
@@ -149,10 +149,6 @@ class RedisStore:
             yield
         except StoreError:
             raise
-        except coredis.exceptions.ResponseError as exc:
-            if str(exc).startswith("DUPLICATE"):
-                raise DuplicateMessage(f"duplicate msg_id in append_many: {exc}") from None
-            raise _unavailable(exc, what) from None
         except _TRANSIENT as exc:
             raise _unavailable(exc, what) from None
 
@@ -168,11 +164,14 @@ class RedisStore:
     async def append(self, msgs: Sequence[NewMessage]) -> list[Appended]:
         """Store (and publish) ``msgs``; one result per message, in order.
 
-        Atomic per recipient (one script each), all recipients pipelined in one round
-        trip.  A failed recipient group yields ``Appended(None, 0, error)`` for each of
-        its messages; when the connection broke, a group's outcome is unknown and it is
-        reported as failed (it may still have been stored and published)."""
-        self._check_open()
+        Atomic per recipient, all recipients pipelined in one round trip.  Never raises
+        for store failures: a failed recipient group yields ``Appended(None, error)``
+        for each of its messages; when the connection broke, a group's outcome is
+        unknown and it is reported as failed (it may still have been stored and
+        published).  On a closed store every message gets StoreUnavailable."""
+        if self._closed:
+            error = StoreUnavailable("redis store is closed")
+            return [Appended(None, error) for _ in msgs]
         if not msgs:
             return []
         groups: dict[str, list[int]] = {}
@@ -181,7 +180,7 @@ class RedisStore:
         # standalone: one script call for the whole batch; cluster: one per recipient
         calls = [list(groups.items())] if not self.cluster else [[g] for g in groups.items()]
         results: list[Appended | None] = [None] * len(msgs)
-        head = [max(self.max_inbox or 0, 0), self.publish]
+        head = [-1 if self.max_inbox is None else max(self.max_inbox, 0), self.publish]
         requests = []
         try:
             async with self._r.pipeline(transaction=False, raise_on_error=False) as pipe:
@@ -203,23 +202,18 @@ class RedisStore:
         for idx, request in requests:
             try:
                 reply = await request
-            except coredis.exceptions.ResponseError as exc:
-                err: StoreError = (DuplicateMessage(f"duplicate msg_id: {exc}")
-                                   if str(exc).startswith("DUPLICATE")
-                                   else _unavailable(exc, "append"))
-                for i in idx:
-                    results[i] = Appended(None, err)
-                continue
             except (*_TRANSIENT, RuntimeError) as exc:  # RuntimeError: never executed
                 err = _unavailable(exc, "append")
                 for i in idx:
                     results[i] = Appended(None, err)
                 continue
-            receivers = None if not self.publish else 0
             for j, i in enumerate(idx):
-                if receivers is not None:
-                    receivers = int(reply[2 * j + 1])
-                results[i] = Appended(int(reply[2 * j]), None, receivers)
+                seq = int(reply[2 * j])
+                if seq < 0:
+                    results[i] = Appended(None, DuplicateMessage(
+                        f"duplicate msg_id {msgs[i].msg_id!r} for {msgs[i].recipient!r}"))
+                    continue
+                results[i] = Appended(seq, None, int(reply[2 * j + 1]) if self.publish else None)
         return [r if r is not None else Appended(None, StoreUnavailable("lost"))
                 for r in results]
 

@@ -87,53 +87,43 @@ def decode_envelope(user: str, data: bytes) -> StoredMessage:
 # --------------------------------------------------------------------- Lua scripts
 
 # KEYS: only for routing (Redis Cluster: the `u` key of the single recipient).
-# ARGV: max_inbox (0 = no trim), publish command ("" = none), then one group per
+# ARGV: max_inbox (-1 = no limit), publish command ("" = none), then one group per
 # recipient: tag, count, and 5 args per message: msg_id, sender, body, ts, header.
 # Every key is derived from the tag, so a standalone server runs a whole batch of many
 # recipients in one call; on a cluster each call carries one recipient (one slot).
-# Returns {seq1, receivers1, seq2, receivers2, ...} in argument order, or the error
-# "DUPLICATE <msg_id>" (then nothing was stored).
+# Returns {seq1, receivers1, seq2, receivers2, ...} in argument order; seq -1 marks a
+# msg_id this recipient already has (that message alone is not stored).
 APPEND_LUA = r"""
 local max_inbox, pub = tonumber(ARGV[1]), ARGV[2]
-local groups = {}
-local seen = {}
+local out = {}
 local i = 3
 while i <= #ARGV do
-  local tag, n = ARGV[i], tonumber(ARGV[i + 1])
+  local tag, n, first = ARGV[i], tonumber(ARGV[i + 1]), i + 2
+  i = first + n * 5
   local base = 'tidings:{' .. tag .. '}:'
-  local g = {base = base, first = i + 2, n = n}
-  groups[#groups + 1] = g
-  for k = 0, n - 1 do
-    local id = ARGV[g.first + k * 5]
-    local key = base .. '\0' .. id
-    if seen[key] or redis.call('HEXISTS', base .. 'ids', id) == 1 then
-      return redis.error_reply('DUPLICATE ' .. id)
-    end
-    seen[key] = true
-  end
-  i = g.first + n * 5
-end
-local out = {}
-for _, g in ipairs(groups) do
-  local base = g.base
   local u, inbox, ids, from, channel =
     base .. 'u', base .. 'inbox', base .. 'ids', base .. 'from:', base .. 'ch'
-  for k = 0, g.n - 1 do
-    local b = g.first + k * 5
+  for k = 0, n - 1 do
+    local b = first + k * 5
     local id, sender, body, ts = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-    local seq = redis.call('HINCRBY', u, 'seq', 1)
-    local s = string.format('%d', seq)
-    redis.call('XADD', inbox, s .. '-0', 'm', id, 'f', sender, 'b', body, 't', ts)
-    redis.call('HSET', ids, id, s)
-    redis.call('ZADD', from .. sender, 0, id)
-    local receivers = 0
-    if pub ~= '' then
-      receivers = redis.call(pub, channel, s .. '\n' .. ARGV[b + 4] .. '\n' .. body)
+    if redis.call('HEXISTS', ids, id) == 1 then
+      out[#out + 1] = -1
+      out[#out + 1] = 0
+    else
+      local seq = redis.call('HINCRBY', u, 'seq', 1)
+      local s = string.format('%d', seq)
+      redis.call('XADD', inbox, s .. '-0', 'm', id, 'f', sender, 'b', body, 't', ts)
+      redis.call('HSET', ids, id, s)
+      redis.call('ZADD', from .. sender, 0, id)
+      local receivers = 0
+      if pub ~= '' then
+        receivers = redis.call(pub, channel, s .. '\n' .. ARGV[b + 4] .. '\n' .. body)
+      end
+      out[#out + 1] = seq
+      out[#out + 1] = receivers
     end
-    out[#out + 1] = seq
-    out[#out + 1] = receivers
   end
-  if max_inbox > 0 then
+  if max_inbox >= 0 then
     local excess = redis.call('XLEN', inbox) - max_inbox
     if excess > 0 then
       local old = redis.call('XRANGE', inbox, '-', '+', 'COUNT', excess)

@@ -1,0 +1,245 @@
+"""The sqlite engine's own behaviour: SqliteDatabase (store/sqlite_db.py, synchronous)
+and SqliteStore (store/sqlite.py, trio).  The interface itself is tested on every
+engine in tests/test_store.py."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+
+import pytest
+import trio
+from store_harness import msg
+
+from tidings.store import InboxState, StoreLimits, StoreUnavailable
+from tidings.store import sqlite as sqlite_mod
+from tidings.store import sqlite_db
+from tidings.store.sqlite import SqliteStore
+from tidings.store.sqlite_db import MIGRATIONS, SqliteDatabase
+
+
+@pytest.fixture
+def db(tmp_path):
+    d = SqliteDatabase.open(tmp_path / "t.db")
+    yield d
+    d.close()
+
+
+def rows(d: SqliteDatabase, table: str = "messages") -> int:
+    with d._read() as c:
+        return c.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def fts_integrity_check(d: SqliteDatabase) -> None:
+    with d._write() as c:
+        c.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
+
+
+def fts_matches(d: SqliteDatabase, word: str) -> int:
+    with d._read() as c:
+        return c.execute("SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH ?",
+                         (word,)).fetchone()[0]
+
+
+# ------------------------------------------------------------------ opening
+
+def test_file_is_private_and_reopens(tmp_path):
+    path = tmp_path / "t.db"
+    d = SqliteDatabase.open(path)
+    d.append_many([msg("a", "b") for _ in range(2)])
+    d.close()
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
+    d = SqliteDatabase.open(str(path))
+    assert d.inbox_state("b") == InboxState(1, 2, 0)
+    d.close()
+
+
+def test_open_under_regular_file_is_unavailable(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    path = tmp_path / "afile" / "tidings.db"
+    with pytest.raises(StoreUnavailable, match="Not a directory") as e:
+        SqliteDatabase.open(path)
+    assert str(path) in str(e.value)
+
+
+def test_open_missing_dir_is_unavailable(tmp_path):
+    path = tmp_path / "nope" / "tidings.db"
+    with pytest.raises(StoreUnavailable, match="No such file") as e:
+        SqliteStore.open(path)
+    assert str(path) in str(e.value)
+
+
+def test_open_read_only_dir_is_unavailable(read_only_dir):
+    path = read_only_dir / "tidings.db"
+    with pytest.raises(StoreUnavailable, match="Permission denied|Read-only file system") as e:
+        SqliteDatabase.open(path)
+    assert str(path) in str(e.value)
+
+
+def test_open_garbage_file_is_unavailable(tmp_path):
+    path = tmp_path / "t.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreUnavailable, match=str(path)):
+        SqliteDatabase.open(path)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "t.db"
+    SqliteDatabase.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(StoreUnavailable, match=f"schema version {len(MIGRATIONS) + 1} is newer"):
+        SqliteDatabase.open(path)
+
+
+def test_version_1_database_is_migrated_with_its_rows_indexed(tmp_path):
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for sql in MIGRATIONS[0]:
+        conn.execute(sql)
+    conn.execute("INSERT INTO messages (msg_id, recipient, seq, sender, conv, body, ts) "
+                 "VALUES ('m1', 'b', 1, 'a', 'a\x1fb', '\"old pizza\"', 1)")
+    conn.execute("INSERT INTO messages_fts (rowid, text, owners) SELECT id, text, owners FROM messages")
+    conn.execute("INSERT INTO users (user, last_seq) VALUES ('b', 1)")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    d = SqliteDatabase.open(path)
+    assert d.index_pending() == 0  # version 1 indexed at append time: nothing pending
+    assert [m.msg_id for m in d.search("a", "pizza", 10, 0)[0]] == ["m1"]
+    assert d.append_many([msg("a", "b", "new pizza")]) == [2]
+    assert len(d.search("a", "pizza", 10, 0)[0]) == 2
+    fts_integrity_check(d)
+    d.close()
+
+
+def test_closed_database_raises_and_close_is_idempotent(db):
+    db.close()
+    db.close()
+    for call in (lambda: db.append_many([msg("a", "b")]), lambda: db.read_inbox("b", 0, 1),
+                 db.checkpoint, db.index_pending, lambda: db.prune(0, 1)):
+        with pytest.raises(StoreUnavailable, match="is closed"):
+            call()
+
+
+# ------------------------------------------------------------ concurrency
+
+def test_checkpoint_and_concurrent_reader(db):
+    errors = []
+
+    def reader():
+        try:
+            for _ in range(200):
+                db.read_inbox("b", 0, 50)
+                db.checkpoint()
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for _ in range(50):
+        db.append_many([msg("a", "b") for _ in range(10)])
+    t.join()
+    assert errors == [] and db.inbox_state("b").last_seq == 500
+
+
+# ------------------------------------------------------ deferred full-text index
+
+def test_appends_are_indexed_later_but_search_sees_them(db):
+    db.append_many([msg("a", "b", f"pizza {i}") for i in range(3)])
+    assert fts_matches(db, "pizza") == 0  # the append transaction did not index
+    assert len(db.search("a", "pizza", 10, 0)[0]) == 3  # search indexes what is pending
+    assert db.index_pending() == 0
+    db.append_many([msg("a", "b", "pizza 4")])
+    assert db.index_pending() == 1 and db.index_pending() == 0
+    fts_integrity_check(db)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_index_pending_takes_at_most_a_chunk(db, chunk):
+    db.append_many([msg("a", "b", "tea") for _ in range(5)])
+    done = [db.index_pending(chunk) for _ in range(6)]
+    assert sum(done) == 5 and max(done) == chunk and done[-1] == 0
+    assert fts_matches(db, "tea") == 5
+
+
+def test_prune_indexes_pending_rows_before_deleting_them(tmp_path):
+    d = SqliteDatabase.open(tmp_path / "t.db", max_inbox=3)
+    d.append_many([msg("a", "b", f"hello {i}") for i in range(10)])  # none indexed yet
+    assert d.prune(0, None) == 7
+    fts_integrity_check(d)
+    assert len(d.search("b", "hello", 10, 0)[0]) == 3
+    d.close()
+
+
+def test_ids_are_not_reused_below_the_index_after_pruning_the_newest(tmp_path):
+    d = SqliteDatabase.open(tmp_path / "t.db", max_inbox=0)
+    d.append_many([msg("a", "b", "pizza one") for _ in range(3)])
+    assert d.index_pending() == 3
+    assert d.prune(0, None) == 3  # every row gone: SQLite would reuse ids 1..3
+    assert d.append_many([msg("a", "b", "pizza two")]) == [4]
+    d.max_inbox = None  # show the row again (it is still there until the next prune)
+    assert [m.seq for m in d.search("a", "pizza", 10, 0)[0]] == [4]
+    d.max_inbox = 0
+    assert d.prune(0, None) == 1
+    fts_integrity_check(d)
+    d.close()
+
+
+# ------------------------------------------------------------------ pruning
+
+def test_max_inbox_hides_rows_that_prune_then_deletes(tmp_path):
+    d = SqliteDatabase.open(tmp_path / "t.db", max_inbox=2)
+    d.append_many([msg("a", "u", "word") for _ in range(5)] + [msg("u", "a", "word")])
+    assert rows(d) == 6  # nothing deleted by the appends...
+    assert d.inbox_state("u") == InboxState(4, 5, 0)  # ...but hidden from every read
+    assert [m.seq for m in d.read_inbox("u", 0, 10)] == [4, 5]
+    assert len(d.history("a", "u", None, 10)[0]) == 3
+    assert len(d.search("a", "word", 10, 0)[0]) == 3
+    assert d.prune(0, None) == 3
+    assert rows(d) == 3 and d.inbox_state("u") == InboxState(4, 5, 0)
+    assert d.prune(0, None) == 0
+    fts_integrity_check(d)
+    d.close()
+
+
+def test_prune_in_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_db, "PRUNE_BATCH", 7)
+    d = SqliteDatabase.open(tmp_path / "t.db", max_inbox=2)
+    d.append_many([msg("a", u, "hello") for u in ("x", "y") for _ in range(20)])
+    d.append_many([msg("a", "z", "hello", ts=1), msg("a", "z", "hello", ts=5)])
+    assert d.prune(3, 1 / 86_400_000) == 36 + 1  # max_inbox, and z's first by retention
+    assert [m.seq for m in d.read_inbox("y", 0, 100)] == [19, 20]
+    assert len(d.search("a", "hello", 100, 0)[0]) == 5
+    assert rows(d) == 5
+    fts_integrity_check(d)
+    d.close()
+
+
+# -------------------------------------------------------------- SqliteStore
+
+async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    checkpointed = trio.Event()
+    checkpoint = store.db.checkpoint
+
+    def observed_checkpoint() -> None:  # runs in a worker thread
+        checkpoint()
+        trio.from_thread.run_sync(checkpointed.set)
+
+    store.db.checkpoint = observed_checkpoint
+    try:
+        await store.append([msg("a", "b", "pizza") for _ in range(3)])
+        assert fts_matches(store.db, "pizza") == 0
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            with trio.fail_after(10):
+                await checkpointed.wait()
+            nursery.cancel_scope.cancel()
+        assert fts_matches(store.db, "pizza") == 3  # indexed before the checkpoint
+    finally:
+        await store.aclose()
+
