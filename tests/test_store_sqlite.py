@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 from store_harness import msg
 
 from tidings.store import InboxState, StoreLimits, StoreUnavailable
@@ -226,9 +227,10 @@ async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypat
     checkpointed = trio.Event()
     checkpoint = store.db.checkpoint
 
-    def observed_checkpoint() -> None:  # runs in a worker thread
-        checkpoint()
+    def observed_checkpoint() -> tuple[int, int]:  # runs in a worker thread
+        frames = checkpoint()
         trio.from_thread.run_sync(checkpointed.set)
+        return frames
 
     store.db.checkpoint = observed_checkpoint
     try:
@@ -243,3 +245,64 @@ async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypat
     finally:
         await store.aclose()
 
+
+
+# -- the engine restarts the WAL itself -------------------------------------------------------
+
+async def test_a_wal_past_the_limit_is_restarted_with_writes_held(tmp_path, monkeypatch):
+    limit = 64 * 1024
+    monkeypatch.setattr(sqlite_mod, "WAL_RESTART_BYTES", limit)
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    try:
+        pages = sqlite_db.PAGE_BYTES + 24
+        while store.db.wal_bytes() < 2 * limit:  # grow the WAL past the limit
+            await store.append([msg("a", f"u{i}", "x" * 200) for i in range(50)])
+        held_during: list[bool] = []
+        original = store.db.checkpoint
+
+        def observed() -> tuple[int, int]:  # worker thread: is the engine holding writes?
+            held_during.append(store._held is not None)
+            return original()
+
+        store.db.checkpoint = observed
+        await store.checkpoint()
+        assert held_during == [False, True]  # the plain one, then the restart with writes held
+        assert store._held is None
+        await store.append([msg("a", "b")])  # the first write after starts the WAL over
+        assert original()[0] * pages < limit
+    finally:
+        await store.aclose()
+
+
+async def test_a_small_wal_is_checkpointed_without_holding_writes(tmp_path):
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    try:
+        await store.append([msg("a", "b")])
+        calls: list[bool] = []
+        original = store.db.checkpoint
+        store.db.checkpoint = lambda: (calls.append(store._held is not None), original())[1]
+        await store.checkpoint()
+        assert calls == [False]
+    finally:
+        await store.aclose()
+
+
+async def test_writes_wait_while_the_wal_restarts(tmp_path):
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    try:
+        store._held = held = trio.Event()
+        done = trio.Event()
+
+        async def append() -> None:
+            await store.append([msg("a", "b")])
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(append)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set() and store.db.inbox_state("b").last_seq == 0
+            store._held = None
+            held.set()
+        assert store.db.inbox_state("b").last_seq == 1
+    finally:
+        await store.aclose()
