@@ -59,9 +59,9 @@ def make_config(**sections: dict[str, Any]) -> Config:
 class FlakyStore:
     """A MemoryStore with faults on demand.  ``fail(*ops)``: those operations raise
     StoreUnavailable (``append`` answers every message with that error, as engines do);
-    ``heal()`` ends every fault.  ``hold(op)``: the next calls of ``op`` wait until the
-    returned event is set (``held[op]`` is set once one is waiting).  ``calls`` counts
-    calls per operation."""
+    ``heal()`` ends every fault.  ``hold(op)``: the next call of ``op`` waits until the
+    returned event is set (``held[op]`` is set once it waits).  ``calls`` counts calls
+    per operation."""
 
     name = "flaky"
 
@@ -71,6 +71,7 @@ class FlakyStore:
         self.calls: Counter[str] = Counter()
         self.held: dict[str, trio.Event] = {}
         self._release: dict[str, trio.Event] = {}
+        self._after_read: dict[str, bool] = {}
 
     def fail(self, *ops: str) -> None:
         self.failing.update(ops)
@@ -78,18 +79,25 @@ class FlakyStore:
     def heal(self) -> None:
         self.failing.clear()
 
-    def hold(self, op: str) -> trio.Event:
+    def hold(self, op: str, *, after_read: bool = False) -> trio.Event:
+        """The next call of ``op`` waits until the returned event is set: before it
+        touches the store, or with ``after_read`` once it has read (its result is a
+        snapshot older than what happens meanwhile, as with a read in a thread)."""
         self.held[op] = trio.Event()
         release = self._release[op] = trio.Event()
+        self._after_read[op] = after_read
         return release
+
+    async def _wait(self, op: str, after_read: bool) -> None:
+        release = self._release.get(op)
+        if release is not None and self._after_read[op] is after_read:
+            del self._release[op]
+            self.held[op].set()
+            await release.wait()
 
     async def _enter(self, op: str) -> None:
         self.calls[op] += 1
-        release = self._release.get(op)
-        if release is not None:
-            self.held[op].set()
-            await release.wait()
-            del self._release[op]
+        await self._wait(op, False)
         if op in self.failing:
             raise StoreUnavailable(f"{op} failed (test fault)")
 
@@ -109,11 +117,15 @@ class FlakyStore:
 
     async def read_inbox(self, user: str, after_seq: int, limit: int) -> Any:
         await self._enter("read_inbox")
-        return await self.inner.read_inbox(user, after_seq, limit)
+        page = await self.inner.read_inbox(user, after_seq, limit)
+        await self._wait("read_inbox", True)
+        return page
 
     async def inbox_state(self, user: str) -> Any:
         await self._enter("inbox_state")
-        return await self.inner.inbox_state(user)
+        state = await self.inner.inbox_state(user)
+        await self._wait("inbox_state", True)
+        return state
 
     async def history(self, user: str, peer: str, before: str | None, limit: int) -> Any:
         await self._enter("history")
