@@ -38,8 +38,8 @@ async def check(hub: Hub, shutting_down: bool) -> tuple[int, dict[str, Any]]:
         except Exception as exc:  # any store failure means not ready; never a crash here
             _failures.log("warning", "health_check_failed", key="store", error=repr(exc))
     if timeout.cancelled_caught:
-        _failures.log("warning", "health_check_failed", key="store",
-                      error=f"no answer within {HEALTH_TIMEOUT:g} s")
+        _failures.log("warning", "health_check_failed", key="timeout",
+                      error=f"the store did not answer within {HEALTH_TIMEOUT:g} s")
     cluster = hub.cluster
     cluster_ok = cluster is None or cluster.healthy
     ok = store_ok and cluster_ok and not shutting_down
