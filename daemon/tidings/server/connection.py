@@ -137,19 +137,23 @@ class Connection(Outbound):
 
     def on_stored(self, ctx: SendContext, msg_id: str, seq: int, delivered: int) -> None:
         """The hub stored and routed our send: queue its ack (the send's credit)."""
-        self._answer(ctx, "ack", msg_id=msg_id, seq=seq, delivered=delivered)
+        fid, binary = ctx
+        enc = encode_msgpack if binary else encode
+        self.reply_nowait(enc("ack", id=fid, msg_id=msg_id, seq=seq, delivered=delivered), binary)
 
     def on_store_failed(self, ctx: SendContext) -> None:
         self._answer(ctx, "error", code="unavailable", message="message not stored; retry")
 
     def on_cursor_saved(self, ctx: SendContext, seq: int) -> None:
         """The hub saved the cursor an ``ack`` with an id moved: queue ``acked``."""
-        self._answer(ctx, "acked", seq=seq)
+        fid, binary = ctx
+        self.reply_nowait((encode_msgpack if binary else encode)("acked", id=fid, seq=seq), binary)
 
     def on_cursor_failed(self, ctx: SendContext) -> None:
         self._answer(ctx, "error", code="unavailable", message="ack not saved; retry")
 
     def _answer(self, ctx: SendContext, kind: str, **fields: Any) -> None:
+        """A reply to a send or ack (off the hot path: the failures)."""
         fid, binary = ctx
         self.reply_nowait((encode_msgpack if binary else encode)(kind, id=fid, **fields), binary)
 
