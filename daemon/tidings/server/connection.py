@@ -134,7 +134,6 @@ class Connection(Outbound):
             self._gate.sent(routed.seq)
         return Offer.QUEUED
 
-
     def on_stored(self, ctx: SendContext, msg_id: str, seq: int, delivered: int) -> None:
         """The hub stored and routed our send: queue its ack (the send's credit)."""
         fid, binary = ctx
@@ -175,9 +174,6 @@ class Connection(Outbound):
             self._registered = False
             self.hub.unregister(self)
 
-
-
-
     # -- the connection task ---------------------------------------------------------
 
     async def run(self) -> None:
@@ -206,7 +202,6 @@ class Connection(Outbound):
             code = self._close[0] if self._close else None
             log.log("debug", "connection_closed", conn=self.conn_id, user=self.user,
                     by=self._closed_by, code=code)
-
 
     async def _greet(self) -> bool:
         """Write the 101 and ``hello`` (prepared by the server) and start the first
@@ -290,8 +285,6 @@ class Connection(Outbound):
                 return
             self.last_activity = self._clock()
             self.pinged = False
-
-
 
     # -- frame handling and the command context -------------------------------------
 

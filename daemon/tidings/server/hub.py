@@ -215,7 +215,8 @@ class Hub:
         return result.delivered
 
     def watch(self, conn: Endpoint, users: tuple[str, ...], on: bool) -> dict[str, bool]:
-        """(Un)watch users' presence; return who of them is online now."""
+        """(Un)watch users' presence; return who of them is online now.  Raises
+        WatchRefused (nothing changed) over the per-connection bound."""
         if on:
             self.watches.watch(conn, users)
         else:
