@@ -4,7 +4,6 @@ wait is bounded by a fail_after that fires at once if something hangs."""
 
 from __future__ import annotations
 
-
 import pytest
 import trio
 import trio.testing
