@@ -24,10 +24,12 @@ work; the next queued item starts a new one.  Idle connections hold no writer ta
 
 Closing
 -------
-``_close_handshake`` (called by the connection task once ``_close`` is set) lets a
-running writer finish its batch, writes what is still queued and the close frame, then
-reads and drops input until the peer's close frame or EOF: a socket closed with unread
-input sends a TCP reset, which can destroy the close frame and the replies before it.
+``_close_handshake`` (called by the connection task when it closes: after ``kill`` or
+the peer's close frame) lets a running writer finish its batch, writes what is still
+queued and the close frame, then reads and drops input until the peer's close frame or
+EOF: a socket closed with unread input sends a TCP reset, which can destroy the close
+frame and the replies before it.  (After echoing the peer's close there is nothing to
+wait for.)
 The caller bounds it with ``CLOSE_TIMEOUT``.  A peer that resets TCP is its doing, not a
 crash of ours: ``_reset`` logs ``event=connection_closed by=peer`` at info (once a
 minute) and nothing more is written.
