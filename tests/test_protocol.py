@@ -1,4 +1,4 @@
-"""protocol.py: client frame parsing, server frame encoding, text_frame, MsgIdGenerator."""
+"""protocol.py: client frame parsing, server frame encoding, data_frame, MsgIdGenerator."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from tidings.wire.protocol import (
     encode,
     message_frame,
     parse_client_frame,
-    text_frame,
+    data_frame,
     valid_user_id,
 )
 
@@ -355,7 +355,7 @@ def test_valid_user_id(user, ok):
     assert valid_user_id(user) is ok
 
 
-# -- text_frame against wsproto's client-side parser -------------------------------------
+# -- data_frame against wsproto's client-side parser -------------------------------------
 
 
 def _payload(n: int, multibyte: bool) -> bytes:
@@ -368,10 +368,10 @@ def _payload(n: int, multibyte: bool) -> bytes:
 @pytest.mark.parametrize(
     ("size", "header"), [(0, 2), (1, 2), (125, 2), (126, 4), (127, 4), (65535, 4), (65536, 10), (70000, 10)]
 )
-def test_text_frame_parsed_by_wsproto_client(size, header, multibyte):
+def test_data_frame_parsed_by_wsproto_client(size, header, multibyte):
     payload = _payload(size, multibyte)
     assert len(payload) == size
-    frame = text_frame(payload)
+    frame = data_frame(payload)
     assert len(frame) == header + size
     assert frame[0] == 0x81  # FIN + text
     assert frame[1] & 0x80 == 0  # server frames are unmasked
@@ -385,9 +385,9 @@ def test_text_frame_parsed_by_wsproto_client(size, header, multibyte):
     assert event.frame_finished and event.message_finished
 
 
-def test_text_frames_back_to_back():
+def test_data_frames_back_to_back():
     client = Connection(ConnectionType.CLIENT)
-    client.receive_data(text_frame(b"one") + text_frame(b"x" * 200) + text_frame(b""))
+    client.receive_data(data_frame(b"one") + data_frame(b"x" * 200) + data_frame(b""))
     assert [e.data for e in client.events()] == ["one", "x" * 200, ""]
 
 
@@ -579,7 +579,7 @@ def test_parse_binary_frame():
 def test_binary_frame_parsed_by_wsproto_client(size):
     payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
     client = Connection(ConnectionType.CLIENT)
-    client.receive_data(text_frame(payload, protocol.BINARY))
+    client.receive_data(data_frame(payload, protocol.BINARY))
     (event,) = list(client.events())
     assert isinstance(event, BytesMessage)
     assert event.data == payload and event.message_finished

@@ -1,12 +1,15 @@
-"""The routing core against a model: session table + router, and the replay/live gate.
+"""The routing core against a model: session table + router + rooms, and replay.
 
 Both machines drive sans-IO code synchronously (hypothesis stateful tests have no async
-support); the trio connection is a thin wrapper around exactly these decisions.
+support): ``routing.router`` / ``rooms`` / ``sessions``, and ``routing.replay``, whose
+decisions the trio connection only executes.  Watches have a table test of their own.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import settings
@@ -21,14 +24,18 @@ from hypothesis.stateful import (
     rule,
 )
 
+from tidings.routing.replay import InboxGate, Replay
 from tidings.routing.rooms import RoomRefused, RoomTable
-from tidings.routing.router import InboxGate, Offer, Routed, Router
+from tidings.routing.router import Offer, Routed, Router
 from tidings.routing.sessions import Refused, SessionTable
-from tidings.store import MemoryStore, NewMessage
+from tidings.routing.watches import WatchRefused, WatchTable
+from tidings.store import InboxState, MemoryStore, NewMessage, StoredMessage
 
 USERS = ["alice", "bob", "carol"]
 ROOMS = ["lobby", "games"]
 BOUND = 3
+PAGE = 3
+T = TypeVar("T")
 
 
 class FakeEndpoint:
@@ -215,13 +222,27 @@ TestRouting = RoutingMachine.TestCase
 TestRouting.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 
 
+def done(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a MemoryStore coroutine to its end: the engine never awaits (its contract)."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the memory store awaited")
+
+
 class ReplayMachine(RuleBasedStateMachine):
     """One user's connection switching from replay to live while messages keep arriving.
 
-    The store commits messages (``commit``); the router later routes them in commit
-    order (``route``); the connection reads pages and finishes its replay at arbitrary
-    points in between (the awaits of the real code).  Whatever the interleaving, the
-    client must see every seq after its starting point exactly once, in order.
+    It drives the real decisions, ``routing.replay.Replay`` and ``InboxGate``, step by
+    step as server/connection.py does (``begin`` on the state read, ``to_send`` and
+    ``sent`` per message, ``next_read`` after a page; the router's offers through
+    ``gate.live``), with the I/O split at every await of the real code: a read
+    completes (a snapshot of the store) and is handled later, a page is sent one
+    message at a time (the connection may wait for queue space in between).  Meanwhile
+    the store commits, the router routes in commit order, and the client resumes.
+    Whatever the interleaving, the client sees every seq after the replay's start
+    exactly once, in order.
     """
 
     def __init__(self) -> None:
@@ -232,66 +253,70 @@ class ReplayMachine(RuleBasedStateMachine):
         self.unrouted: list[int] = []  # committed, not yet routed (in commit order)
         self.received: list[int] = []
         self.start = 0
-        self.page = 3
-        self.phase: str | None = None  # "state" (reading inbox_state), "pages", None = live
-        self.since = 0
-        self.state = None  # an inbox_state read but not yet handled
-        self.snapshot = None  # a page read but not yet handled
         self.begin(0)
 
     def begin(self, since: int) -> None:
-        """A replay (re)starts: from now on live messages are absorbed (start_replay)."""
-        self.gate.replaying = True
-        self.since = since
-        self.phase = "state"
-        self.state = self.snapshot = None  # a resume cancels a replay in progress
+        """A replay (re)starts (connect or resume): a running one is abandoned."""
+        self.replay = Replay(self.gate, since, PAGE)
+        self.phase: str | None = "state"  # "state", "pages", None = live
+        self.state: InboxState | None = None  # an inbox_state read, not yet handled
+        self.snapshot: list[StoredMessage] | None = None  # a page read, not yet handled
+        self.sending: list[StoredMessage] = []  # the page being sent
+        self.after: int | None = None
 
     @precondition(lambda self: self.phase == "state" and self.state is None)
     @rule()
     def state_read_begins(self) -> None:
-        self.state = self.store.inbox_state("bob")
+        self.state = done(self.store.inbox_state("bob"))
 
-    @precondition(lambda self: self.phase == "state" and self.state is not None)
+    @precondition(lambda self: self.state is not None)
     @rule()
     def state_read_ends(self) -> None:
         state, self.state = self.state, None
-        self.start = min(self.since, state.last_seq)
-        self.gate.start(self.start)
-        self.received = []
-        # connection._replay_pages: nothing stored after start -> no page read needed
-        if state.last_seq <= self.start and self.gate.caught_up(0, self.page):
-            self.phase = None
-        else:
-            self.phase = "pages"
+        self.after = self.replay.begin(state)
+        self.start = self.replay.start
+        self.received = []  # the client starts over from the replay's start
+        self.phase = None if self.after is None else "pages"
 
     @rule(n=st.integers(1, 4))
     def commit(self, n: int) -> None:
         msgs = [NewMessage(f"m{next(self.ids):08d}", "alice", "bob", b'"x"', 0) for _ in range(n)]
-        self.unrouted.extend(self.store.append_many(msgs))
+        self.unrouted.extend(r.seq for r in done(self.store.append(msgs)))
 
     @precondition(lambda self: self.unrouted)
     @rule()
     def route(self) -> None:
         seq = self.unrouted.pop(0)
-        if self.gate.live(seq):
+        if self.gate.live(seq):  # Connection.offer_nowait: queued live
             self.received.append(seq)
             self.gate.sent(seq)
 
-    @precondition(lambda self: self.phase == "pages" and self.snapshot is None)
+    @precondition(lambda self: self.phase == "pages" and self.snapshot is None and not self.sending)
     @rule()
     def read_begins(self) -> None:
-        # The read runs in a worker thread: it sees the store as of now, but the
-        # connection only handles the result later, after other tasks have run.
-        self.snapshot = self.store.read_inbox("bob", self.gate.sent_seq, self.page)
+        assert self.after is not None
+        self.snapshot = done(self.store.read_inbox("bob", self.after, PAGE))
 
     @precondition(lambda self: self.snapshot is not None)
     @rule()
     def read_ends(self) -> None:
         msgs, self.snapshot = self.snapshot, None
-        for m in self.gate.take(msgs):
-            self.received.append(m.seq)
-            self.gate.sent(m.seq)
-        if self.gate.caught_up(len(msgs), self.page):
+        self.sending = self.replay.to_send(msgs)
+        if not self.sending:
+            self.page_sent()
+
+    @precondition(lambda self: self.sending)
+    @rule()
+    def send_one(self) -> None:
+        m = self.sending.pop(0)
+        self.received.append(m.seq)
+        self.replay.sent(m.seq)
+        if not self.sending:
+            self.page_sent()
+
+    def page_sent(self) -> None:
+        self.after = self.replay.next_read()
+        if self.after is None:
             self.phase = None
 
     @rule(since=st.integers(0, 30))
@@ -300,8 +325,7 @@ class ReplayMachine(RuleBasedStateMachine):
 
     @rule(upto=st.integers(0, 30))
     def ack(self, upto: int) -> None:
-        cursor = self.store.set_cursor("bob", upto)
-        assert cursor <= self.store.inbox_state("bob").last_seq
+        done(self.store.save_cursors({"bob": upto}, {}))
 
     @invariant()
     def no_gap_no_duplicate(self) -> None:
@@ -312,19 +336,40 @@ class ReplayMachine(RuleBasedStateMachine):
         # Let everything settle: finish routing and the replay; nothing may be missing.
         while self.unrouted or self.phase is not None:
             if self.phase == "state":
-                self.state_read_begins()
+                if self.state is None:
+                    self.state_read_begins()
                 self.state_read_ends()
             elif self.phase == "pages":
-                self.read_begins()
-                self.read_ends()
+                while self.sending:
+                    self.send_one()
+                if self.phase == "pages":
+                    if self.snapshot is None:
+                        self.read_begins()
+                    self.read_ends()
             if self.unrouted:
                 self.route()
-        last = self.store.inbox_state("bob").last_seq
+            self.no_gap_no_duplicate()
+        last = done(self.store.inbox_state("bob")).last_seq
         assert self.received == list(range(self.start + 1, last + 1))
 
 
 TestReplay = ReplayMachine.TestCase
 TestReplay.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+def test_replay_reads_what_was_absorbed_while_its_state_read_was_in_flight() -> None:
+    """A pinned run of the machine (stateful tests take no ``@example``): the state read
+    sees an empty inbox, a message is stored and routed (absorbed) before the read is
+    handled, so only the gate's ``live_seq`` says the replay must read it.  A gate whose
+    ``start`` forgot ``live_seq`` would switch to live and lose seq 1."""
+    machine = ReplayMachine()
+    machine.state_read_begins()
+    machine.commit(n=1)
+    machine.route()
+    machine.state_read_ends()
+    assert machine.phase == "pages"
+    machine.teardown()
+    assert machine.received == [1]
 
 
 def test_gate_absorbs_while_replaying_and_switches_once_caught_up() -> None:
@@ -338,6 +383,58 @@ def test_gate_absorbs_while_replaying_and_switches_once_caught_up() -> None:
     assert gate.live(6) is False and gate.live(7) is True
 
 
+@pytest.mark.parametrize(("last_seq", "cursor", "since", "start", "after", "complete"), [
+    (0, 0, None, 0, None, True),    # nothing stored: caught up without a page read
+    (5, 5, None, 5, None, True),    # everything acked
+    (5, 3, None, 3, 3, True),       # read after the cursor
+    (5, 3, 1, 1, 1, True),          # ?since= below the cursor
+    (5, 3, 9, 5, None, True),       # ?since= above last_seq: clamped
+    (5, 0, 0, 0, 0, False),         # retention dropped seqs 1-2 (first_seq = 3)
+])
+def test_replay_begin(last_seq, cursor, since, start, after, complete) -> None:
+    first_seq = 3 if not complete else 1
+    replay = Replay(InboxGate(), since, PAGE)
+    assert replay.begin(InboxState(first_seq, last_seq, cursor)) == after
+    assert (replay.start, replay.last, replay.complete) == (start, start, complete)
+
+
+def test_replay_reads_pages_until_a_short_one() -> None:
+    gate = InboxGate()
+    replay = Replay(gate, 0, 2)
+    assert replay.begin(InboxState(1, 3, 0)) == 0
+    page = [StoredMessage(f"m{i}", i, "a", "b", b"1", 0) for i in (1, 2)]
+    assert replay.to_send(page) == page
+    for m in page:
+        replay.sent(m.seq)
+    assert replay.next_read() == 2 and gate.replaying  # a full page: read on
+    last = StoredMessage("m3", 3, "a", "b", b"1", 0)
+    assert replay.to_send([page[1], last]) == [last]  # never a seq twice; a full page
+    assert replay.next_read() == 2  # (nothing sent yet)
+    assert replay.to_send([last]) == [last]  # a short page: the end
+    replay.sent(3)
+    assert replay.next_read() is None and not gate.replaying and replay.last == 3
+
+
 def test_router_rejects_unknown_policy() -> None:
     with pytest.raises(ValueError):
         Router(SessionTable(1, 1), "ignore")
+
+
+def test_watch_bound_is_exact_and_a_refused_watch_changes_nothing() -> None:
+    table = WatchTable(max_per_connection=2)
+    alice, other = FakeEndpoint("alice", BOUND), FakeEndpoint("alice", BOUND)
+    table.watch(alice, ["bob", "carol"])  # exactly the bound
+    table.watch(alice, ["bob"])  # already watched: nothing new
+    with pytest.raises(WatchRefused) as refused:
+        table.watch(alice, ["dave"])  # one over
+    assert (refused.value.code, refused.value.reason) == ("bad_request", "at most 2 watched users per connection")
+    assert table.watchers("dave") == ()
+    with pytest.raises(WatchRefused):
+        table.watch(other, ["x", "y", "z"])  # refused whole, even from nothing
+    table.watch(other, ["bob"])
+    assert set(table.watchers("bob")) == {alice, other}
+    table.unwatch(alice, ["bob"])
+    assert table.watchers("bob") == (other,) and table.watchers("carol") == (alice,)
+    table.forget(alice)
+    table.forget(other)
+    assert table.watchers("bob") == table.watchers("carol") == ()

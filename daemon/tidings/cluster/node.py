@@ -6,7 +6,7 @@ Every node runs one :class:`Cluster` (``open_cluster``).  It does three things:
 
 1. **Channels.**  A message is stored by the Redis store's append script, which in the
    same atomic step publishes ``b"<seq>\\n[msg_id, sender, ts]\\n<body>"`` on the
-   recipient's channel ``tidings:{<user>}:ch`` (see :mod:`tidings.store_redis`).  A node subscribes to a
+   recipient's channel ``tidings:{<user>}:ch`` (see :mod:`tidings.store.redis_lua`).  A node subscribes to a
    user's channel while it has at least one local connection of that user:
    ``await hold(user)`` when a connection registers (refcounted; the first one
    subscribes), ``release(user)`` when it leaves (the last one unsubscribes, in the

@@ -1,4 +1,4 @@
-"""Rooms (topics multiplexed on one connection) and presence watches.  Sans-IO.
+"""Rooms: topics multiplexed on one connection.  Sans-IO.
 
 Theory of operation
 -------------------
@@ -13,20 +13,21 @@ of each room are kept in memory and handed to a connection when it joins.
 Who may join is decided by ``may_join``: the token's ``rooms`` claim (a list of names or
 shell-style glob patterns) when present, else the configured ``default_allow`` list.
 
-``WatchTable`` is the same shape for presence: endpoints watching users, told when a
-user's first connection arrives or last one leaves.  Never imports trio.
+Presence watches have the same shape and live in ``watches``.  Never imports trio.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
 import attrs
 
-__all__ = ["ROOM_KEY_PREFIX", "RoomRefused", "RoomStatistics", "RoomTable", "WatchTable", "may_join"]
+from tidings.routing.router import Endpoint
+
+__all__ = ["ROOM_KEY_PREFIX", "RoomRefused", "RoomStatistics", "RoomTable", "may_join"]
 
 #: In a cluster a room travels on the channel of this pseudo-user; user ids are printable,
 #: so no user id can collide with it.
@@ -58,12 +59,12 @@ class RoomTable:
         self.max_rooms_per_connection = max_rooms_per_connection
         self.max_members_per_room = max_members_per_room
         self.history = history
-        self._members: dict[str, dict[str, Any]] = {}  # room -> {conn_id: endpoint}
+        self._members: dict[str, dict[str, Endpoint]] = {}  # room -> {conn_id: endpoint}
         self._rooms_of: dict[str, set[str]] = {}  # conn_id -> rooms
         self._recent: dict[str, deque[Any]] = {}
         self._memberships = 0
 
-    def join(self, endpoint: Any, room: str) -> bool:
+    def join(self, endpoint: Endpoint, room: str) -> bool:
         """Add ``endpoint`` to ``room``; False if already a member; RoomRefused over a limit."""
         mine = self._rooms_of.get(endpoint.conn_id)
         if mine is not None and room in mine:
@@ -78,7 +79,7 @@ class RoomTable:
         self._memberships += 1
         return True
 
-    def leave(self, endpoint: Any, room: str) -> bool:
+    def leave(self, endpoint: Endpoint, room: str) -> bool:
         mine = self._rooms_of.get(endpoint.conn_id)
         if mine is None or room not in mine:
             return False
@@ -93,17 +94,17 @@ class RoomTable:
         self._memberships -= 1
         return True
 
-    def leave_all(self, endpoint: Any) -> list[str]:
+    def leave_all(self, endpoint: Endpoint) -> list[str]:
         rooms = sorted(self._rooms_of.get(endpoint.conn_id, ()))
         for room in rooms:
             self.leave(endpoint, room)
         return rooms
 
-    def members(self, room: str) -> tuple[Any, ...]:
+    def members(self, room: str) -> tuple[Endpoint, ...]:
         members = self._members.get(room)
         return tuple(members.values()) if members else ()
 
-    def rooms_of(self, endpoint: Any) -> frozenset[str]:
+    def rooms_of(self, endpoint: Endpoint) -> frozenset[str]:
         return frozenset(self._rooms_of.get(endpoint.conn_id, ()))
 
     def remember(self, room: str, message: Any) -> None:
@@ -120,43 +121,3 @@ class RoomTable:
     def statistics(self) -> RoomStatistics:
         return RoomStatistics(rooms=len(self._members), memberships=self._memberships)
 
-
-class WatchTable:
-    """user -> endpoints watching that user's presence."""
-
-    def __init__(self, max_per_connection: int) -> None:
-        self.max_per_connection = max_per_connection
-        self._watchers: dict[str, dict[str, Any]] = {}
-        self._watched_by: dict[str, set[str]] = {}  # conn_id -> users
-
-    def watch(self, endpoint: Any, users: Iterable[str]) -> None:
-        mine = self._watched_by.setdefault(endpoint.conn_id, set())
-        new = [u for u in users if u not in mine]
-        if len(mine) + len(new) > self.max_per_connection:
-            if not mine:
-                del self._watched_by[endpoint.conn_id]
-            raise RoomRefused("bad_request", f"at most {self.max_per_connection} watched users per connection")
-        for user in new:
-            mine.add(user)
-            self._watchers.setdefault(user, {})[endpoint.conn_id] = endpoint
-
-    def unwatch(self, endpoint: Any, users: Iterable[str]) -> None:
-        mine = self._watched_by.get(endpoint.conn_id)
-        if not mine:
-            return
-        for user in users:
-            if user in mine:
-                mine.discard(user)
-                watchers = self._watchers[user]
-                del watchers[endpoint.conn_id]
-                if not watchers:
-                    del self._watchers[user]
-        if not mine:
-            del self._watched_by[endpoint.conn_id]
-
-    def forget(self, endpoint: Any) -> None:
-        self.unwatch(endpoint, list(self._watched_by.get(endpoint.conn_id, ())))
-
-    def watchers(self, user: str) -> tuple[Any, ...]:
-        watchers = self._watchers.get(user)
-        return tuple(watchers.values()) if watchers else ()

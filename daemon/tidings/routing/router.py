@@ -6,13 +6,14 @@ A message reaches the router only after the store has accepted it and given it t
 recipient's next inbox ``seq``; the router is called in commit order, so for each
 recipient it sees seqs strictly increasing.  ``route`` looks the recipient up in the
 session table and offers the message to each endpoint with ``offer_nowait``, which never
-blocks.  Each endpoint answers with one of three outcomes:
+blocks.  Each endpoint answers with one of four outcomes:
 
     outcome      meaning                                          router does
     -------      -------                                          -----------
     QUEUED       put on the connection's bounded outbound queue    count delivered
     ABSORBED     the connection is replaying from the store and   count delivered
-                 will read this seq there (no gap, no duplicate)
+                 will read this seq there (no gap, no duplicate;
+                 see replay.py)
     FULL         the queue is at its bound: a slow consumer        policy "disconnect":
                                                                   kill(1013), count;
                                                                   policy "drop": count
@@ -22,7 +23,8 @@ blocks.  Each endpoint answers with one of three outcomes:
 The router never awaits a recipient: one slow connection costs the sender and every
 other connection nothing.  A dropped or disconnected slow consumer loses nothing stored:
 its messages stay in the inbox and are replayed when it resumes.  ``delivered`` counts
-live connections that accepted the message, which is what the sender's ack reports.
+live connections that accepted the message (QUEUED or ABSORBED), which is what the
+sender's ack reports: a dropped (FULL) or closing connection is not counted.
 
 The payload is encoded once per message (``Routed``) and its WebSocket frame is built at
 most once and shared by every recipient connection.
@@ -31,18 +33,18 @@ most once and shared by every recipient connection.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import attrs
 
 import msgpack
 
-from tidings.wire.protocol import BINARY, message_msgpack, text_frame
+from tidings.wire.protocol import BINARY, data_frame, message_msgpack
 from tidings.routing.sessions import SessionTable
 
 __all__ = [
     "Endpoint",
-    "InboxGate",
     "Offer",
     "RouteResult",
     "Routed",
@@ -78,7 +80,7 @@ class Routed:
     @property
     def frame(self) -> bytes:
         if self._frame is None:
-            self._frame = text_frame(self.payload)
+            self._frame = data_frame(self.payload)
         return self._frame
 
     @property
@@ -91,7 +93,7 @@ class Routed:
     @property
     def binary_frame(self) -> bytes:
         if self._binary is None:
-            self._binary = text_frame(self.binary_payload, BINARY)
+            self._binary = data_frame(self.binary_payload, BINARY)
         return self._binary
 
 
@@ -125,7 +127,7 @@ class Router:
             raise ValueError(f"unknown slow_consumer policy {slow_consumer!r}")
         self.sessions = sessions
         self.slow_consumer = slow_consumer
-        self.on_slow_consumer: Any = None  # optional callback(endpoint), e.g. log once
+        self.on_slow_consumer: Callable[[Endpoint], None] | None = None  # e.g. log once
         self._routed = 0
         self._delivered = 0
         self._dropped = 0
@@ -135,7 +137,7 @@ class Router:
         """Offer ``routed`` to every live connection of ``recipient``.  Never blocks."""
         return self.offer_all(self.sessions.connections(recipient), routed)
 
-    def offer_all(self, endpoints: Any, routed: Routed) -> RouteResult:
+    def offer_all(self, endpoints: Iterable[Endpoint], routed: Routed) -> RouteResult:
         """Offer ``routed`` to each endpoint (a room's members, a user's watchers...)."""
         delivered = dropped = disconnected = 0
         for endpoint in endpoints:
@@ -166,55 +168,3 @@ class Router:
             slow_disconnects=self._slow_disconnects,
         )
 
-
-class InboxGate:
-    """Per connection: the switch from replaying stored messages to live delivery.
-
-    The connection calls ``start(from_seq)`` when a replay begins (on connect with the
-    ack cursor, or on ``resume``), then alternates reading pages from the store with
-    ``take(msgs)`` (what to send) until ``caught_up(n_read, page)`` says the replay is
-    complete.  Meanwhile the router's offers go through ``live(seq)``: True means
-    "queue it", False means "absorbed" (a replay will read it, or it was already sent).
-
-    No gap: while replaying, live seqs only raise ``live_seq``; the replay cannot finish
-    while ``live_seq`` is above what it sent, so it reads those messages itself.  No
-    duplicate: ``sent_seq`` only grows and nothing at or below it is ever sent again.
-    ``caught_up`` must be called with no await between the last read and the switch.
-    """
-
-    __slots__ = ("live_seq", "replaying", "sent_seq")
-
-    def __init__(self) -> None:
-        self.replaying = True
-        self.sent_seq = 0
-        self.live_seq = 0
-
-    def start(self, from_seq: int) -> None:
-        """A replay from ``from_seq`` begins.  ``live_seq`` is kept: a live message
-        absorbed while the replay was deciding where to start must still be read."""
-        self.replaying = True
-        self.sent_seq = from_seq
-
-    def live(self, seq: int) -> bool:
-        if seq <= self.sent_seq:
-            return False
-        if self.replaying:
-            if seq > self.live_seq:
-                self.live_seq = seq
-            return False
-        return True
-
-    def sent(self, seq: int) -> None:
-        """Record that ``seq`` was handed to the client (live or replayed)."""
-        self.sent_seq = seq
-
-    def take(self, msgs: Any) -> list[Any]:
-        """Of a page read after ``sent_seq``, the messages to send, in order."""
-        return [m for m in msgs if m.seq > self.sent_seq]
-
-    def caught_up(self, n_read: int, page: int) -> bool:
-        """After a read of ``n_read`` (< ``page`` = the end): switch to live if nothing is left."""
-        if n_read >= page or self.live_seq > self.sent_seq:
-            return False
-        self.replaying = False
-        return True

@@ -11,14 +11,14 @@ the handshake answers with (503 / 429), so a refused connection never becomes vi
     state of a connection     in table?   receives routed messages?
     ---------------------     ---------   --------------------------
     handshaking               no          no
-    registered (add)          yes         yes (replaying ones buffer-by-seq, see router)
+    registered (add)          yes         yes (while replaying they absorb by seq: replay)
     closing (remove)          no          no
 
 Lookups (``connections(user)``) are plain dict reads and never block, so the router can
 fan out without awaiting anything.  All methods are synchronous and atomic with respect
-to the trio scheduler (no awaits inside); the trio layer holds a ``trio.Lock`` only where
-a registration must be paired with awaited work (presence bookkeeping in the store), so
-that pairs of add/remove and their side effects happen in one order.
+to the trio scheduler (no awaits inside); the hub holds a ``trio.Lock`` only where a
+registration must be paired with awaited work (the cluster subscription of the user),
+so that pairs of add/remove and their side effects happen in one order.
 
 This module never imports trio: endpoints are duck-typed objects with ``conn_id`` and
 ``user`` attributes (see ``router.Endpoint``).

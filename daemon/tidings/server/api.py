@@ -4,7 +4,7 @@
     POST /api/broadcast   {"users": [...], "body", "from"?} -> 202 {"results": [...]}
     POST /api/disconnect  {"user"}                          -> 200 {"closed": N}  (1008)
     GET  /api/presence?user=bob&user=carol                  -> 200 {"users": {...}}
-    GET  /healthz   liveness + readiness (the store answers) -> 200 / 503
+    GET  /healthz   readiness (store, cluster, shutdown; server.health) -> 200 / 503
     GET  /metrics   Prometheus text format
 
 ``/api/*`` needs ``Authorization: Bearer <api key>`` (401 without, 403 with a wrong one;
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -32,6 +32,7 @@ from tidings import log
 from tidings.auth import state_secret
 from tidings.config import Config
 from tidings.wire.handshake import http_response
+from tidings.server import health
 from tidings.server.hub import Hub
 from tidings.server.metrics import CONTENT_TYPE, Metrics
 from tidings.wire.protocol import MAX_PRESENCE_USERS, ProtocolError, encode_body, valid_user_id
@@ -41,7 +42,6 @@ __all__ = ["load_api_key", "serve_api"]
 
 JSON = b"application/json"
 MAX_BROADCAST = 1000
-HEALTH_TIMEOUT = 2.0
 
 
 class _Answer(Exception):
@@ -62,8 +62,14 @@ def load_api_key(config: Config, *, create: bool) -> bytes:
     return state_secret(config.server.resolved_state_dir() / "api_key", create=create)
 
 
+class ShutdownFlag(Protocol):
+    """The WebSocket server, as far as the API cares (``daemon.Server``)."""
+
+    shutting_down: bool
+
+
 class _Stored:
-    """The hub's callback for an API send: wakes the waiting request."""
+    """The hub's origin for an API send (``hub.Origin[None]``): wakes the request."""
 
     __slots__ = ("done", "result")
 
@@ -71,16 +77,16 @@ class _Stored:
         self.done = trio.Event()
         self.result: dict[str, Any] | None = None
 
-    def on_stored(self, _fid: Any, msg_id: str, seq: int, delivered: int) -> None:
+    def on_stored(self, _ctx: None, msg_id: str, seq: int, delivered: int) -> None:
         self.result = {"msg_id": msg_id, "seq": seq, "delivered": delivered}
         self.done.set()
 
-    def on_store_failed(self, _fid: Any) -> None:
+    def on_store_failed(self, _ctx: None) -> None:
         self.done.set()
 
 
 class Api:
-    def __init__(self, config: Config, hub: Hub, metrics: Metrics, key: bytes, server: Any) -> None:
+    def __init__(self, config: Config, hub: Hub, metrics: Metrics, key: bytes, server: ShutdownFlag) -> None:
         self.config = config
         self.hub = hub
         self.metrics = metrics
@@ -143,7 +149,7 @@ class Api:
         route = (request.method, parts.path)
         try:
             if route == (b"GET", "/healthz"):
-                return await self._health()
+                return _json(*await health.check(self.hub, self.server.shutting_down))
             if route == (b"GET", "/metrics"):
                 return 200, CONTENT_TYPE, self.metrics.render()
             if not parts.path.startswith("/api/"):
@@ -172,7 +178,7 @@ class Api:
 
     async def _store(self, sender: str, to: str, body: bytes) -> dict[str, Any]:
         waiter = _Stored()
-        await self.hub.send(waiter, sender, to, body)
+        await self.hub.send(waiter, sender, to, body, None)
         await waiter.done.wait()
         if waiter.result is None:
             raise _Answer(503, "message not stored; retry")
@@ -206,7 +212,7 @@ class Api:
         waiters = []
         for user in users:  # queue all first: one group commit, not one per user
             waiter = _Stored()
-            await self.hub.send(waiter, sender, user, body)
+            await self.hub.send(waiter, sender, user, body, None)
             waiters.append((user, waiter))
         results = []
         for user, waiter in waiters:
@@ -232,27 +238,6 @@ class Api:
         if not 0 < len(users) <= MAX_PRESENCE_USERS or not all(valid_user_id(u) for u in users):
             raise _Answer(400, f"give 1-{MAX_PRESENCE_USERS} ?user= parameters")
         return {"users": await self.hub.presence(tuple(users))}
-
-    async def _health(self) -> tuple[int, bytes, bytes]:
-        ok = True
-        with trio.move_on_after(HEALTH_TIMEOUT) as timeout:
-            try:
-                await self.hub.store.inbox_state("tidings-health-check")
-            except Exception as exc:  # any store failure means not ready
-                ok = False
-                self._log.log("warning", "health_check_failed", key="store", error=repr(exc))
-        if timeout.cancelled_caught:
-            ok = False
-        cluster = self.hub.cluster
-        cluster_ok = cluster is None or cluster.healthy
-        body = {
-            "status": "ok" if ok and cluster_ok else "unavailable",
-            "store": "ok" if ok else "unavailable",
-            "cluster": None if cluster is None else ("ok" if cluster_ok else "unavailable"),
-            "connections": len(self.hub.sessions),
-            "shutting_down": bool(getattr(self.server, "shutting_down", False)),
-        }
-        return _json(200 if ok and cluster_ok and not body["shutting_down"] else 503, body)
 
 
 _PATHS = {"/api/send", "/api/broadcast", "/api/disconnect", "/api/presence"}
@@ -294,7 +279,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 async def serve_api(
-    config: Config, hub: Hub, metrics: Metrics, server: Any,
+    config: Config, hub: Hub, metrics: Metrics, server: ShutdownFlag,
     *, shared: bool = False, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``api.listen`` and serve until cancelled; ``started(port)``.

@@ -1,114 +1,166 @@
 """Commands off the hot path: refresh, resume, history, search, presence, rooms, watches.
 
-``handle_command(conn, cmd)`` runs in the connection task, with one reply credit held for
-the reply it queues (``conn.reply`` / ``conn.error``).  Client faults (ProtocolError,
-RoomRefused) become error frames; a store failure becomes ``unavailable``.  The hot path
-(send, ping, ack) stays in connection.py.
+``handle_command(ctx, cmd)`` runs in the connection task, with one reply credit held for
+the reply it queues (``ctx.reply`` / ``ctx.error``).  ``ctx`` is a ``CommandContext``:
+exactly what a command may use -- who asks, how to answer, the store's reads, the hub's
+presence, rooms and watches -- and nothing else of the connection (the connection
+implements it).  Client faults (ProtocolError, RoomRefused, WatchRefused) become error
+frames; a store failure becomes ``unavailable``.  The hot path (send, ping, ack) stays
+in connection.py.  Cancellation: a cancelled command queues no reply.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import orjson
 
 from tidings import log
-from tidings.auth import AuthError
-from tidings.wire.protocol import (
-    History,
-    Join,
-    Leave,
-    Presence,
-    ProtocolError,
-    Refresh,
-    Resume,
-    Search,
-    Send,
-    Watch,
-    decode_body,
-    message_fields,
-    message_json,
-)
+from tidings.auth import AuthError, Identity
 from tidings.routing.rooms import RoomRefused
-from tidings.store import BadQuery, StoreError, UnknownMessage, Unsupported
+from tidings.routing.router import Endpoint
+from tidings.routing.watches import WatchRefused
+from tidings.store import BadQuery, StoredMessage, StoreError, UnknownMessage, Unsupported
+from tidings.wire.protocol import (
+    Command, History, Join, Leave, Presence, ProtocolError, Refresh, Resume, Search, Send,
+    Watch, decode_body, message_fields, message_json,
+)
 
-__all__ = ["handle_command", "message_obj"]
+__all__ = ["CommandContext", "FrameId", "handle_command", "message_obj"]
+
+#: A client frame's ``id`` as the parser accepted it (a string, an integer, or absent).
+FrameId = str | int | None
 
 
-async def handle_command(conn: Any, cmd: Any) -> None:
-    """Handle a command off the hot path; ``conn`` holds one reply credit for it."""
+class TokenVerifier(Protocol):
+    def verify(self, token: str) -> Identity: ...
+
+
+class InboxReads(Protocol):
+    """The store reads commands make (every engine has them)."""
+
+    async def history(self, user: str, peer: str, before_msg_id: str | None,
+                      limit: int) -> tuple[list[StoredMessage], bool]: ...
+
+    async def search(self, user: str, query: str, limit: int,
+                     offset: int = 0) -> tuple[list[StoredMessage], bool]: ...
+
+
+class HubServices(Protocol):
+    """What commands ask of the hub: presence, rooms, watches (``server.hub.Hub``)."""
+
+    async def presence(self, users: tuple[str, ...]) -> dict[str, dict[str, Any]]: ...
+
+    async def join(self, conn: Endpoint, room: str,
+                   allowed: tuple[str, ...] | None) -> list[dict[str, Any]]: ...
+
+    def leave(self, conn: Endpoint, room: str) -> None: ...
+
+    async def send_room(self, conn: Endpoint, room: str, body: bytes) -> tuple[str, int]: ...
+
+    def watch(self, conn: Endpoint, users: tuple[str, ...], on: bool) -> dict[str, bool]: ...
+
+
+class CommandContext(Endpoint, Protocol):
+    """Exactly what a command may use.  It is the router endpoint of its connection
+    (rooms and watches hold it), and answers the frame being handled."""
+
+    exp: float | None  # the token's expiry: ``refresh`` moves it
+    rooms_allowed: tuple[str, ...] | None  # the token's ``rooms`` claim
+    reply_binary: bool  # the frame was binary: messages in the reply as MessagePack maps
+    auth: TokenVerifier
+    hub: HubServices
+    store: InboxReads
+
+    @property
+    def history_limit(self) -> int: ...
+
+    def reply(self, kind: str, **fields: Any) -> None: ...
+
+    def error(self, fid: FrameId, code: str, message: str) -> None: ...
+
+    def resume(self, since: int, fid: FrameId) -> None: ...
+
+
+async def handle_command(ctx: CommandContext, cmd: Command) -> None:
+    """Handle a command off the hot path; ``ctx`` holds one reply credit for it."""
     fid = cmd.id
     try:
         if type(cmd) is Refresh:
-            _refresh(conn, cmd)
+            _refresh(ctx, cmd)
         elif type(cmd) is Resume:
-            conn.start_replay(cmd.since, credit=True, fid=fid)  # its `resumed` uses our credit
+            ctx.resume(cmd.since, fid)  # its `resumed` uses our credit
         elif type(cmd) is History:
-            await _history(conn, cmd)
+            await _history(ctx, cmd)
         elif type(cmd) is Search:
-            await _search(conn, cmd)
+            await _search(ctx, cmd)
         elif type(cmd) is Presence:
-            conn.reply("presence", id=fid, users=await conn.hub.presence(cmd.users))
+            ctx.reply("presence", id=fid, users=await ctx.hub.presence(cmd.users))
         elif type(cmd) is Send:  # to a room
-            msg_id, delivered = await conn.hub.send_room(conn, cmd.room, cmd.body)
-            conn.reply("ack", id=fid, msg_id=msg_id, room=cmd.room, delivered=delivered)
+            assert cmd.room is not None  # a send to a user is the hot path's
+            msg_id, delivered = await ctx.hub.send_room(ctx, cmd.room, cmd.body)
+            ctx.reply("ack", id=fid, msg_id=msg_id, room=cmd.room, delivered=delivered)
         elif type(cmd) is Join:
-            recent = await conn.hub.join(conn, cmd.room, conn.rooms_allowed)
-            conn.reply("joined", id=fid, room=cmd.room,
-                        recent=[message_obj(conn, f) for f in recent])
+            recent = await ctx.hub.join(ctx, cmd.room, ctx.rooms_allowed)
+            ctx.reply("joined", id=fid, room=cmd.room, recent=[message_obj(ctx, f) for f in recent])
         elif type(cmd) is Leave:
-            conn.hub.leave(conn, cmd.room)
-            conn.reply("left", id=fid, room=cmd.room)
+            ctx.hub.leave(ctx, cmd.room)
+            ctx.reply("left", id=fid, room=cmd.room)
         elif type(cmd) is Watch:
-            online = conn.hub.watch(conn, cmd.users, cmd.watch)
-            conn.reply("watching" if cmd.watch else "unwatched", id=fid, users=online)
-        else:  # pragma: no cover - every parsed command type is handled above
+            online = ctx.hub.watch(ctx, cmd.users, cmd.watch)
+            ctx.reply("watching" if cmd.watch else "unwatched", id=fid, users=online)
+        else:  # pragma: no cover - send to a user, ping and ack are the connection's
             raise AssertionError(f"unhandled command {cmd!r}")
-    except RoomRefused as exc:
-        conn.error(fid, exc.code, exc.reason)
+    except (RoomRefused, WatchRefused) as exc:
+        ctx.error(fid, exc.code, exc.reason)
     except ProtocolError as exc:
-        conn.error(fid, exc.code, exc.message)
+        ctx.error(fid, exc.code, exc.message)
     except Unsupported as exc:
-        conn.error(fid, "unsupported", str(exc))
+        ctx.error(fid, "unsupported", str(exc))
     except StoreError as exc:
-        log.log("error", "store_read_failed", error=str(exc), conn=conn.conn_id)
-        conn.reply("error", id=fid, code="unavailable", message="store unavailable; retry")
+        log.log("error", "store_read_failed", error=str(exc), conn=ctx.conn_id)
+        ctx.reply("error", id=fid, code="unavailable", message="store unavailable; retry")
 
-def _refresh(conn: Any, cmd: Refresh) -> None:
+
+def _refresh(ctx: CommandContext, cmd: Refresh) -> None:
     try:
-        identity = conn.auth.verify(cmd.token)
+        identity = ctx.auth.verify(cmd.token)
     except AuthError as exc:
         raise ProtocolError("forbidden", str(exc), cmd.id) from None
-    if identity.user != conn.user:
+    if identity.user != ctx.user:
         raise ProtocolError("forbidden", "token is for another user", cmd.id)
-    conn.exp = identity.exp
-    conn.reply("refreshed", id=cmd.id, exp=identity.exp)
+    ctx.exp = identity.exp
+    ctx.reply("refreshed", id=cmd.id, exp=identity.exp)
 
-async def _history(conn: Any, cmd: History) -> None:
-    cap = conn.hub.config.store.history_limit
+
+async def _history(ctx: CommandContext, cmd: History) -> None:
+    cap = ctx.history_limit
     limit = min(cmd.limit or cap, cap)
     try:
-        msgs, more = await conn.hub.store.history(conn.user, cmd.peer, cmd.before, limit)
+        msgs, more = await ctx.store.history(ctx.user, cmd.peer, cmd.before, limit)
     except UnknownMessage:
         raise ProtocolError("bad_request", "'before' is not a known msg_id", cmd.id) from None
-    conn.reply("history_page", id=cmd.id, messages=[_stored_obj(conn, m) for m in msgs], more=more,
-                **{"with": cmd.peer})
+    ctx.reply("history_page", id=cmd.id, messages=_stored_objs(ctx, msgs), more=more,
+              **{"with": cmd.peer})
 
-async def _search(conn: Any, cmd: Search) -> None:
-    cap = conn.hub.config.store.history_limit
-    limit = min(cmd.limit or 20, cap)
+
+async def _search(ctx: CommandContext, cmd: Search) -> None:
+    limit = min(cmd.limit or 20, ctx.history_limit)
     try:
-        msgs, more = await conn.hub.store.search(conn.user, cmd.q, limit, cmd.offset)
+        msgs, more = await ctx.store.search(ctx.user, cmd.q, limit, cmd.offset)
     except BadQuery as exc:
         raise ProtocolError("bad_request", f"bad search query: {exc}", cmd.id) from None
-    conn.reply("search_results", id=cmd.id, q=cmd.q, messages=[_stored_obj(conn, m) for m in msgs],
-                more=more)
+    ctx.reply("search_results", id=cmd.id, q=cmd.q, messages=_stored_objs(ctx, msgs), more=more)
 
-def _stored_obj(conn: Any, m: Any) -> Any:
-    return message_obj(conn, message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts))
 
-def message_obj(conn: Any, fields: dict[str, Any]) -> Any:
+def _stored_objs(ctx: CommandContext, msgs: Sequence[StoredMessage]) -> list[Any]:
+    return [message_obj(ctx, message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts))
+            for m in msgs]
+
+
+def message_obj(ctx: CommandContext, fields: dict[str, Any]) -> Any:
     """A message inside a reply: a JSON fragment, or a dict for MessagePack."""
-    if conn.reply_binary:
+    if ctx.reply_binary:
         return dict(fields, body=decode_body(fields["body"]))
     return orjson.Fragment(message_json(fields))

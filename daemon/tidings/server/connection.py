@@ -10,105 +10,76 @@ task exists only while stored messages are being replayed.
 
 Outbound queue
 --------------
-The channel holds routed messages (``Routed``, at most ``limits.outbound_queue`` of them)
-plus the connection's own replies (ack, pong, error: at most ``limits.max_inflight``).
-The router offers messages with ``offer_nowait``; a full message quota is a slow
-consumer.  Replies never count as that: before handling a frame, the reader takes a
-reply credit, waiting (and so not reading the socket) while none is free, and the writer
-gives the credit back once the reply is on the wire.  A client that floods faster than it
-reads is slowed down by TCP, not disconnected.  Control frames (pong to a ping, close)
-bypass the queue entirely, so a full queue never stalls them.
+``outbound.Outbound`` (the base class) owns what is written: routed messages (at most
+``limits.outbound_queue``; the router offers with ``offer_nowait`` and a full quota is
+a slow consumer) and replies (ack, pong, error: at most ``limits.max_inflight``).
+Before handling a frame the reader takes a reply credit, waiting -- and so not reading
+the socket -- while none is free: a client that floods faster than it reads is slowed
+down by TCP, not disconnected.  Control frames bypass the queue.
 
 Replay
 ------
-While replaying stored messages (on connect, or after ``resume``) live messages for the
-user are *absorbed*: the replay reads them from the store, so they are not queued twice.
-``router.InboxGate`` holds the decision (sans-IO, property-tested): the highest seq handed
-to the client, and the highest live seq seen while replaying.  The replay ends only when
-a read finds nothing new *and* no live message arrived above what it sent; the switch to
-live happens with no await in between, so there is no gap and no duplicate.
+The page loop's decisions live in ``routing.replay`` (sans-IO, property-tested): this
+module only does its I/O.  While replaying, live messages for the user are *absorbed*
+(the replay reads them from the store); the switch to live happens with no await in
+between, so there is no gap and no duplicate.
 
 Closing
 -------
 ``kill(code, reason)`` (from the router, the housekeeper or a policy check) stops the
-reader, lets the writer finish the batch it is writing, then sends the close frame;
-after ``CLOSE_TIMEOUT`` the TCP connection is aborted regardless.  Who closed is logged:
-``by=server`` (with the code) or ``by=peer``.
+reader; the connection task then writes everything still queued and the close frame,
+and keeps reading -- discarding what arrives -- until the peer's close frame or EOF,
+so the peer gets every reply and the close frame, never a TCP reset (closing a socket
+with unread input resets it).  All of that is bounded by ``CLOSE_TIMEOUT``; then TCP is
+closed regardless.  A close the peer starts is echoed the same way.  Who closed is
+logged as ``event=connection_closed``: ``by=server`` (with the code) or ``by=peer``; a
+peer that resets TCP is logged at info (once a minute), never as our crash.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
-    Message,
-    Ping,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
 from tidings import log
 from tidings.auth import Authenticator
-from tidings.wire.handshake import http_response
+from tidings.routing.replay import InboxGate, Replay
+from tidings.routing.router import Offer, Routed
+from tidings.server.commands import FrameId, handle_command
 from tidings.server.hub import Hub
+from tidings.server.outbound import CLOSE_TIMEOUT, RECEIVE_SIZE, Outbound, _Reply
+from tidings.store import Store, StoreError
+from tidings.wire.handshake import http_response
 from tidings.wire.limits import TokenBucket
 from tidings.wire.protocol import (
-    BINARY,
-    TEXT,
-    Ack,
-    Ping as PingCmd,
-    ProtocolError,
-    Send,
-    encode,
-    encode_msgpack,
-    message_fields,
-    message_json,
-    parse_binary_frame,
-    parse_client_frame,
-    text_frame,
+    BINARY, TEXT, Ack, Ping as PingCmd, ProtocolError, Send, data_frame, encode, encode_msgpack,
+    message_fields, message_json, parse_binary_frame, parse_client_frame,
 )
-from tidings.server.commands import handle_command
-from tidings.routing.router import InboxGate, Offer, Routed
-from tidings.store import StoreError
 
-__all__ = ["CLOSE_TIMEOUT", "Connection"]
+__all__ = ["CLOSE_TIMEOUT", "Connection", "SendContext"]
 
-RECEIVE_SIZE = 65536
-CLOSE_TIMEOUT = 2.0
-#: How long an idle writer waits for more work before exiting (a new one starts on demand).
-WRITER_LINGER_S = 0.25
-_IDLE = object()
 REPLAY_PAGE = 256
 _bad_frames = log.LogOnce(interval=60.0)
 
-
-class _Reply:
-    """A reply (ack, pong, error, ...) in the outbound queue: it holds one credit.
-    ``binary``: MessagePack in a binary frame (the request was binary), else JSON text."""
-
-    __slots__ = ("binary", "payload")
-
-    def __init__(self, payload: bytes, binary: bool = False) -> None:
-        self.payload = payload
-        self.binary = binary
+#: What a connection hands the hub with a send or an ack (given back in the callbacks):
+#: the frame's id and whether it came in a binary frame (reply in kind).
+SendContext = tuple[FrameId, bool]
 
 
-class Connection:
-    """A registered WebSocket connection: the router's endpoint for one device."""
+class Connection(Outbound):
+    """A registered WebSocket connection: the router's endpoint for one device, the
+    hub's origin of its sends, and the context commands run in (``commands``).  The
+    outbound queue, the writer and the closing handshake are ``Outbound``'s."""
 
     __slots__ = (
-        "_binary", "_bucket", "_close", "_closed_by", "_control", "_credit_waiter", "_credits",
-        "_deflate", "_gate", "_nursery", "_queue_bound", "_queued", "_reader_scope",
-        "_registered", "_replay_scope", "_rx", "_send_broken", "_since", "_space_waiter",
-        "_tx", "_wake_queued", "_writer_exit", "_writer_running", "auth", "conn_id", "exp",
-        "hub", "last_activity", "pinged", "reply_binary", "rooms_allowed", "greeting", "stream", "user",
-        "ws",
+        "_bucket", "_clock", "_gate", "_registered", "_replay_scope", "_since", "auth", "exp",
+        "greeting", "hub", "last_activity", "pinged", "reply_binary", "rooms_allowed", "store",
     )
 
     def __init__(
@@ -125,48 +96,29 @@ class Connection:
         rooms: tuple[str, ...] | None = None,
         binary: bool = False,
         deflate: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        limits = hub.config.limits
-        self.stream = stream
-        self.ws = ws
+        """``clock``: the monotonic clock of ``last_activity`` and the rate limit (the
+        housekeeper reads the same one; tests pass ``trio.current_time``)."""
+        super().__init__(stream, ws, hub.config.limits, conn_id=conn_id, user=user,
+                         binary=binary, deflate=deflate)
         self.hub = hub
+        self.store: Store = hub.store
         self.auth = auth
-        self.conn_id = conn_id
-        self.user = user
         self.exp = exp
-        self.last_activity = time.monotonic()
+        self._clock = clock
+        self.last_activity = clock()
         self.pinged = False
         self._since = since
         self.rooms_allowed = rooms  # the token's `rooms` claim (None: the config default)
-        self._binary = binary  # pushed frames as MessagePack (?encoding=msgpack)
-        self._deflate = deflate  # permessage-deflate: frames go through wsproto
         self.reply_binary = False  # the frame being handled was binary: reply in kind
-        self._queue_bound = limits.outbound_queue
-        # Room for the message quota, every reply credit, the `resumed` frame of a
-        # replay and one wake-up: producers never find it full unexpectedly.
-        self._tx, self._rx = trio.open_memory_channel[Any](
-            limits.outbound_queue + limits.max_inflight + 2
-        )
-        self._wake_queued = False
-        self._nursery: trio.Nursery | None = None
-        self._queued = 0  # routed messages in the channel
-        self._credits = limits.max_inflight
-        self._credit_waiter: trio.Event | None = None
-        self._space_waiter: trio.Event | None = None
-        self._control: list[bytes] = []
         self._gate = InboxGate()  # replaying from creation: the first replay starts at once
         self._replay_scope: trio.CancelScope | None = None
         self._bucket: TokenBucket | None = None
-        self._close: tuple[int, str] | None = None
-        self._closed_by = "peer"
-        self._reader_scope: trio.CancelScope | None = None
-        self._writer_running = False
-        self._writer_exit: trio.Event | None = None
-        self._send_broken = False
         self.greeting = b""  # the 101 + hello, set by the server, written by run()
         self._registered = True  # the server registers us right after construction
 
-    # -- router endpoint (sync, never blocks) ---------------------------------------
+    # -- router endpoint and hub origin (sync, never block) -------------------------
 
     def offer_nowait(self, routed: Routed) -> Offer:
         if self._close is not None:
@@ -182,36 +134,27 @@ class Connection:
             self._gate.sent(routed.seq)
         return Offer.QUEUED
 
-    def reply_nowait(self, payload: bytes, binary: bool = False) -> None:
-        """Queue a reply for which the caller holds a credit (taken by ``_take_credit``)."""
-        if self._close is not None:
-            self._give_credits(1)
-            return
-        self._tx.send_nowait(_Reply(payload, binary))
-        self._ensure_writer()
-
-    def on_stored(self, ctx: tuple[Any, bool], msg_id: str, seq: int, delivered: int) -> None:
-        """The hub stored and routed our send: queue its ack (the send's credit).
-        ``ctx`` is what we gave the hub: the frame's id and whether it was binary."""
+    def on_stored(self, ctx: SendContext, msg_id: str, seq: int, delivered: int) -> None:
+        """The hub stored and routed our send: queue its ack (the send's credit)."""
         fid, binary = ctx
         enc = encode_msgpack if binary else encode
         self.reply_nowait(enc("ack", id=fid, msg_id=msg_id, seq=seq, delivered=delivered), binary)
 
-    def on_cursor_saved(self, ctx: tuple[Any, bool], seq: int) -> None:
+    def on_store_failed(self, ctx: SendContext) -> None:
+        self._answer(ctx, "error", code="unavailable", message="message not stored; retry")
+
+    def on_cursor_saved(self, ctx: SendContext, seq: int) -> None:
         """The hub saved the cursor an ``ack`` with an id moved: queue ``acked``."""
         fid, binary = ctx
-        enc = encode_msgpack if binary else encode
-        self.reply_nowait(enc("acked", id=fid, seq=seq), binary)
+        self.reply_nowait((encode_msgpack if binary else encode)("acked", id=fid, seq=seq), binary)
 
-    def on_cursor_failed(self, ctx: tuple[Any, bool]) -> None:
-        fid, binary = ctx
-        enc = encode_msgpack if binary else encode
-        self.reply_nowait(enc("error", id=fid, code="unavailable", message="ack not saved; retry"), binary)
+    def on_cursor_failed(self, ctx: SendContext) -> None:
+        self._answer(ctx, "error", code="unavailable", message="ack not saved; retry")
 
-    def on_store_failed(self, ctx: tuple[Any, bool]) -> None:
+    def _answer(self, ctx: SendContext, kind: str, **fields: Any) -> None:
+        """A reply to a send or ack (off the hot path: the failures)."""
         fid, binary = ctx
-        enc = encode_msgpack if binary else encode
-        self.reply_nowait(enc("error", id=fid, code="unavailable", message="message not stored; retry"), binary)
+        self.reply_nowait((encode_msgpack if binary else encode)(kind, id=fid, **fields), binary)
 
     def kill(self, code: int, reason: str) -> None:
         """Close with ``code`` soon; idempotent, never blocks (the first call wins)."""
@@ -231,53 +174,34 @@ class Connection:
             self._registered = False
             self.hub.unregister(self)
 
-    def queue_control(self, data: bytes) -> None:
-        """Queue a control frame ahead of all data (pong, ping); never blocks."""
-        self._control.append(data)
-        self._wake()
-
-    def _wake(self) -> None:
-        """Wake a lingering writer (or start one).  At most one wake-up is ever queued
-        (a reserved slot)."""
-        if not self._wake_queued:
-            self._wake_queued = True
-            self._tx.send_nowait(None)
-        self._ensure_writer()
-
-    def _ensure_writer(self) -> None:
-        """Start the writer if none runs.  An idle connection has no writer task: it
-        exits after WRITER_LINGER_S without work, and the next queued item starts it."""
-        if not self._writer_running and self._nursery is not None and self._close is None:
-            self._writer_running = True
-            self._nursery.start_soon(self._writer)
-
     # -- the connection task ---------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until closed.  Unregisters the connection and closes the stream on exit."""
+        """Serve until closed, then close the WebSocket (see Closing) and the stream.
+        Never raises for what the peer does (EOF, reset)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if not await self._greet():
-                    return
-                peer_gone = False  # stays False when kill() cancels the reader
-                if self._close is None:  # kill() may have come during the handshake
-                    with trio.CancelScope() as self._reader_scope:
-                        peer_gone = await self._reader()
-                self._unregister()  # closing: nothing more is routed here
-                if self._replay_scope is not None:
-                    self._replay_scope.cancel()
-                if not peer_gone:
-                    if self._close is None:
-                        self._close = (1000, "")
-                    with trio.move_on_after(CLOSE_TIMEOUT):
-                        await self._flush_and_close()
+                try:
+                    if await self._greet():
+                        if self._close is None:  # kill() may have come during the handshake
+                            with trio.CancelScope() as self._reader_scope:
+                                await self._reader()
+                        self._unregister()  # closing: nothing more is routed here
+                        if self._replay_scope is not None:
+                            self._replay_scope.cancel()
+                        if not self._peer_gone:
+                            with trio.move_on_after(CLOSE_TIMEOUT):
+                                await self._close_handshake()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._reset()
                 nursery.cancel_scope.cancel()
         finally:
             self._unregister()
             await trio.aclose_forcefully(self.stream)
             code = self._close[0] if self._close else None
-            log.log("debug", "closed", conn=self.conn_id, user=self.user, by=self._closed_by, code=code)
+            log.log("debug", "connection_closed", conn=self.conn_id, user=self.user,
+                    by=self._closed_by, code=code)
 
     async def _greet(self) -> bool:
         """Write the 101 and ``hello`` (prepared by the server) and start the first
@@ -287,32 +211,31 @@ class Connection:
         instead (no WebSocket is opened) and returns False."""
         self._writer_running = True  # nothing else may write until the greeting is out
         try:
+            replay = Replay(self._gate, self._since, REPLAY_PAGE)
             try:
-                state = await self.hub.store.inbox_state(self.user)
+                state = await self.store.inbox_state(self.user)
             except StoreError as exc:
                 log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)
                 self._close = (1011, "store unavailable")
+                self._closed_by = "server"
                 await self.stream.send_all(http_response(503, b"store unavailable; retry\n"))
                 return False
-            start = state.cursor if self._since is None else min(self._since, state.last_seq)
-            self._gate.start(start)
+            after = replay.begin(state)
             greeting, self.greeting = self.greeting, b""
-            if state.last_seq <= start and self._gate.caught_up(0, REPLAY_PAGE):
-                complete = state.first_seq <= start + 1
-                enc = encode_msgpack if self._binary else encode
-                resumed = enc("resumed", since=start, last=start, complete=complete)
-                await self.stream.send_all(greeting + text_frame(resumed, BINARY if self._binary else TEXT))
+            if after is None:
+                resumed = self._resumed(replay, None)
+                await self.stream.send_all(greeting + data_frame(resumed, BINARY if self._binary else TEXT))
             else:
                 await self.stream.send_all(greeting)
-                self.start_replay(start, credit=False, state=state)
+                self._spawn_replay(replay, after, credit=False, fid=None, announce=True)
         finally:
             self._writer_running = False
         if self._tx.statistics().current_buffer_used:
             self._ensure_writer()  # for whatever was routed here meanwhile
         return True
 
-    async def _reader(self) -> bool:
-        """Read and handle frames; return True when the peer dropped TCP (nothing to send).
+    async def _reader(self) -> None:
+        """Read and handle frames until the peer closes (frame or EOF) or we do (kill).
 
         Bytes that arrived with the handshake were given to wsproto at construction."""
         data = b""
@@ -330,7 +253,7 @@ class Connection:
                     size += n
                     if size > limit:
                         self.kill(1009, f"message larger than {limit} bytes")
-                        return False
+                        return
                     if not event.message_finished:
                         parts.append(event.data)
                         continue
@@ -351,47 +274,26 @@ class Connection:
                         self._unregister()
                         self._closed_by = "peer"
                     else:  # wsproto could not parse a frame (bad UTF-8: 1007, else 1002)
+                        self._parse_failed = True
                         self.kill(event.code, event.reason or "protocol error")
-                    return False
+                    return
                 # Pong: only proves liveness, recorded below.
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 self._closed_by = "peer"
-                return True
-            self.last_activity = time.monotonic()
+                self._peer_gone = True
+                return
+            self.last_activity = self._clock()
             self.pinged = False
 
-    async def _take_credit(self) -> None:
-        while self._credits == 0:
-            self._credit_waiter = trio.Event()
-            await self._credit_waiter.wait()
-        self._credits -= 1
-
-    def _give_credits(self, n: int) -> None:
-        self._credits += n
-        if self._credit_waiter is not None:
-            self._credit_waiter.set()
-            self._credit_waiter = None
-
-    def reply(self, kind: str, **fields: Any) -> None:
-        if self.reply_binary:
-            self.reply_nowait(encode_msgpack(kind, **fields), True)
-        else:
-            self.reply_nowait(encode(kind, **fields))
-
-    def error(self, fid: Any, code: str, message: str) -> None:
-        _bad_frames.log("info", "client_error", key=code, user=self.user, conn=self.conn_id,
-                        code=code, reason=message)
-        self.reply("error", id=fid, code=code, message=message)
-
-    # -- frame handling --------------------------------------------------------------
+    # -- frame handling and the command context -------------------------------------
 
     async def _handle_frame(self, data: str | bytes, binary: bool) -> None:
         """Handle one complete message (JSON text or MessagePack binary); the caller holds
         one reply credit, which the reply uses (or which is given back)."""
         self.reply_binary = binary
         limits = self.hub.config.limits
-        now = time.monotonic()
+        now = self._clock()
         if self._bucket is None:
             self._bucket = TokenBucket(limits.messages_per_second, limits.burst, now)
         allowed = self._bucket.take(now)
@@ -424,20 +326,28 @@ class Connection:
         else:
             await handle_command(self, cmd)
 
-    # -- replay ----------------------------------------------------------------------
+    def reply(self, kind: str, **fields: Any) -> None:
+        """Queue the reply to the frame being handled (it uses the frame's credit)."""
+        if self.reply_binary:
+            self.reply_nowait(encode_msgpack(kind, **fields), True)
+        else:
+            self.reply_nowait(encode(kind, **fields))
 
-    def start_replay(self, since: int | None, *, credit: bool, fid: Any = None, state: Any = None) -> None:
-        """(Re)start the replay; live messages are absorbed until it has caught up.
+    def error(self, fid: FrameId, code: str, message: str) -> None:
+        """Answer the frame being handled with an error frame: the client's fault,
+        logged once a minute per code."""
+        _bad_frames.log("info", "client_error", key=code, user=self.user, conn=self.conn_id,
+                        code=code, reason=message)
+        self.reply("error", id=fid, code=code, message=message)
 
-        ``credit``: the caller holds a reply credit for the ``resumed`` frame (a resume
-        command).  The first replay on connect holds none and borrows the reserved slot.
-        """
-        if self._replay_scope is not None:
-            self._replay_scope.cancel()
-        self._gate.replaying = True  # absorb live messages from now on: the replay reads them
-        self._replay_scope = trio.CancelScope()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._replay, since, self._replay_scope, credit, fid, True, state)
+    @property
+    def history_limit(self) -> int:
+        return self.hub.config.store.history_limit
+
+    def resume(self, since: int, fid: FrameId) -> None:
+        """A ``resume`` command: restart the replay; its ``resumed`` uses the command's
+        credit.  Live messages are absorbed until it has caught up."""
+        self._spawn_replay(Replay(self._gate, since, REPLAY_PAGE), None, credit=True, fid=fid, announce=True)
 
     def resync(self) -> None:
         """Live messages may have been missed (the cluster's Redis link came back):
@@ -445,160 +355,60 @@ class Connection:
         replay already running reads the store to its end anyway."""
         if self._replay_scope is not None or self._close is not None or self._nursery is None:
             return
-        self._gate.replaying = True
-        self._replay_scope = trio.CancelScope()
-        self._nursery.start_soon(self._replay, self._gate.sent_seq, self._replay_scope, True, None, False, None)
+        replay = Replay(self._gate, self._gate.sent_seq, REPLAY_PAGE)
+        self._spawn_replay(replay, None, credit=True, fid=None, announce=False)
 
-    async def _replay(
-        self, since: int | None, scope: trio.CancelScope, credit: bool, fid: Any, announce: bool,
-        state: Any,
-    ) -> None:
-        """Send stored messages after ``since`` (default: the ack cursor), then go live;
-        with ``announce``, end with the ``resumed`` frame."""
+    # -- replay (the decisions are routing.replay's) ---------------------------------
+
+    def _spawn_replay(self, replay: Replay, after: int | None, *, credit: bool, fid: FrameId,
+                      announce: bool) -> None:
+        """Run ``replay`` in a task, cancelling the one running.  ``after``: where the
+        first page read starts when ``begin`` already ran (the greeting), else None.
+        ``credit``: the caller holds a reply credit for ``resumed``; the first replay on
+        connect holds none and borrows the channel's reserved slot."""
+        if self._replay_scope is not None:
+            self._replay_scope.cancel()
+        scope = self._replay_scope = trio.CancelScope()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._replay, replay, after, scope, credit, fid, announce)
+
+    async def _replay(self, replay: Replay, after: int | None, scope: trio.CancelScope,
+                      credit: bool, fid: FrameId, announce: bool) -> None:
+        """Send stored messages, then go live; with ``announce``, end with ``resumed``.
+        Cancelled by a newer replay or by closing; a store failure closes with 1011."""
         if not credit:
             self._credits -= 1  # may go to -1: the channel reserves a slot for it
         sent_resumed = False
         with scope:
             try:
-                sent_resumed = await self._replay_pages(since, fid, announce, state)
+                if after is None:
+                    after = replay.begin(await self.store.inbox_state(self.user))
+                while after is not None:
+                    msgs = await self.store.read_inbox(self.user, after, replay.page)
+                    if scope.cancel_called:  # superseded while the read was completing
+                        break
+                    for m in replay.to_send(msgs):
+                        await self._wait_space()
+                        fields = message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)
+                        self._tx.send_nowait(Routed(message_json(fields), m.seq, fields))
+                        self._queued += 1
+                        self._ensure_writer()
+                        replay.sent(m.seq)
+                    after = replay.next_read()  # None: caught up, live from here (no await)
+                else:
+                    if self._replay_scope is scope:
+                        self._replay_scope = None
+                    if announce:  # its credit comes back once the writer has written it
+                        self._tx.send_nowait(_Reply(self._resumed(replay, fid), self._binary))
+                        self._ensure_writer()
+                        sent_resumed = True
             except StoreError as exc:
                 log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)
                 self.kill(1011, "store unavailable")
         if announce and not sent_resumed:  # cancelled (a newer resume, or closing), or failed
             self._give_credits(1)
 
-    async def _replay_pages(self, since: int | None, fid: Any, announce: bool, state: Any) -> bool:
-        """``state``: the inbox_state already read by the greeting (else read here)."""
-        gate = self._gate
-        if state is None:
-            state = await self.hub.store.inbox_state(self.user)
-        start = state.cursor if since is None else min(since, state.last_seq)
-        complete = state.first_seq <= start + 1  # else retention dropped part of the gap
-        gate.start(start)
-        # Nothing stored after `start` (the usual reconnect): the state read stands for
-        # an empty page read, unless a live message came in meanwhile.
-        caught_up = state.last_seq <= start and gate.caught_up(0, REPLAY_PAGE)
-        while not caught_up:
-            msgs = await self.hub.store.read_inbox(self.user, gate.sent_seq, REPLAY_PAGE)
-            for m in gate.take(msgs):
-                await self._wait_space()
-                fields = message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)
-                self._tx.send_nowait(Routed(message_json(fields), m.seq, fields))
-                self._queued += 1
-                self._ensure_writer()
-                gate.sent(m.seq)
-            caught_up = gate.caught_up(len(msgs), REPLAY_PAGE)  # no await since the read
-        self._replay_scope = None
-        if not announce:
-            return False
-        # The credit taken for this frame comes back when the writer has written it.
-        # Binary-mode connections get it in MessagePack, like every pushed frame.
+    def _resumed(self, replay: Replay, fid: FrameId) -> bytes:
+        """The ``resumed`` frame's payload; MessagePack on binary-mode connections."""
         enc = encode_msgpack if self._binary else encode
-        resumed = enc("resumed", id=fid, since=start, last=gate.sent_seq, complete=complete)
-        self._tx.send_nowait(_Reply(resumed, self._binary))
-        self._ensure_writer()
-        return True
-
-    async def _wait_space(self) -> None:
-        while self._queued >= self._queue_bound:
-            self._space_waiter = trio.Event()
-            await self._space_waiter.wait()
-
-    # -- the writer ------------------------------------------------------------------
-
-    def _drain(self, first: Any, *, closing: bool) -> tuple[bytes, int, int]:
-        """Everything queued (up to 1024 items; all of it when ``closing``) as one
-        buffer: control frames first, then replies and messages in order, then (when
-        ``closing``) the close frame."""
-        batch = [first]
-        rx = self._rx
-        while closing or len(batch) < 1024:
-            try:
-                batch.append(rx.receive_nowait())
-            except trio.WouldBlock:
-                break
-        out: list[bytes] = self._control
-        self._control = []
-        replies = messages = 0
-        for item in batch:
-            if item is None:
-                self._wake_queued = False
-                continue
-            if type(item) is _Reply:
-                out.append(self._frame(item.payload, item.binary))
-                replies += 1
-            elif self._deflate:
-                out.append(self._frame(item.binary_payload if self._binary else item.payload, self._binary))
-                messages += 1
-            else:  # the frame built once and shared by every recipient
-                out.append(item.binary_frame if self._binary else item.frame)
-                messages += 1
-        if closing and self._close is not None:
-            try:
-                out.append(self.ws.send(CloseConnection(*self._close)))
-            except LocalProtocolError:
-                pass  # already closed both ways
-        return b"".join(out), messages, replies
-
-    def _frame(self, payload: bytes, binary: bool) -> bytes:
-        if self._deflate:  # compressed per connection by wsproto
-            return self.ws.send(BytesMessage(payload) if binary else TextMessage(payload.decode()))
-        return text_frame(payload, BINARY if binary else TEXT)
-
-    async def _writer(self) -> None:
-        """Drain the outbound channel, coalescing each batch into one ``send_all``.
-
-        Runs while there is work (lingering WRITER_LINGER_S for more), then exits; it
-        stops after its current batch once the connection is closing (the connection
-        task writes what is left and the close frame).  Nothing of a written batch stays
-        referenced while it waits."""
-        rx = self._rx
-        try:
-            while self._close is None:
-                first: Any = _IDLE
-                try:
-                    first = rx.receive_nowait()
-                except trio.WouldBlock:
-                    with trio.move_on_after(WRITER_LINGER_S):
-                        first = await rx.receive()
-                if first is _IDLE:
-                    break  # idle: exit; the next queued item starts a new writer
-                data, messages, replies = self._drain(first, closing=False)
-                del first
-                if data:
-                    self._send_broken = True
-                    await self.stream.send_all(data)
-                    self._send_broken = False
-                    del data
-                self._written(messages, replies)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._closed_by = "peer" if self._close is None else self._closed_by
-            if self._reader_scope is not None:
-                self._reader_scope.cancel()
-        finally:
-            self._writer_running = False
-            if self._writer_exit is not None:
-                self._writer_exit.set()
-
-    def _written(self, messages: int, replies: int) -> None:
-        self._queued -= messages
-        if messages and self._space_waiter is not None:
-            self._space_waiter.set()
-            self._space_waiter = None
-        if replies:
-            self._give_credits(replies)
-
-    async def _flush_and_close(self) -> None:
-        """Closing: let a running writer finish its batch, then write what is still
-        queued and the close frame (unless a cancelled send left half a frame)."""
-        if self._writer_running:
-            self._writer_exit = trio.Event()
-            self._wake()  # a lingering writer is waiting for work: let it see _close now
-            await self._writer_exit.wait()
-        if self._send_broken:
-            return
-        data, messages, replies = self._drain(None, closing=True)
-        self._send_broken = True
-        await self.stream.send_all(data)
-        self._send_broken = False
-        self._written(messages, replies)
+        return enc("resumed", id=fid, since=replay.start, last=replay.last, complete=replay.complete)

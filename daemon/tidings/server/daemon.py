@@ -4,8 +4,10 @@
 ``started(port)`` once connections are accepted.  It returns after SIGTERM/SIGINT (or
 when its cancel scope is cancelled): it stops accepting, closes every connection with
 1001, waits at most ``server.shutdown_grace_s`` for them, drains the store writer, and
-closes the store.  Every TCP connection gets its own task in one nursery; an exception
-in one connection is logged (1011 to that client) and never takes the server down.
+closes the store.  Every TCP connection gets its own task in one nursery; a bug in one
+connection is logged (``event=connection_crashed``) and never takes the server down,
+while a peer that resets or drops TCP is not a crash (``connection.py``).  ``GET
+/healthz`` on the WebSocket port answers what the API port's does (``health``).
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ import itertools
 import os
 import signal
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import h11
+import orjson
 import trio
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import Ping
 
 from tidings import log
-from tidings.server import demo
+from tidings.server import demo, health
 from tidings.service import sdnotify, tls
 from tidings.auth import AuthError, Authenticator, load_secret
 from tidings.config import Config
@@ -42,7 +46,7 @@ from tidings.server.api import serve_api
 from tidings.server.hub import Hub
 from tidings.server.metrics import Metrics
 from tidings.service.lifecycle import Lifecycle, listener_address
-from tidings.wire.protocol import BINARY, encode, encode_msgpack, text_frame
+from tidings.wire.protocol import BINARY, data_frame, encode, encode_msgpack
 from tidings.routing.sessions import Refused
 from tidings.store import StoreError, open_store
 from tidings.service.workers import reuseport_listeners
@@ -85,8 +89,12 @@ def make_authenticator(config: Config) -> Authenticator:
 class Server:
     """Accepts TCP connections and turns each into a handshake, then a Connection."""
 
-    def __init__(self, config: Config, hub: Hub, auth: Authenticator) -> None:
+    def __init__(self, config: Config, hub: Hub, auth: Authenticator,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: the monotonic clock of idle timeouts and rate limits (tests run
+        connections under ``trio.current_time`` and a MockClock)."""
         self.config = config
+        self.clock = clock
         self.hub = hub
         self.auth = auth
         self.shutting_down = False
@@ -98,7 +106,7 @@ class Server:
         #: Set when serving wss:// (tidings.tls); swapped by a reload, new connections only.
         self.ssl_context: Any = None
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
         """The task of one TCP connection: handshake, then serve; never raises."""
         self.active += 1
         if self.ssl_context is not None:  # TLS handshake on first read, under the timeout
@@ -115,7 +123,7 @@ class Server:
             self.active -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _handshake(self, stream: trio.SocketStream) -> Connection | None:
+    async def _handshake(self, stream: trio.abc.Stream) -> Connection | None:
         """Answer the HTTP request; return a registered Connection after a 101, else None."""
         cfg = self.config.server
         with trio.move_on_after(cfg.handshake_timeout_s) as timeout:
@@ -146,6 +154,7 @@ class Server:
             conn_id=f"c{self._node}-{next(self._ids):x}",
             user=identity.user, exp=identity.exp, since=upgrade.since,
             rooms=identity.rooms, binary=upgrade.binary, deflate=deflate is not None,
+            clock=self.clock,
         )
         try:
             await self.hub.register(conn)
@@ -154,15 +163,15 @@ class Server:
             return None
         info = {"user": identity.user, "conn": conn.conn_id, "exp": identity.exp}
         if upgrade.binary:  # (an uncompressed frame is valid under permessage-deflate)
-            hello = text_frame(encode_msgpack("hello", **info), BINARY)
+            hello = data_frame(encode_msgpack("hello", **info), BINARY)
         else:
-            hello = text_frame(encode("hello", **info))
+            hello = data_frame(encode("hello", **info))
         # Written by conn.run(), together with the first `resumed` when nothing is
         # waiting in the inbox (one send, no replay task, no writer task).
         conn.greeting = accept_response(upgrade.key, deflate[1] if deflate else None) + hello
         return conn
 
-    async def _read_request(self, stream: trio.SocketStream) -> tuple[h11.Request | None, bytes]:
+    async def _read_request(self, stream: trio.abc.Stream) -> tuple[h11.Request | None, bytes]:
         """Read one request head; answer HTTP-level garbage here.  (None, b"") = done."""
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         while True:
@@ -187,11 +196,13 @@ class Server:
             return None, b""
 
     async def _refuse(
-        self, stream: trio.SocketStream, request: h11.Request, status: int, reason: str,
+        self, stream: trio.abc.Stream, request: h11.Request, status: int, reason: str,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         if request.method == b"GET" and request.target.split(b"?")[0] == b"/healthz":
-            await stream.send_all(http_response(200, b"ok\n"))
+            code, body = await health.check(self.hub, self.shutting_down)  # as on the API port
+            with trio.move_on_after(1):
+                await stream.send_all(http_response(code, orjson.dumps(body), b"application/json"))
             return
         page = demo.answer(request, self.config)  # the demo page, when http.demo = true
         if page is not None:
@@ -208,7 +219,7 @@ class Server:
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
             cfg = self.config.server  # re-read: a reload may have changed it
-            now, mono = time.time(), time.monotonic()
+            now, mono = time.time(), self.clock()
             for conn in self.hub.sessions.all_endpoints():
                 if conn.exp is not None and now >= conn.exp:
                     conn.kill(1008, "token expired")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import attrs
 import trio
@@ -41,15 +41,18 @@ from tidings.wire.protocol import (
     message_fields,
     message_json,
 )
-from tidings.routing.rooms import ROOM_KEY_PREFIX, RoomRefused, RoomTable, WatchTable, may_join
-from tidings.routing.router import Routed, Router
+from tidings.routing.rooms import ROOM_KEY_PREFIX, RoomRefused, RoomTable, may_join
+from tidings.routing.router import Endpoint, Routed, Router
+from tidings.routing.watches import WatchTable
 from tidings.routing.sessions import SessionTable
 from tidings.store import NewMessage, Store, StoredMessage, StoreError
 
 if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
     from tidings.cluster import Cluster
 
-__all__ = ["Hub", "HubStatistics", "Origin"]
+__all__ = ["CursorOrigin", "Hub", "HubStatistics", "Member", "Origin"]
 
 _WAKE = object()
 #: The latency histogram observes one routed message in this many (an unbiased sample).
@@ -58,31 +61,43 @@ LATENCY_SAMPLE_EVERY = 8
 STORE_FAILURE_LOG_INTERVAL_S = 10.0
 
 
-class Origin(Protocol):
+#: What an origin hands the hub with a request and gets back verbatim in the callback.
+Ctx = TypeVar("Ctx")
+Ctx_contra = TypeVar("Ctx_contra", contravariant=True)
+
+
+class Origin(Protocol[Ctx_contra]):
     """Whoever waits for a store result: a connection, or an API request.
 
     ``ctx`` is what the origin handed to the hub (its frame id...), given back
     verbatim.  The callbacks run in the hub's writer task and must never block."""
 
-    def on_stored(self, ctx: Any, msg_id: str, seq: int, delivered: int) -> None: ...
+    def on_stored(self, ctx: Ctx_contra, msg_id: str, seq: int, delivered: int) -> None: ...
 
-    def on_store_failed(self, ctx: Any) -> None: ...
+    def on_store_failed(self, ctx: Ctx_contra) -> None: ...
 
 
-class CursorOrigin(Protocol):
+class CursorOrigin(Protocol[Ctx_contra]):
     """Whoever waits for an ack's cursor to be saved (an ``ack`` frame with an id)."""
 
-    def on_cursor_saved(self, ctx: Any, seq: int) -> None: ...
+    def on_cursor_saved(self, ctx: Ctx_contra, seq: int) -> None: ...
 
-    def on_cursor_failed(self, ctx: Any) -> None: ...
+    def on_cursor_failed(self, ctx: Ctx_contra) -> None: ...
 
 
-class _Job:
+class Member(Endpoint, Protocol):
+    """A registered connection as the hub sees it: a router endpoint that can re-read
+    its inbox when live messages may have been missed (``server.connection``)."""
+
+    def resync(self) -> None: ...
+
+
+class _Job(Generic[Ctx]):
     """One queued send."""
 
     __slots__ = ("accepted", "ctx", "message", "origin")
 
-    def __init__(self, message: NewMessage, origin: Origin, ctx: Any) -> None:
+    def __init__(self, message: NewMessage, origin: Origin[Ctx], ctx: Ctx) -> None:
         self.message = message
         self.origin = origin
         self.ctx = ctx
@@ -121,20 +136,20 @@ class Hub:
         self.cluster: Cluster | None = None
         self._jobs_tx, self._jobs_rx = trio.open_memory_channel[Any](config.store.queue)
         self._cursors: dict[str, int] = {}
-        self._cursor_waiters: list[tuple[CursorOrigin, Any, int]] = []
+        self._cursor_waiters: list[tuple[CursorOrigin[Any], Any, int]] = []
         self._last_seen: dict[str, int] = {}
         self._stored = 0
         self._store_errors = 0
         self._failed_unlogged = 0
         self._failure_log = log.LogOnce(interval=STORE_FAILURE_LOG_INTERVAL_S)
         self._slow_log = log.LogOnce(interval=30.0)
-        self.latency: Any = None  # a prometheus Histogram, when metrics are on
+        self.latency: Histogram | None = None  # when metrics are on
         self._latency_countdown = 1
         self.router.on_slow_consumer = self._log_slow
 
     # -- sessions --------------------------------------------------------------------
 
-    async def register(self, conn: Any) -> None:
+    async def register(self, conn: Member) -> None:
         """Make ``conn`` routable; raises ``sessions.Refused`` over a limit.  The user's
         watchers hear ``online`` when this is the user's first connection."""
         async with self.lock:
@@ -146,7 +161,7 @@ class Hub:
                 # that read is also published to us (cluster.hold's contract).
                 await self.cluster.hold(conn.user)
 
-    def unregister(self, conn: Any) -> None:
+    def unregister(self, conn: Member) -> None:
         """Remove ``conn`` (once per connection) with its rooms and watches; on the
         user's last connection record last_seen and tell watchers ``offline`` (the router
         may already have removed a slow consumer from the table)."""
@@ -170,7 +185,7 @@ class Hub:
 
     # -- rooms and watches (in memory, per connection) -------------------------------
 
-    async def join(self, conn: Any, room: str, allowed: tuple[str, ...] | None) -> list[dict[str, Any]]:
+    async def join(self, conn: Endpoint, room: str, allowed: tuple[str, ...] | None) -> list[dict[str, Any]]:
         """Join ``room`` if the token (or the config default) allows it; return the
         room's recent messages (``rooms.history``).  Raises RoomRefused.  In a cluster
         the first local member subscribes this node to the room's channel."""
@@ -181,11 +196,11 @@ class Hub:
             await self.cluster.hold(ROOM_KEY_PREFIX + room)
         return self.rooms.recent(room)
 
-    def leave(self, conn: Any, room: str) -> None:
+    def leave(self, conn: Endpoint, room: str) -> None:
         if self.rooms.leave(conn, room) and self.cluster is not None:
             self.cluster.release(ROOM_KEY_PREFIX + room)
 
-    async def send_room(self, conn: Any, room: str, body: bytes) -> tuple[str, int]:
+    async def send_room(self, conn: Endpoint, room: str, body: bytes) -> tuple[str, int]:
         """Offer a room message to every connection in the room now; ``(msg_id,
         delivered)``.  Room messages are not stored; the sender must have joined.  In a
         cluster it is published on the room's channel and ``delivered`` counts nodes."""
@@ -202,15 +217,16 @@ class Hub:
         self.rooms.remember(room, fields)
         return result.delivered
 
-    def watch(self, conn: Any, users: tuple[str, ...], on: bool) -> dict[str, bool]:
-        """(Un)watch users' presence; return who of them is online now."""
+    def watch(self, conn: Endpoint, users: tuple[str, ...], on: bool) -> dict[str, bool]:
+        """(Un)watch users' presence; return who of them is online now.  Raises
+        WatchRefused (nothing changed) over the per-connection bound."""
         if on:
             self.watches.watch(conn, users)
         else:
             self.watches.unwatch(conn, users)
         return {user: self.sessions.count(user) > 0 for user in users}
 
-    def _log_slow(self, conn: Any) -> None:
+    def _log_slow(self, conn: Endpoint) -> None:
         self._slow_log.log(
             "warning", "slow_consumer", key=conn.user, user=conn.user, conn=conn.conn_id,
             policy=self.router.slow_consumer,
@@ -218,7 +234,7 @@ class Hub:
 
     # -- sends -----------------------------------------------------------------------
 
-    async def send(self, origin: Origin, sender: str, to: str, body: bytes, ctx: Any = None) -> None:
+    async def send(self, origin: Origin[Ctx], sender: str, to: str, body: bytes, ctx: Ctx) -> None:
         """Store then route a message; then call ``origin.on_stored(ctx, msg_id, seq,
         delivered)`` -- or ``origin.on_store_failed(ctx)`` if the store refused it.
 
@@ -247,7 +263,8 @@ class Hub:
 
     # -- coalesced writes ------------------------------------------------------------
 
-    def ack_cursor(self, user: str, seq: int, origin: CursorOrigin | None = None, ctx: Any = None) -> None:
+    def ack_cursor(self, user: str, seq: int, origin: CursorOrigin[Ctx] | None = None,
+                   ctx: Ctx | None = None) -> None:
         """Move ``user``'s acknowledged cursor to ``seq`` (coalesced; never blocks).
         With ``origin``, it hears ``on_cursor_saved(ctx, seq)`` once the cursor is
         saved (or ``on_cursor_failed(ctx)``)."""
@@ -296,7 +313,7 @@ class Hub:
         if self._cursors or self._last_seen or self._cursor_waiters:
             await self._save_cursors()
 
-    async def _append(self, jobs: list[_Job]) -> None:
+    async def _append(self, jobs: list[_Job[Any]]) -> None:
         """Store a batch; route and answer each message in order."""
         results = await self.store.append([j.message for j in jobs])
         failed: StoreError | None = None

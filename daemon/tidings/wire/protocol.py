@@ -7,7 +7,7 @@ connection can answer with an error frame and stay usable.  Nothing here blocks,
 here imports trio; see docs/protocol.md for the wire format.
 
 Server frames are encoded once with orjson.  A routed message is encoded once per message
-and the same bytes (and, with ``text_frame``, the same WebSocket frame) are shared by
+and the same bytes (and, with ``data_frame``, the same WebSocket frame) are shared by
 every recipient connection.
 """
 
@@ -36,10 +36,10 @@ __all__ = [
     "Resume",
     "Search",
     "Send",
+    "data_frame",
     "encode",
     "message_frame",
     "parse_client_frame",
-    "text_frame",
     "valid_user_id",
 ]
 
@@ -379,8 +379,9 @@ def message_frame(msg_id: str, seq: int, sender: str, recipient: str, body: byte
 TEXT, BINARY = 0x81, 0x82
 
 
-def text_frame(payload: bytes, opcode: int = TEXT) -> bytes:
-    """A complete, unmasked, unfragmented server->client frame (RFC 6455 5.2).
+def data_frame(payload: bytes, opcode: int = TEXT) -> bytes:
+    """A complete, unmasked, unfragmented server->client data frame (RFC 6455 5.2):
+    a text frame (``TEXT``, JSON) or a binary one (``BINARY``, MessagePack).
 
     Built once per routed message and written as-is to every recipient connection that
     negotiated no extension, so fan-out costs one encode, not one per recipient.

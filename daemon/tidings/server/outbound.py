@@ -1,0 +1,295 @@
+"""The outbound half of a connection: the queue, reply credits, the writer, closing.
+
+``Outbound`` is the base class of ``connection.Connection``; it owns everything that
+writes to the peer, so the connection module keeps the reader, the frame handling and
+the replay.  All of it runs in the connection's tasks (never blocks the router).
+
+Queue and credits
+-----------------
+One bounded memory channel carries, in order: routed messages (``Routed``, at most
+``outbound_queue`` of them: the router's offers count ``_queued`` against that bound),
+replies (``_Reply``, each holding one of ``max_inflight`` reply credits), and wake-ups
+(``None``, at most one queued).  The channel has room for all of them plus a replay's
+``resumed`` frame, so ``send_nowait`` never finds it full.  ``_take_credit`` waits while
+no credit is free -- the reader is not reading meanwhile, so a client that floods faster
+than it reads is slowed down by TCP -- and the writer gives credits back once the
+replies are on the wire.  Control frames (pong, ping) bypass the channel
+(``queue_control``) and go out first in the next write.
+
+The writer
+----------
+A task that exists only while there is work: it drains everything queued into one
+``send_all`` (up to 1,024 items a batch) and exits after ``WRITER_LINGER_S`` without
+work; the next queued item starts a new one.  Idle connections hold no writer task.
+
+Closing
+-------
+``_close_handshake`` (called by the connection task when it closes: after ``kill`` or
+the peer's close frame) lets a running writer finish its batch, writes what is still
+queued and the close frame, then reads and drops input until the peer's close frame or
+EOF: a socket closed with unread input sends a TCP reset, which can destroy the close
+frame and the replies before it.  (After echoing the peer's close there is nothing to
+wait for.)
+The caller bounds it with ``CLOSE_TIMEOUT``.  A peer that resets TCP is its doing, not a
+crash of ours: ``_reset`` logs ``event=connection_closed by=peer`` at info (once a
+minute) and nothing more is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from wsproto.connection import Connection as WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import BytesMessage, CloseConnection, TextMessage
+from wsproto.utilities import LocalProtocolError
+
+from tidings import log
+from tidings.config import LimitsConfig
+from tidings.wire.protocol import BINARY, TEXT, data_frame
+
+__all__ = ["CLOSE_TIMEOUT", "RECEIVE_SIZE", "Outbound"]
+
+RECEIVE_SIZE = 65536
+#: A close (ours or the peer's) takes at most this long, then TCP is closed regardless.
+CLOSE_TIMEOUT = 2.0
+#: How long an idle writer waits for more work before exiting (a new one starts on demand).
+WRITER_LINGER_S = 0.25
+_IDLE = object()
+_resets = log.LogOnce(interval=60.0)
+
+
+class _Reply:
+    """A reply (ack, pong, error, ...) in the outbound queue: it holds one credit.
+    ``binary``: MessagePack in a binary frame (the request was binary), else JSON text."""
+
+    __slots__ = ("binary", "payload")
+
+    def __init__(self, payload: bytes, binary: bool = False) -> None:
+        self.payload = payload
+        self.binary = binary
+
+
+class Outbound:
+    """What a connection writes, and how it stops writing (see the module docstring)."""
+
+    __slots__ = (
+        "_binary", "_close", "_closed_by", "_control", "_credit_waiter", "_credits", "_deflate",
+        "_nursery", "_parse_failed", "_peer_gone", "_queue_bound", "_queued", "_reader_scope",
+        "_rx", "_send_broken", "_space_waiter", "_tx", "_wake_queued", "_writer_exit",
+        "_writer_running", "conn_id", "stream", "user", "ws",
+    )
+
+    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, limits: LimitsConfig, *,
+                 conn_id: str, user: str, binary: bool, deflate: bool) -> None:
+        self.stream = stream
+        self.ws = ws
+        self.conn_id = conn_id
+        self.user = user
+        self._binary = binary  # pushed frames as MessagePack (?encoding=msgpack)
+        self._deflate = deflate  # permessage-deflate: frames go through wsproto
+        self._queue_bound = limits.outbound_queue
+        # Room for the message quota, every reply credit, the `resumed` frame of a
+        # replay and one wake-up: producers never find it full unexpectedly.
+        self._tx, self._rx = trio.open_memory_channel[Any](
+            limits.outbound_queue + limits.max_inflight + 2
+        )
+        self._wake_queued = False
+        self._nursery: trio.Nursery | None = None  # the connection task's
+        self._queued = 0  # routed messages in the channel
+        self._credits = limits.max_inflight
+        self._credit_waiter: trio.Event | None = None
+        self._space_waiter: trio.Event | None = None
+        self._control: list[bytes] = []
+        self._close: tuple[int, str] | None = None  # set once: closing with this code
+        self._closed_by = "peer"
+        self._peer_gone = False  # EOF or reset from the peer: nothing more to write
+        self._parse_failed = False  # wsproto refused the input: never parse it again
+        self._reader_scope: trio.CancelScope | None = None
+        self._writer_running = False
+        self._writer_exit: trio.Event | None = None
+        self._send_broken = False  # a send was interrupted: half a frame may be out
+
+    # -- queueing (sync, never blocks) -----------------------------------------------
+
+    def reply_nowait(self, payload: bytes, binary: bool = False) -> None:
+        """Queue a reply for which the caller holds a credit (taken by ``_take_credit``)."""
+        if self._close is not None:
+            self._give_credits(1)
+            return
+        self._tx.send_nowait(_Reply(payload, binary))
+        self._ensure_writer()
+
+    def queue_control(self, data: bytes) -> None:
+        """Queue a control frame ahead of all data (pong, ping); never blocks."""
+        self._control.append(data)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake a lingering writer (or start one).  At most one wake-up is ever queued
+        (a reserved slot)."""
+        if not self._wake_queued:
+            self._wake_queued = True
+            self._tx.send_nowait(None)
+        self._ensure_writer()
+
+    def _ensure_writer(self) -> None:
+        """Start the writer if none runs.  An idle connection has no writer task: it
+        exits after WRITER_LINGER_S without work, and the next queued item starts it."""
+        if not self._writer_running and self._nursery is not None and self._close is None:
+            self._writer_running = True
+            self._nursery.start_soon(self._writer)
+
+    # -- credits and space (awaited by the reader and the replay) -------------------
+
+    async def _take_credit(self) -> None:
+        while self._credits == 0:
+            self._credit_waiter = trio.Event()
+            await self._credit_waiter.wait()
+        self._credits -= 1
+
+    def _give_credits(self, n: int) -> None:
+        self._credits += n
+        if self._credit_waiter is not None:
+            self._credit_waiter.set()
+            self._credit_waiter = None
+
+    async def _wait_space(self) -> None:
+        while self._queued >= self._queue_bound:
+            self._space_waiter = trio.Event()
+            await self._space_waiter.wait()
+
+    # -- the writer ------------------------------------------------------------------
+
+    def _drain(self, first: Any, *, closing: bool) -> tuple[bytes, int, int]:
+        """Everything queued (up to 1024 items; all of it when ``closing``) as one
+        buffer: control frames first, then replies and messages in order, then (when
+        ``closing``) the close frame."""
+        batch = [first]
+        rx = self._rx
+        while closing or len(batch) < 1024:
+            try:
+                batch.append(rx.receive_nowait())
+            except trio.WouldBlock:
+                break
+        out: list[bytes] = self._control
+        self._control = []
+        replies = messages = 0
+        for item in batch:
+            if item is None:
+                self._wake_queued = False
+                continue
+            if type(item) is _Reply:
+                out.append(self._frame(item.payload, item.binary))
+                replies += 1
+            elif self._deflate:
+                out.append(self._frame(item.binary_payload if self._binary else item.payload, self._binary))
+                messages += 1
+            else:  # the frame built once and shared by every recipient
+                out.append(item.binary_frame if self._binary else item.frame)
+                messages += 1
+        if closing and self._close is not None:
+            try:
+                out.append(self.ws.send(CloseConnection(*self._close)))
+            except LocalProtocolError:
+                pass  # already closed both ways
+        return b"".join(out), messages, replies
+
+    def _frame(self, payload: bytes, binary: bool) -> bytes:
+        if self._deflate:  # compressed per connection by wsproto
+            return self.ws.send(BytesMessage(payload) if binary else TextMessage(payload.decode()))
+        return data_frame(payload, BINARY if binary else TEXT)
+
+    async def _writer(self) -> None:
+        """Drain the outbound channel, coalescing each batch into one ``send_all``.
+
+        Runs while there is work (lingering WRITER_LINGER_S for more), then exits; it
+        stops after its current batch once the connection is closing (the connection
+        task writes what is left and the close frame).  Nothing of a written batch stays
+        referenced while it waits."""
+        rx = self._rx
+        try:
+            while self._close is None:
+                first: Any = _IDLE
+                try:
+                    first = rx.receive_nowait()
+                except trio.WouldBlock:
+                    with trio.move_on_after(WRITER_LINGER_S):
+                        first = await rx.receive()
+                if first is _IDLE:
+                    break  # idle: exit; the next queued item starts a new writer
+                data, messages, replies = self._drain(first, closing=False)
+                del first
+                if data:
+                    self._send_broken = True
+                    await self.stream.send_all(data)
+                    self._send_broken = False
+                    del data
+                self._written(messages, replies)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._reset()
+            if self._reader_scope is not None:
+                self._reader_scope.cancel()
+        finally:
+            self._writer_running = False
+            if self._writer_exit is not None:
+                self._writer_exit.set()
+
+    def _written(self, messages: int, replies: int) -> None:
+        self._queued -= messages
+        if messages and self._space_waiter is not None:
+            self._space_waiter.set()
+            self._space_waiter = None
+        if replies:
+            self._give_credits(replies)
+
+    # -- closing ---------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        """The peer reset TCP (or closed it under a write): its doing, not a crash of
+        ours.  Nothing more can be written."""
+        self._peer_gone = True
+        if self._close is None:
+            self._closed_by = "peer"
+            _resets.log("info", "connection_closed", key="reset", conn=self.conn_id,
+                        user=self.user, by="peer", error="connection reset")
+
+    async def _close_handshake(self) -> None:
+        """Let a running writer finish its batch, write what is still queued and the
+        close frame, then discard input until the peer's close frame or EOF.  The
+        caller bounds the time (CLOSE_TIMEOUT) and closes TCP after."""
+        if self._close is None:
+            self._close = (1000, "")
+        if self._writer_running:
+            self._writer_exit = trio.Event()
+            self._wake()  # a lingering writer is waiting for work: let it see _close now
+            await self._writer_exit.wait()
+        if self._send_broken or self._peer_gone:
+            return  # half a frame is on the wire (or nobody reads): nothing more to say
+        data, messages, replies = self._drain(None, closing=True)
+        self._send_broken = True
+        await self.stream.send_all(data)
+        self._send_broken = False
+        self._written(messages, replies)
+        await self._discard_input()
+
+    async def _discard_input(self) -> None:
+        """After our close frame: read and drop whatever the peer still sends, until its
+        close frame (parsed by wsproto unless the input was unparsable) or EOF."""
+        if self.ws.state is ConnectionState.CLOSED:
+            return  # we echoed the peer's close: the handshake is complete
+        parse = not self._parse_failed
+        while True:
+            if parse:
+                for event in self.ws.events():
+                    if isinstance(event, CloseConnection):
+                        if self.ws.state is ConnectionState.CLOSED:
+                            return  # the peer's close frame: the handshake is complete
+                        parse = False  # a parse error: only EOF or the timeout ends it
+                        break
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return
+            if parse:
+                self.ws.receive_data(data)
