@@ -127,7 +127,7 @@ class Server:
         if request is None:
             return None
         try:
-            upgrade = check_upgrade(request, cfg.path)
+            upgrade = check_upgrade(request, cfg.path, cfg.allowed_origins)
             if self.shutting_down:
                 raise HttpError(503, "server is shutting down")
             identity = self.auth.authenticate(upgrade.token, upgrade.user)
