@@ -38,10 +38,12 @@ DEFAULTS = {
         "host": "127.0.0.1", "port": 8765, "path": "/ws", "state_dir": "", "max_message_bytes": 65536,
         "shutdown_grace_s": 5.0, "handshake_timeout_s": 10.0, "ping_interval_s": 20.0,
         "idle_timeout_s": 60.0, "log_level": "info", "compression": False, "tls_cert": "", "tls_key": "",
-        "workers": 1,
+        "workers": 1, "allowed_origins": [],
     },
     "auth": {"mode": "jwt", "secret": "", "secret_file": "", "token_ttl_s": 3600,
-             "previous_secret_grace_s": 3600.0},
+             "previous_secret_grace_s": 3600.0, "algorithms": ["HS256"], "public_key_file": "",
+             "jwks_file": "", "jwks_url": "", "jwks_refresh_s": 60.0, "jwks_max_age_s": 3600.0,
+             "jwks_timeout_s": 5.0, "issuer": "", "audience": "", "leeway_s": 0.0},
     "limits": {
         "outbound_queue": 256, "slow_consumer": "disconnect", "max_connections": 10000,
         "max_connections_per_user": 16, "messages_per_second": 100.0, "burst": 200, "max_inflight": 64,
@@ -106,9 +108,13 @@ EVERY_KEY = {
         "max_message_bytes": 1024, "shutdown_grace_s": 1.5, "handshake_timeout_s": 3.0,
         "ping_interval_s": 5.0, "idle_timeout_s": 15.0, "log_level": "debug", "compression": True,
         "tls_cert": "/etc/tidings/cert.pem", "tls_key": "/etc/tidings/key.pem", "workers": 1,
+        "allowed_origins": ["https://app.example.com", "https://*.example.com", "null"],
     },
     "auth": {"mode": "insecure", "secret": SECRET32, "secret_file": "", "token_ttl_s": 60,
-             "previous_secret_grace_s": 0.0},
+             "previous_secret_grace_s": 0.0, "algorithms": ["HS256", "RS256", "ES256", "EdDSA"],
+             "public_key_file": "", "jwks_file": "", "jwks_url": "https://idp.example/.well-known/jwks.json",
+             "jwks_refresh_s": 30.0, "jwks_max_age_s": 600.0, "jwks_timeout_s": 2.0,
+             "issuer": "https://idp.example/", "audience": "tidings", "leeway_s": 30.0},
     "limits": {
         "outbound_queue": 8, "slow_consumer": "drop", "max_connections": 5,
         "max_connections_per_user": 2, "messages_per_second": 2.5, "burst": 3,
@@ -129,9 +135,17 @@ EVERY_KEY = {
 COMPANIONS = {
     ("server", "tls_cert"): {"tls_key": "/k.pem"},
     ("server", "tls_key"): {"tls_cert": "/c.pem"},
+    ("auth", "algorithms"): {"jwks_url": "https://idp.example/jwks"},
+    ("auth", "jwks_url"): {"algorithms": ["RS256"]},
+    ("auth", "public_key_file"): {"algorithms": ["ES256"]},
+    ("auth", "jwks_file"): {"algorithms": ["HS256", "EdDSA"]},
 }
-KEY_CASES = [(s, k, v) for s, keys in EVERY_KEY.items() for k, v in keys.items()]
-KEY_CASES.append(("auth", "secret_file", "/etc/tidings/secret"))  # alone (not with secret)
+#: Keys whose EVERY_KEY value is the default because another key excludes them; each
+#: is tested alone with these values instead.
+ALONE = {("auth", "secret_file"): "/etc/tidings/secret",  # not with secret
+         ("auth", "public_key_file"): "/etc/tidings/idp.pem",  # one key source at a time
+         ("auth", "jwks_file"): "/etc/tidings/jwks.json"}
+KEY_CASES = [(s, k, ALONE.get((s, k), v)) for s, keys in EVERY_KEY.items() for k, v in keys.items()]
 
 
 @pytest.mark.parametrize(("section", "key", "value"), KEY_CASES, ids=[f"{s}.{k}" for s, k, _ in KEY_CASES])
@@ -247,6 +261,57 @@ BAD = [
      ["set secret or secret_file, not both @ config.auth"]),
     ("grace_neg_secret", "[auth]\nprevious_secret_grace_s = -1",
      ["must be >= 0, got -1.0 @ config.auth.previous_secret_grace_s"]),
+    # identity providers
+    ("alg_unknown", '[auth]\nalgorithms = ["HS256", "RS512"]',
+     ["unknown algorithm 'RS512': use 'HS256', 'RS256', 'ES256', 'EdDSA' @ config.auth.algorithms"]),
+    ("alg_case", '[auth]\nalgorithms = ["rs256"]',
+     ["unknown algorithm 'rs256': use 'HS256', 'RS256', 'ES256', 'EdDSA' @ config.auth.algorithms"]),
+    ("alg_none", '[auth]\nalgorithms = ["none"]',
+     ["unknown algorithm 'none': use 'HS256', 'RS256', 'ES256', 'EdDSA' @ config.auth.algorithms"]),
+    ("alg_empty", "[auth]\nalgorithms = []",
+     ["must name at least one of 'HS256', 'RS256', 'ES256', 'EdDSA' @ config.auth.algorithms"]),
+    ("alg_twice", '[auth]\nalgorithms = ["HS256", "HS256"]',
+     ["lists an algorithm twice: ['HS256', 'HS256'] @ config.auth.algorithms"]),
+    ("alg_str", '[auth]\nalgorithms = "RS256"',
+     ["expected a list of strings, got str 'RS256' @ config.auth.algorithms"]),
+    ("alg_without_keys", '[auth]\nalgorithms = ["HS256", "ES256"]',
+     ["algorithms ['ES256'] need public keys: set public_key_file, jwks_file or jwks_url @ config.auth"]),
+    ("keys_without_alg", '[auth]\njwks_url = "https://idp.example/jwks"',
+     ["jwks_url is set but algorithms has none of 'RS256', 'ES256', 'EdDSA' to use it with @ config.auth"]),
+    ("pem_without_alg", '[auth]\npublic_key_file = "/k.pem"',
+     ["public_key_file is set but algorithms has none of 'RS256', 'ES256', 'EdDSA' to use it with @ config.auth"]),
+    ("two_key_sources", '[auth]\nalgorithms = ["RS256"]\njwks_file = "/j.json"\njwks_url = "https://i/j"',
+     ["set one of public_key_file, jwks_file, jwks_url, not jwks_file and jwks_url @ config.auth"]),
+    ("secret_without_hs256", f'[auth]\nalgorithms = ["RS256"]\njwks_url = "https://i/j"\nsecret = "{SECRET32}"',
+     ["secret / secret_file is set but 'HS256' is not in algorithms @ config.auth"]),
+    ("secret_file_without_hs256", '[auth]\nalgorithms = ["EdDSA"]\njwks_url = "https://i/j"\nsecret_file = "/s"',
+     ["secret / secret_file is set but 'HS256' is not in algorithms @ config.auth"]),
+    ("jwks_url_scheme", '[auth]\nalgorithms = ["RS256"]\njwks_url = "file:///etc/jwks.json"',
+     ["must be an http:// or https:// URL (or \"\"), got 'file:///etc/jwks.json' @ config.auth.jwks_url"]),
+    ("jwks_url_no_host", '[auth]\nalgorithms = ["RS256"]\njwks_url = "https:///jwks"',
+     ["must be an http:// or https:// URL (or \"\"), got 'https:///jwks' @ config.auth.jwks_url"]),
+    ("jwks_refresh_zero", "[auth]\njwks_refresh_s = 0", ["must be > 0, got 0.0 @ config.auth.jwks_refresh_s"]),
+    ("jwks_max_age_neg", "[auth]\njwks_max_age_s = -1", ["must be > 0, got -1.0 @ config.auth.jwks_max_age_s"]),
+    ("jwks_timeout_zero", "[auth]\njwks_timeout_s = 0", ["must be > 0, got 0.0 @ config.auth.jwks_timeout_s"]),
+    ("leeway_neg", "[auth]\nleeway_s = -0.5", ["must be >= 0, got -0.5 @ config.auth.leeway_s"]),
+    ("issuer_int", "[auth]\nissuer = 1", ["expected str, got int 1 @ config.auth.issuer"]),
+    # allowed origins
+    ("origin_with_path", '[server]\nallowed_origins = ["https://app.example.com/"]',
+     ["must be origins like 'https://app.example.com' or 'https://*.example.com' (scheme://host[:port], "
+      "no path), got 'https://app.example.com/' @ config.server.allowed_origins"]),
+    ("origin_without_scheme", '[server]\nallowed_origins = ["app.example.com"]',
+     ["must be origins like 'https://app.example.com' or 'https://*.example.com' (scheme://host[:port], "
+      "no path), got 'app.example.com' @ config.server.allowed_origins"]),
+    ("origin_empty", '[server]\nallowed_origins = [""]',
+     ["must be origins like 'https://app.example.com' or 'https://*.example.com' (scheme://host[:port], "
+      "no path), got '' @ config.server.allowed_origins"]),
+    ("origin_space", '[server]\nallowed_origins = ["https://a b"]',
+     ["must be origins like 'https://app.example.com' or 'https://*.example.com' (scheme://host[:port], "
+      "no path), got 'https://a b' @ config.server.allowed_origins"]),
+    ("origins_str", '[server]\nallowed_origins = "*"',
+     ["expected a list of strings, got str '*' @ config.server.allowed_origins"]),
+    ("origins_int", '[server]\nallowed_origins = ["https://a", 1]',
+     ["expected a list of strings, got int 1 in it @ config.server.allowed_origins"]),
     # tls: both or neither
     ("tls_cert_alone", '[server]\ntls_cert = "/c.pem"', ["set both tls_cert and tls_key, or neither @ config.server"]),
     ("tls_key_alone", '[server]\ntls_key = "/k.pem"', ["set both tls_cert and tls_key, or neither @ config.server"]),

@@ -1,4 +1,5 @@
-"""handshake.py: check_upgrade over a table of requests, accept_response, http_response."""
+"""handshake.py: check_upgrade over a table of requests, allowed origins, accept_response,
+http_response."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import attrs
 import h11
 import pytest
 
-from tidings.wire.handshake import HttpError, Upgrade, accept_response, check_upgrade, http_response
+from tidings.wire.handshake import (HttpError, Upgrade, accept_response, check_upgrade, http_response,
+                                   origin_allowed)
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3
 GOOD_HEADERS = {
@@ -170,6 +172,74 @@ def test_refused(name, req, status, reason, headers):
 def test_twenty_query_fields_are_fine():
     req = request("/ws?" + "&".join(f"p{i}=1" for i in range(19)) + "&since=4")
     assert fields(check_upgrade(req, "/ws")) == up(since=4)
+
+
+# -- allowed origins --------------------------------------------------------------------------
+
+APP = ["https://app.example.com", "https://*.example.org", "http://localhost:*", "null"]
+ORIGINS = [
+    # (pattern list, Origin, allowed)
+    ([], "https://evil.example", True),  # [] = any
+    (APP, "https://app.example.com", True),
+    (APP, "HTTPS://APP.Example.COM", True),  # host names are case-insensitive
+    (APP, "https://app.example.com:443", False),  # an explicit port is another origin
+    (APP, "http://app.example.com", False),  # and so is another scheme
+    (APP, "https://app.example.com.evil.net", False),
+    (APP, "https://evilapp.example.com", False),
+    (APP, "https://a.example.org", True),
+    (APP, "https://a.b.example.org", True),  # * spans dots, like a shell glob
+    (APP, "https://example.org", False),  # *. needs a subdomain
+    (APP, "https://evil-example.org", False),
+    (APP, "http://localhost:5173", True),
+    (APP, "http://localhost", False),
+    (APP, "null", True),
+    (APP, "", False),
+    (["*"], "anything at all", True),
+    (["https://[ab].example.com"], "https://b.example.com", True),  # glob classes
+    (["https://[ab].example.com"], "https://c.example.com", False),
+]
+
+
+@pytest.mark.parametrize(("patterns", "origin", "allowed"), ORIGINS)
+def test_origin_allowed(patterns, origin, allowed):
+    assert origin_allowed(origin, patterns) is allowed
+    req = request("/ws?token=t", origin=origin)
+    if allowed:
+        assert check_upgrade(req, "/ws", patterns).token == "t"
+    else:
+        with pytest.raises(HttpError) as info:
+            check_upgrade(req, "/ws", patterns)
+        assert (info.value.status, info.value.reason, info.value.headers) == (403, f"origin not allowed: {origin}", [])
+
+
+def test_no_origin_header_is_never_refused():
+    assert check_upgrade(request("/ws?token=t"), "/ws", ["https://app.example.com"]).token == "t"
+
+
+def test_every_origin_header_must_match():
+    headers = [(k, v) for k, v in GOOD_HEADERS.items()]
+    for origins in (["https://app.example.com", "https://evil.example"], ["https://evil.example", "https://app.example.com"]):
+        req = h11.Request(method="GET", target="/ws", headers=headers + [("origin", o) for o in origins])
+        with pytest.raises(HttpError) as info:
+            check_upgrade(req, "/ws", APP)
+        assert (info.value.status, info.value.reason) == (403, "origin not allowed: https://evil.example")
+
+
+def test_origin_is_checked_after_the_path_and_before_the_credentials():
+    evil = {"origin": "https://evil.example"}
+    with pytest.raises(HttpError) as info:  # another path: 404, the demo page still answers
+        check_upgrade(request("/", **evil), "/ws", APP)
+    assert info.value.status == 404
+    with pytest.raises(HttpError) as info:  # a bad Authorization header would be 401
+        check_upgrade(request("/ws?since=x", authorization="Basic x", **evil), "/ws", APP)
+    assert info.value.status == 403
+
+
+def test_long_origin_is_cut_in_the_reason():
+    origin = "https://" + "a" * 300 + ".example"
+    with pytest.raises(HttpError) as info:
+        check_upgrade(request(origin=origin), "/ws", APP)
+    assert info.value.reason == "origin not allowed: " + origin[:100]
 
 
 # -- responses -------------------------------------------------------------------------------

@@ -65,6 +65,25 @@ def test_turning_tls_on_needs_a_restart_but_replacing_the_cert_is_live():
     assert plan.effective.server.tls_cert == "/b.pem"
 
 
+def test_identity_provider_and_origin_keys_are_live():
+    new = cfg(server={"allowed_origins": ["https://app.example.com"]},
+              auth={"algorithms": ["RS256", "EdDSA"], "jwks_url": "https://idp.example/jwks", "issuer": "https://idp",
+                    "audience": "tidings", "leeway_s": 5, "jwks_refresh_s": 1, "jwks_max_age_s": 2,
+                    "jwks_timeout_s": 3, "mode": "insecure"})
+    plan = plan_reload(cfg(), new)
+    assert set(plan.changed) == {"server.allowed_origins", "auth.algorithms", "auth.jwks_url", "auth.issuer",
+                                 "auth.audience", "auth.leeway_s", "auth.jwks_refresh_s", "auth.jwks_max_age_s",
+                                 "auth.jwks_timeout_s"}
+    assert plan.ignored == ("auth.mode",)
+    assert plan.effective.auth == attrs.evolve(new.auth, mode="jwt")
+    assert plan.effective.server.allowed_origins == ["https://app.example.com"]
+    # and back: from an identity provider to HS256 with a PEM key in between
+    pem = cfg(auth={"algorithms": ["HS256", "ES256"], "public_key_file": "/idp.pem"})
+    plan = plan_reload(new, pem)
+    assert {"auth.algorithms", "auth.public_key_file", "auth.jwks_url"} <= set(plan.changed)
+    assert plan.effective.auth.public_key_file == "/idp.pem" and plan.effective.auth.jwks_url == ""
+
+
 _limits = st.fixed_dictionaries({}, optional={
     "burst": st.integers(1, 500), "max_connections": st.integers(1, 50),
     "slow_consumer": st.sampled_from(["drop", "disconnect"]),

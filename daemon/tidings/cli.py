@@ -52,6 +52,11 @@ def cmd_token(args: argparse.Namespace) -> int:
     if not valid_user_id(args.user):
         print(f"tidings: not a valid user id: {args.user!r}", file=sys.stderr)
         return 2
+    if not config.auth.accepts_hs256():
+        print(f"tidings: auth.algorithms = {config.auth.algorithms!r} has no \"HS256\": the daemon "
+              "accepts only tokens from your identity provider (auth.public_key_file, jwks_file or "
+              "jwks_url), so `tidings token` cannot mint one", file=sys.stderr)
+        return 2
     try:
         secret = load_secret(config, create=True)
     except OSError as exc:
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("token", help="print a signed access token for USER")
+    p = sub.add_parser("token", help="print an HS256 access token for USER (HS256 in auth.algorithms)")
     p.add_argument("user")
     p.add_argument("--config", metavar="FILE")
     p.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default auth.token_ttl_s)")

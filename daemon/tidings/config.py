@@ -14,12 +14,15 @@ import socket
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn
 
 __all__ = [
+    "ALGORITHMS",
+    "ASYMMETRIC_ALGORITHMS",
     "ApiConfig",
     "AuthConfig",
     "ClusterConfig",
@@ -80,6 +83,40 @@ def _min_secret(attribute: attrs.Attribute, value: str) -> None:
         raise _BadValue(attribute, f"must be at least {MIN_SECRET_BYTES} bytes (HS256 key)")
 
 
+#: JWT algorithms Tidings verifies: HS256 with its own secret; the others with an identity
+#: provider's public keys (auth.public_key_file, auth.jwks_file or auth.jwks_url).
+ALGORITHMS = ("HS256", "RS256", "ES256", "EdDSA")
+ASYMMETRIC_ALGORITHMS = ALGORITHMS[1:]
+
+
+def _algorithms(_inst: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+    if not value:
+        raise _BadValue(attribute, f"must name at least one of {', '.join(map(repr, ALGORITHMS))}")
+    for name in value:
+        if name not in ALGORITHMS:
+            raise _BadValue(attribute, f"unknown algorithm {name!r}: use "
+                            f"{', '.join(map(repr, ALGORITHMS))}")
+    if len(set(value)) != len(value):
+        raise _BadValue(attribute, f"lists an algorithm twice: {value!r}")
+
+
+def _http_url(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    parts = urlsplit(value)
+    if value and (parts.scheme not in ("http", "https") or not parts.hostname):
+        raise _BadValue(attribute, f"must be an http:// or https:// URL (or \"\"), got {value!r}")
+
+
+def _origins(_inst: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+    """Origin patterns: "*", "null", or scheme://host[:port] (globs allowed), never a path."""
+    for pattern in value:
+        scheme, sep, rest = pattern.partition("://")
+        if pattern in ("*", "null"):
+            continue
+        if not sep or not scheme or not rest or "/" in rest or any(c.isspace() for c in pattern):
+            raise _BadValue(attribute, "must be origins like 'https://app.example.com' or "
+                            f"'https://*.example.com' (scheme://host[:port], no path), got {pattern!r}")
+
+
 def _one_of(*choices: str) -> Any:
     def check(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
         if value not in choices:
@@ -115,6 +152,9 @@ class ServerConfig:
     #: PEM certificate chain and private key: both set = serve wss:// (see tidings.tls).
     tls_cert: str = ""
     tls_key: str = ""
+    #: Browser origins allowed to open a WebSocket (shell globs matched against the
+    #: ``Origin`` header); [] = any.  A request without ``Origin`` is never refused.
+    allowed_origins: list[str] = attrs.field(factory=list, validator=_origins)
 
     def __attrs_post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -134,10 +174,45 @@ class AuthConfig:
     #: After a secret rotation (SIGHUP), tokens signed with the old secret still verify
     #: for this long; 0 = drop the old secret at once.
     previous_secret_grace_s: float = attrs.field(default=3600.0, validator=_non_negative)
+    #: Accepted JWT algorithms: HS256 (our secret) and/or RS256, ES256, EdDSA (the
+    #: public keys of an identity provider, from exactly one of the three sources below).
+    algorithms: list[str] = attrs.field(factory=lambda: ["HS256"], validator=_algorithms)
+    public_key_file: str = ""
+    jwks_file: str = ""
+    jwks_url: str = attrs.field(default="", validator=_http_url)
+    #: Least time between two JWKS fetches caused by an unknown ``kid`` (or retrying a
+    #: failed fetch).
+    jwks_refresh_s: float = attrs.field(default=60.0, validator=_positive)
+    #: The key set is refetched in the background when it is this old.
+    jwks_max_age_s: float = attrs.field(default=3600.0, validator=_positive)
+    #: Bound of one JWKS fetch (connect, request, body).
+    jwks_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    #: Required ``iss`` / ``aud`` claim values; "" = not checked.
+    issuer: str = ""
+    audience: str = ""
+    #: Clock skew tolerated on ``exp``, ``nbf`` and ``iat``, in seconds.
+    leeway_s: float = attrs.field(default=0.0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.secret and self.secret_file:
             raise ValueError("set secret or secret_file, not both")
+        sources = [k for k in ("public_key_file", "jwks_file", "jwks_url") if getattr(self, k)]
+        asymmetric = [a for a in self.algorithms if a in ASYMMETRIC_ALGORITHMS]
+        if len(sources) > 1:
+            raise ValueError("set one of public_key_file, jwks_file, jwks_url, "
+                             f"not {' and '.join(sources)}")
+        if asymmetric and not sources:
+            raise ValueError(f"algorithms {asymmetric!r} need public keys: "
+                             "set public_key_file, jwks_file or jwks_url")
+        if sources and not asymmetric:
+            raise ValueError(f"{sources[0]} is set but algorithms has none of "
+                             f"{', '.join(map(repr, ASYMMETRIC_ALGORITHMS))} to use it with")
+        if not self.accepts_hs256() and (self.secret or self.secret_file):
+            raise ValueError("secret / secret_file is set but 'HS256' is not in algorithms")
+
+    def accepts_hs256(self) -> bool:
+        """Tokens signed with our own secret (``tidings token``) are accepted."""
+        return "HS256" in self.algorithms
 
 
 @attrs.frozen(kw_only=True)

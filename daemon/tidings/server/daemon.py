@@ -32,7 +32,7 @@ from wsproto.events import Ping
 from tidings import log
 from tidings.server import demo, health
 from tidings.service import sdnotify, tls
-from tidings.auth import AuthError, Authenticator, load_secret
+from tidings.auth import AuthError, Authenticator, KeyMaterialError, load_keys, load_secret
 from tidings.config import Config
 from tidings.server.connection import Connection
 from tidings.wire.handshake import (
@@ -77,13 +77,19 @@ async def open_cluster_on(
 
 
 def make_authenticator(config: Config) -> Authenticator:
+    """The verifier: HS256 secret and/or file-based public keys (a JWKS URL's keys come
+    later, from the lifecycle's refresher)."""
     if config.auth.mode == "insecure":
         log.log("warning", "insecure_auth", detail="auth.mode=insecure: ?user= is accepted without a token")
     try:
-        secret = load_secret(config, create=True)
+        secrets_ = [load_secret(config, create=True)] if config.auth.accepts_hs256() else []
     except OSError as exc:
         raise StartupError(f"cannot load the token secret: {exc}") from None
-    return Authenticator(config.auth.mode, [secret])
+    try:
+        keys = load_keys(config)
+    except KeyMaterialError as exc:
+        raise StartupError(f"cannot load the public keys: {exc}") from None
+    return Authenticator.from_config(config.auth, secrets_, keys)
 
 
 class Server:
@@ -136,7 +142,7 @@ class Server:
         if request is None:
             return None
         try:
-            upgrade = check_upgrade(request, cfg.path)
+            upgrade = check_upgrade(request, cfg.path, cfg.allowed_origins)
             if self.shutting_down:
                 raise HttpError(503, "server is shutting down")
             identity = self.auth.authenticate(upgrade.token, upgrade.user)

@@ -1,3 +1,4 @@
 """Running as a service: systemd readiness, watchdog and socket activation
-(``sdnotify``), SIGHUP reload (``reload``, ``lifecycle``), TLS (``tls``) and
-``server.workers`` processes sharing a port (``workers``)."""
+(``sdnotify``), SIGHUP reload (``reload``, ``lifecycle``), the identity provider's
+JWK Set (``jwks``), TLS (``tls``) and ``server.workers`` processes sharing a port
+(``workers``)."""

@@ -9,11 +9,15 @@ right after ``event=listening`` reloads instead of killing the process).  It run
 * the status task: ``STATUS=connections=N users=M`` whenever it changed (1 s poll);
 * key expiry: a rotated-out JWT secret is dropped once its grace has passed
   (``event=secret_expired``);
+* the JWKS refresher (tidings.service.jwks): the identity provider's keys, fetched once
+  before ``run`` reports started (bounded by ``auth.jwks_timeout_s``), then kept fresh;
 * the reload loop: on SIGHUP re-read ``config_path`` and apply ``reload.plan_reload``:
   ``event=reloaded changed=k1,k2`` (``changed=none`` when nothing live changed) and
   ``event=reload_ignored keys=...`` for keys that need a restart.  A file that does not
-  parse or validate, an unreadable secret file or an unusable TLS cert/key logs
-  ``event=reload_failed`` and changes nothing.
+  parse or validate, an unreadable secret file, an unusable public key file or JWK Set
+  file, or an unusable TLS cert/key logs ``event=reload_failed`` and changes nothing.
+  A reload also refetches the JWK Set (``auth.jwks_url``); a changed URL drops the old
+  keys at once.
 
 ``ready()`` sends READY=1 (after listening); ``stopping()`` sends STOPPING=1 and ends
 ``run``.  Secrets never reach the log: only key names do.
@@ -30,8 +34,9 @@ import trio
 
 from tidings import log
 from tidings.service import tls
-from tidings.auth import load_secret
-from tidings.config import ConfigError, load_config
+from tidings.auth import EMPTY_KEYS, KeyMaterialError, KeySet, load_keys, load_secret
+from tidings.config import AuthConfig, ConfigError, load_config
+from tidings.service.jwks import JwksRefresher
 from tidings.service.reload import KeyRing, plan_reload
 from tidings.service.sdnotify import Notifier
 
@@ -47,7 +52,11 @@ class Lifecycle:
         self.hub = hub
         self.notifier = notifier
         self.config_path = config_path
-        self.keyring = KeyRing(load_secret(server.config, create=True))
+        #: The HS256 secrets; None while HS256 is not in auth.algorithms.
+        self.keyring = (KeyRing(load_secret(server.config, create=True))
+                        if server.config.auth.accepts_hs256() else None)
+        self.jwks = JwksRefresher(server.auth, server.config.auth)
+        server.auth.on_unknown_key = self.jwks.request
         self.reloads = 0
         self._scope = trio.CancelScope()
         self._last_status = ""
@@ -76,6 +85,7 @@ class Lifecycle:
                 if self.notifier.enabled:
                     nursery.start_soon(self._status_loop)
                 nursery.start_soon(self._expiry_loop)
+                await nursery.start(self.jwks.run)
                 task_status.started()
                 async for _ in hups:
                     self.reload()
@@ -96,7 +106,7 @@ class Lifecycle:
     async def _expiry_loop(self) -> None:
         while True:
             await trio.sleep(EXPIRY_INTERVAL)
-            if self.keyring.expire(time.monotonic()):
+            if self.keyring is not None and self.keyring.expire(time.monotonic()):
                 self.server.auth.set_secrets(self.keyring.secrets())
                 log.log("info", "secret_expired", accepted=len(self.keyring.secrets()))
 
@@ -135,26 +145,52 @@ class Lifecycle:
             except tls.TlsConfigError as exc:
                 return self._fail(str(exc))
         try:
-            secret = load_secret(eff, create=True)
+            secret = load_secret(eff, create=True) if eff.auth.accepts_hs256() else None
         except OSError as exc:
             return self._fail(f"cannot load the token secret: {exc}")
+        try:
+            keys = load_keys(eff)  # public_key_file / jwks_file; jwks_url: the refresher's
+        except KeyMaterialError as exc:
+            return self._fail(f"cannot load the public keys: {exc}")
         # Apply.
         self.server.config = eff
         self.hub.config = eff
         self.server.ssl_context = ssl_context
         self.hub.sessions.update_limits(eff.limits.max_connections, eff.limits.max_connections_per_user)
         self.hub.router.slow_consumer = eff.limits.slow_consumer
-        if self.keyring.rotate(secret, time.monotonic(), eff.auth.previous_secret_grace_s):
-            self.server.auth.set_secrets(self.keyring.secrets())
-            if "auth.secret" not in changed and "auth.secret_file" not in changed:
-                changed.append("auth.secret_file")  # same path, new content
+        self._apply_auth(eff.auth, old.auth, secret, keys, changed)
         self.reloads += 1
         log.log("info", "reloaded", changed=",".join(changed) or "none",
-                accepted_secrets=len(self.keyring.secrets()))
+                accepted_secrets=len(self.keyring.secrets()) if self.keyring else 0)
         if plan.ignored:
             log.log("warning", "reload_ignored", keys=",".join(plan.ignored), reason="restart required")
         log.configure(eff.server.log_level)
         return True
+
+    def _apply_auth(
+        self, new: AuthConfig, old: AuthConfig, secret: bytes | None, keys: KeySet, changed: list[str]
+    ) -> None:
+        """Swap the verifier's policy, secrets and keys; note same-path content changes."""
+        auth = self.server.auth
+        auth.set_policy(new)
+        if secret is None:
+            self.keyring = None
+            auth.set_secrets([])
+        elif self.keyring is None:
+            self.keyring = KeyRing(secret)
+            auth.set_secrets(self.keyring.secrets())
+        elif self.keyring.rotate(secret, time.monotonic(), new.previous_secret_grace_s):
+            auth.set_secrets(self.keyring.secrets())
+            if "auth.secret" not in changed and "auth.secret_file" not in changed:
+                changed.append("auth.secret_file")  # same path, new content
+        if not new.jwks_url or new.jwks_url != old.jwks_url:
+            # File keys, or none: a new (or no) JWKS URL must not keep the old URL's keys.
+            if keys != auth.keys and keys is not EMPTY_KEYS:
+                for name in ("public_key_file", "jwks_file"):
+                    if getattr(new, name) and f"auth.{name}" not in changed:
+                        changed.append(f"auth.{name}")  # same path, new content
+            auth.set_keys(keys)
+        self.jwks.configure(new)  # refetch the JWK Set at once (idle without one)
 
 
 def listener_address(listener: Any, default_host: str) -> tuple[str, int]:

@@ -40,6 +40,17 @@ LIVE_KEYS: frozenset[str] = frozenset({
     "auth.secret_file",
     "auth.token_ttl_s",
     "auth.previous_secret_grace_s",
+    "auth.algorithms",             # next token verified (Authenticator.set_policy)
+    "auth.issuer",
+    "auth.audience",
+    "auth.leeway_s",
+    "auth.public_key_file",        # re-read on every reload (path or content)
+    "auth.jwks_file",
+    "auth.jwks_url",               # refetched on every reload; a new URL drops the old keys
+    "auth.jwks_refresh_s",         # the refresher's next wait
+    "auth.jwks_max_age_s",
+    "auth.jwks_timeout_s",
+    "server.allowed_origins",      # next handshake
     "limits.outbound_queue",       # new connections
     "limits.max_inflight",         # new connections
     "limits.messages_per_second",  # connections that have not sent a frame yet

@@ -1,13 +1,15 @@
 """The HTTP side of a connection: the upgrade request and plain HTTP answers.  Sans-IO.
 
 h11 parses the request head; ``check_upgrade`` decides whether it is a valid WebSocket
-upgrade for our path and extracts the credentials; ``accept_response`` and
-``http_response`` build the bytes to write.  After a 101 the h11 state is dropped, so an
-idle WebSocket keeps no HTTP state.  Never imports trio.
+upgrade for our path from an allowed origin and extracts the credentials;
+``accept_response`` and ``http_response`` build the bytes to write.  After a 101 the
+h11 state is dropped, so an idle WebSocket keeps no HTTP state.  Never imports trio.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -15,7 +17,7 @@ import h11
 from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import generate_accept_token
 
-__all__ = ["HttpError", "Upgrade", "accept_response", "check_upgrade", "http_response"]
+__all__ = ["HttpError", "Upgrade", "accept_response", "check_upgrade", "http_response", "origin_allowed"]
 
 _REASONS = {
     200: b"OK",
@@ -61,8 +63,21 @@ def _header(request: h11.Request, name: bytes) -> bytes | None:
     return None
 
 
-def check_upgrade(request: h11.Request, path: str) -> Upgrade:
-    """Validate a WebSocket upgrade request for ``path``; raise HttpError otherwise."""
+def origin_allowed(origin: str, patterns: Sequence[str]) -> bool:
+    """Whether a browser's ``Origin`` matches one of the shell-glob ``patterns``
+    (``server.allowed_origins``; case-insensitive, as host names are).  No patterns = any."""
+    if not patterns:
+        return True
+    origin = origin.lower()
+    return any(fnmatchcase(origin, pattern.lower()) for pattern in patterns)
+
+
+def check_upgrade(request: h11.Request, path: str, allowed_origins: Sequence[str] = ()) -> Upgrade:
+    """Validate a WebSocket upgrade request for ``path``; raise HttpError otherwise.
+
+    With ``allowed_origins``, every ``Origin`` header must match one of them (403 before
+    the credentials are looked at); a request without ``Origin`` (not a browser) passes.
+    """
     try:
         target = request.target.decode("ascii")
     except UnicodeDecodeError:
@@ -81,6 +96,11 @@ def check_upgrade(request: h11.Request, path: str) -> Upgrade:
     key = _header(request, b"sec-websocket-key")
     if not key:
         raise HttpError(400, "missing Sec-WebSocket-Key")
+    if allowed_origins:
+        for name, value in request.headers:
+            origin = value.decode("latin-1")
+            if name == b"origin" and not origin_allowed(origin, allowed_origins):
+                raise HttpError(403, f"origin not allowed: {origin[:100]}")
     try:
         query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=20)
     except ValueError:
