@@ -154,7 +154,7 @@ class Server:
             return None
         deflate = negotiate_deflate(upgrade.extensions) if cfg.compression else None
         extensions = [deflate[0]] if deflate else []
-        ws = WSConnection(ConnectionType.SERVER, extensions=extensions, trailing_data=trailing)
+        ws = WSConnection(ConnectionType.SERVER, extensions=extensions)
         conn = Connection(
             stream, ws, self.hub, self.auth,
             conn_id=f"c{self._node}-{next(self._ids):x}",
@@ -175,6 +175,7 @@ class Server:
         # Written by conn.run(), together with the first `resumed` when nothing is
         # waiting in the inbox (one send, no replay task, no writer task).
         conn.greeting = accept_response(upgrade.key, deflate[1] if deflate else None) + hello
+        conn.trailing = trailing  # frames that came with the request: read first
         return conn
 
     async def _read_request(self, stream: trio.abc.Stream) -> tuple[h11.Request | None, bytes]:

@@ -47,6 +47,7 @@ from wsproto.utilities import LocalProtocolError
 
 from tidings import log
 from tidings.config import LimitsConfig
+from tidings.wire.frames import ClientFrames, ForWsproto, Refusal
 from tidings.wire.protocol import BINARY, TEXT, data_frame
 
 __all__ = ["CLOSE_TIMEOUT", "RECEIVE_SIZE", "Outbound"]
@@ -76,15 +77,18 @@ class Outbound:
 
     __slots__ = (
         "_binary", "_close", "_closed_by", "_control", "_credit_waiter", "_credits", "_deflate",
+        "_frames",
         "_nursery", "_parse_failed", "_peer_gone", "_queue_bound", "_queued", "_reader_scope",
         "_rx", "_send_broken", "_space_waiter", "_tx", "_wake_queued", "_writer_exit",
         "_writer_running", "conn_id", "stream", "user", "ws",
     )
 
     def __init__(self, stream: trio.abc.Stream, ws: WSConnection, limits: LimitsConfig, *,
-                 conn_id: str, user: str, binary: bool, deflate: bool) -> None:
+                 conn_id: str, user: str, binary: bool, deflate: bool,
+                 max_message_bytes: int) -> None:
         self.stream = stream
         self.ws = ws
+        self._frames = ClientFrames(max_message_bytes)  # the peer's bytes -> frames
         self.conn_id = conn_id
         self.user = user
         self._binary = binary  # pushed frames as MessagePack (?encoding=msgpack)
@@ -276,7 +280,9 @@ class Outbound:
 
     async def _discard_input(self) -> None:
         """After our close frame: read and drop whatever the peer still sends, until its
-        close frame (parsed by wsproto unless the input was unparsable) or EOF."""
+        close frame (parsed by wsproto unless the input was unparsable) or EOF.  Input
+        goes through the connection's frame splitter (``_frames``), which may hold the
+        start of a frame from before the close."""
         if self.ws.state is ConnectionState.CLOSED:
             return  # we echoed the peer's close: the handshake is complete
         parse = not self._parse_failed
@@ -291,5 +297,10 @@ class Outbound:
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 return
-            if parse:
-                self.ws.receive_data(data)
+            if parse:  # through the same splitter as before the close: frames stay whole
+                for item in self._frames.feed(data):
+                    if type(item) is ForWsproto:
+                        self.ws.receive_data(item)
+                    elif type(item) is Refusal:
+                        parse = False  # unparsable from here: only EOF or the timeout
+                    # data frames the peer still sent: dropped
