@@ -27,7 +27,6 @@ import orjson
 import trio
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
-from wsproto.events import Ping
 
 from tidings import log
 from tidings.server import demo, health
@@ -54,6 +53,8 @@ from tidings.service.workers import reuseport_listeners
 __all__ = ["StartupError", "Server", "serve"]
 
 HOUSEKEEPING_INTERVAL = 1.0
+#: The keepalive ping, built once: a server frame is never masked (RFC 6455 5.1).
+PING_FRAME = b"\x89\x07tidings"
 MAX_REQUEST_HEAD = 16384
 
 
@@ -222,11 +223,16 @@ class Server:
             await stream.send_all(http_response(status, reason.encode() + b"\n", headers=headers))
 
     async def housekeeper(self) -> None:
-        """Once a second: expire tokens (1008), ping quiet peers, reap silent ones."""
+        """Once a second: expire tokens (1008), ping quiet peers, reap silent ones.
+
+        A connection is pinged once it has been quiet for between 3/4 of
+        ``ping_interval_s`` and all of it (a fixed spread per connection), so the
+        connections of a connect storm are not all pinged in the same second."""
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
             cfg = self.config.server  # re-read: a reload may have changed it
             now, mono = time.time(), self.clock()
+            ping_after, spread = cfg.ping_interval_s * 0.75, cfg.ping_interval_s / 4096
             for conn in self.hub.sessions.all_endpoints():
                 if conn.exp is not None and now >= conn.exp:
                     conn.kill(1008, "token expired")
@@ -234,9 +240,9 @@ class Server:
                 idle = mono - conn.last_activity
                 if idle >= cfg.idle_timeout_s:
                     conn.kill(1001, "idle timeout")
-                elif idle >= cfg.ping_interval_s and not conn.pinged:
+                elif not conn.pinged and idle >= ping_after + spread * (id(conn) >> 4 & 1023):
                     conn.pinged = True
-                    conn.queue_control(conn.ws.send(Ping(b"tidings")))
+                    conn.queue_control(PING_FRAME)
 
     def kill_all(self, code: int, reason: str) -> None:
         for conn in self.hub.sessions.all_endpoints():
