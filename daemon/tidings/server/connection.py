@@ -122,7 +122,7 @@ class Connection(Outbound):
     def __init__(
         self,
         stream: trio.abc.Stream,
-        ws: WSConnection,
+        ws: WSConnection | None,
         hub: Hub,
         auth: Authenticator,
         *,
@@ -166,9 +166,8 @@ class Connection(Outbound):
             return Offer.ABSORBED
         if self._queued >= self._queue_bound:
             return Offer.FULL
-        self._tx.send_nowait(routed)
         self._queued += 1
-        self._ensure_writer()
+        self._enqueue(routed)
         if routed.seq is not None:
             self._gate.sent(routed.seq)
         return Offer.QUEUED
@@ -269,7 +268,7 @@ class Connection(Outbound):
                 self._spawn_replay(replay, after, credit=False, fid=None, announce=True)
         finally:
             self._writer_running = False
-        if self._tx.statistics().current_buffer_used:
+        if self._out or self._control:
             self._ensure_writer()  # for whatever was routed here meanwhile
         return True
 
@@ -434,17 +433,15 @@ class Connection(Outbound):
                     for m in replay.to_send(msgs):
                         await self._wait_space()
                         fields = message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)
-                        self._tx.send_nowait(Routed(message_json(fields), m.seq, fields))
                         self._queued += 1
-                        self._ensure_writer()
+                        self._enqueue(Routed(message_json(fields), m.seq, fields))
                         replay.sent(m.seq)
                     after = replay.next_read()  # None: caught up, live from here (no await)
                 else:
                     if self._replay_scope is scope:
                         self._replay_scope = None
                     if announce:  # its credit comes back once the writer has written it
-                        self._tx.send_nowait(_Reply(self._resumed(replay, fid), self._binary))
-                        self._ensure_writer()
+                        self._enqueue(_Reply(self._resumed(replay, fid), self._binary))
                         sent_resumed = True
             except StoreError as exc:
                 log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)

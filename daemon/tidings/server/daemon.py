@@ -155,7 +155,8 @@ class Server:
             return None
         deflate = negotiate_deflate(upgrade.extensions) if cfg.compression else None
         extensions = [deflate[0]] if deflate else []
-        ws = WSConnection(ConnectionType.SERVER, extensions=extensions)
+        # Without an extension the wsproto connection is made on first use (Outbound.ws).
+        ws = WSConnection(ConnectionType.SERVER, extensions=extensions) if extensions else None
         conn = Connection(
             stream, ws, self.hub, self.auth,
             conn_id=f"c{self._node}-{next(self._ids):x}",
@@ -240,7 +241,7 @@ class Server:
                 idle = mono - conn.last_activity
                 if idle >= cfg.idle_timeout_s:
                     conn.kill(1001, "idle timeout")
-                elif not conn.pinged and idle >= ping_after + spread * (id(conn) >> 4 & 1023):
+                elif not conn.pinged and idle >= ping_after + spread * (hash(conn.conn_id) & 1023):
                     conn.pinged = True
                     conn.queue_control(PING_FRAME)
 
