@@ -109,6 +109,7 @@ class Connection:
         "_tx", "_wake_queued", "_writer_exit", "_writer_running", "auth", "conn_id", "exp",
         "hub", "last_activity", "pinged", "reply_binary", "rooms_allowed", "greeting", "stream", "user",
         "ws",
+        "connected_at", "remote",
     )
 
     def __init__(
@@ -135,6 +136,8 @@ class Connection:
         self.user = user
         self.exp = exp
         self.last_activity = time.monotonic()
+        self.connected_at = time.time()  # for the operator's page (GET /api/users/...)
+        self.remote = ""  # the peer's "host:port", set by the server
         self.pinged = False
         self._since = since
         self.rooms_allowed = rooms  # the token's `rooms` claim (None: the config default)
@@ -402,6 +405,7 @@ class Connection:
         else:
             fid, error = cmd.id, None
         if not allowed:
+            self.hub.rate_limited += 1
             if self._bucket.strikes >= limits.rate_limit_close_after:
                 self._give_credits(1)
                 self.kill(1008, "rate limit exceeded repeatedly")
