@@ -25,7 +25,9 @@ Every node runs one :class:`Cluster` (``open_cluster``).  It does three things:
    ``tidings:nodes``.  ``presence(users)`` sums the counts of live nodes (and this
    node's own local counts).  A node killed with -9 stops refreshing: its keys expire
    and its users show offline within ``presence_ttl_s``.  A clean shutdown deletes
-   them at once.
+   them at once.  The same write carries ``tidings:{node:<id>}:stats`` (same TTL):
+   the bytes ``stats_record()`` returns, when the server set it, for the operator's
+   page (``node_stats()`` reads every other live node's).
 
 3. **Faults.**  Pub/sub is fire-and-forget: messages published while the subscription
    is down are not delivered live (they are stored).  When Redis is unreachable,
@@ -81,6 +83,10 @@ def presence_key(node_id: str) -> str:
 
 def alive_key(node_id: str) -> str:
     return f"tidings:{{node:{user_tag(node_id)}}}:alive"
+
+
+def stats_key(node_id: str) -> str:
+    return f"tidings:{{node:{user_tag(node_id)}}}:stats"
 
 
 @attrs.frozen
@@ -142,6 +148,8 @@ class Cluster:
         self._dirty: set[str] = set()
         self._presence_wake = trio.Event()
         self._presence_ok = False
+        #: Set by the server: this node's statistics record, written with presence.
+        self.stats_record: Callable[[], bytes] | None = None
         self._errors = log.LogOnce(interval=30.0)
         self._n = dict(received=0, dispatched=0, ignored=0, gaps=0, callback_errors=0,
                        sessions=0, disconnects=0, presence_writes=0, presence_failures=0)
@@ -246,6 +254,21 @@ class Cluster:
         except (Exception, trio.TooSlowError) as exc:
             raise ClusterUnavailable(f"presence: {_reason(exc)}") from None
         return counts
+
+    async def node_stats(self) -> dict[str, bytes]:
+        """node id -> the last statistics record each other live node wrote (a node
+        without one yet is left out).  Raises ClusterUnavailable."""
+        try:
+            with trio.fail_after(self._command_timeout):
+                nodes = sorted(_s(n) for n in await self._r.smembers(NODES_KEY))
+                others = [n for n in nodes if n != self.node_id]
+                if not others:
+                    return {}
+                async with self._r.pipeline(transaction=False) as pipe:
+                    requests = [(n, pipe.get(stats_key(n))) for n in others]
+                return {n: raw for n, r in requests if (raw := await r) is not None}
+        except (Exception, trio.TooSlowError) as exc:
+            raise ClusterUnavailable(f"node stats: {_reason(exc)}") from None
 
     def statistics(self) -> ClusterStatistics:
         return ClusterStatistics(
@@ -461,6 +484,8 @@ class Cluster:
                     pipe.hset(self._presence_key, counts)
                 pipe.pexpire(self._presence_key, ttl_ms)
                 pipe.set(self._alive_key, "1", px=ttl_ms)
+                if self.stats_record is not None:
+                    pipe.set(stats_key(self.node_id), self.stats_record(), px=ttl_ms)
             await self._r.sadd(NODES_KEY, [self.node_id])
         except BaseException:
             self._dirty |= dirty  # written again (in full) after the fault
@@ -471,7 +496,7 @@ class Cluster:
         with trio.move_on_after(1.0) as scope:
             scope.shield = True
             try:
-                await self._r.delete([self._presence_key, self._alive_key])
+                await self._r.delete([self._presence_key, self._alive_key, stats_key(self.node_id)])
                 await self._r.srem(NODES_KEY, [self.node_id])
             except Exception:
                 pass
