@@ -130,6 +130,7 @@ async def test_stats_follow_connections_messages_and_the_store(daemon, uniq):
     assert during["nodes"][0]["at"] >= before["nodes"][0]["at"]
     assert during["nodes"][0]["started"] == before["nodes"][0]["started"]
     assert during["top_users"] == [{"user": bob, "connections": 2}, {"user": alice, "connections": 1}]
+    assert during["top_users_node"] is None and t1["users_distinct"] is True
     # the totals of one node are that node's record
     assert all(t1[k] == during["nodes"][0][k] for k in ("connections", "stored", "delivered"))
     after = await wait_stats(daemon, lambda s: s["totals"]["connections"] == 0, "the clients gone")
@@ -267,32 +268,63 @@ async def test_stats_cover_every_node_of_a_cluster(start_daemon, redis_server, u
     x, y = uniq("x"), uniq("y")
     async with open_client(a.url, token=a.token(x)) as x1, \
             open_client(a.url, token=a.token(x)) as x2, \
+            open_client(b.url, token=b.token(x)) as x3, \
             open_client(b.url, token=b.token(y)) as y1:
-        s = await wait_stats(a, lambda s: [n["connections"] for n in s["nodes"]] == [2, 1],
+        await y1.request({"type": "join", "room": "lobby"})  # held by node b like a user
+        s = await wait_stats(a, lambda s: [n["connections"] for n in s["nodes"]] == [2, 2],
                              "both nodes' connections")
         assert s["cluster"] is True and s["cluster_error"] is None
         assert [n["node"] for n in s["nodes"]] == [a.config["cluster"]["node_id"], b.config["cluster"]["node_id"]]
         assert s["node"] == s["nodes"][0]["node"] and s["nodes"][1]["store"] == "redis"
-        assert (s["totals"]["nodes"], s["totals"]["connections"], s["totals"]["users"]) == (2, 3, 2)
+        assert [n["users"] for n in s["nodes"]] == [1, 2]
+        assert (s["totals"]["nodes"], s["totals"]["connections"]) == (2, 4)
+        assert (s["totals"]["users"], s["totals"]["users_distinct"]) == (2, True)  # x once, y; no room
+        assert s["top_users"] == [{"user": x, "connections": 3}, {"user": y, "connections": 1}]
+        assert s["top_users_node"] is None  # every node's
         assert s["nodes"][1]["at"] <= s["at"] + 1000  # a record written by node b
         # node b's counters reach node a with b's next presence write
         await y1.send(x, "hi")
-        for c in (x1, x2):
+        for c in (x1, x2, x3):
             await c.receive_message()
-        s = await wait_stats(a, lambda s: s["nodes"][1]["stored"] == 1, "node b's stored message")
-        assert s["totals"]["stored"] == 1 and s["totals"]["delivered"] == 2  # node a delivered it
+        s = await wait_stats(a, lambda s: s["nodes"][1]["stored"] == 1 and s["nodes"][1]["delivered"] == 1,
+                             "node b's stored message")
+        assert s["totals"]["stored"] == 1 and s["totals"]["delivered"] == 3  # 2 by node a, 1 by b
         # a user's connections are listed by the node that holds them; the count is everyone's
-        info = (await aapi(b, "GET", f"/api/users/{x}"))[1]
-        assert (info["online"], info["connection_count"], info["connections"]) == (True, 2, [])
-        info = (await aapi(a, "GET", f"/api/users/{x}"))[1]
-        assert sorted(c["conn"] for c in info["connections"]) == sorted([x1.conn, x2.conn])
-        assert {c["node"] for c in info["connections"]} == {s["node"]}
+        for node, mine in ((a, [x1, x2]), (b, [x3])):
+            info = (await aapi(node, "GET", f"/api/users/{x}"))[1]
+            assert (info["online"], info["connection_count"]) == (True, 3)
+            assert sorted(c["conn"] for c in info["connections"]) == sorted(c.conn for c in mine)
+            assert {c["node"] for c in info["connections"]} == {node.config["cluster"]["node_id"]}
         assert await b.aterminate() == 0  # a clean stop withdraws its record at once
     s = await wait_stats(a, lambda s: len(s["nodes"]) == 1, "node b gone")
     assert s["totals"]["nodes"] == 1
     redis_server.stop()  # Redis down: this node's own figures, and the reason
     s = await stats(a)
     assert [n["node"] for n in s["nodes"]] == [s["node"]] and s["cluster_error"]
+    assert s["top_users_node"] == s["node"] and s["totals"]["users_distinct"] is False
+
+
+async def test_everyones_users_are_read_up_to_the_bound(redis_server):
+    """Cluster.node_stats reads every node's users while the presence hashes hold at
+    most ``count_users_up_to`` entries (n: read; n-1: None, the caller sums per node)."""
+    require_coredis()
+    from tidings.cluster import open_cluster
+    from tidings.routing.rooms import ROOM_KEY_PREFIX
+
+    ignore = lambda *_: None  # noqa: E731
+    async with open_cluster(redis_server.url, "A", 3.0, ignore) as ca, \
+            open_cluster(redis_server.url, "B", 3.0, ignore) as cb:
+        cb.stats_record = lambda: b'{"node": "B"}'
+        # (B's holds reach its presence hash in order: once u3 is there, so are the others)
+        for cluster, key in ((ca, "u1"), (ca, "u2"), (cb, ROOM_KEY_PREFIX + "lobby"), (cb, "u2"), (cb, "u3")):
+            await cluster.hold(key)
+        everyone = {"u1": 1, "u2": 2, "u3": 1}  # connections over both nodes, not the room
+        with trio.fail_after(T):  # B's presence writes carry its record and its users
+            while await ca.node_stats() != ({"B": b'{"node": "B"}'}, everyone):
+                await trio.sleep(0.02)
+        entries = 2 + 3  # A's own two, B's hash: u2, u3 and the room
+        assert await ca.node_stats(count_users_up_to=entries) == ({"B": b'{"node": "B"}'}, everyone)
+        assert await ca.node_stats(count_users_up_to=entries - 1) == ({"B": b'{"node": "B"}'}, None)
 
 
 # -- the page in headless Chromium -------------------------------------------------------

@@ -27,7 +27,7 @@ Every node runs one :class:`Cluster` (``open_cluster``).  It does three things:
    and its users show offline within ``presence_ttl_s``.  A clean shutdown deletes
    them at once.  The same write carries ``tidings:{node:<id>}:stats`` (same TTL):
    the bytes ``stats_record()`` returns, when the server set it, for the operator's
-   page (``node_stats()`` reads every other live node's).
+   page (``node_stats()`` reads every other live node's, and everyone's users).
 
 3. **Faults.**  Pub/sub is fire-and-forget: messages published while the subscription
    is down are not delivered live (they are stored).  When Redis is unreachable,
@@ -62,6 +62,7 @@ import trio
 from coredis.retry import NoRetryPolicy
 
 from tidings import log
+from tidings.routing.rooms import ROOM_KEY_PREFIX
 from tidings.store import StoredMessage, StoreUnavailable
 from tidings.store.redis import single_errors
 from tidings.store.redis_lua import channel_for, decode_envelope, user_from_channel, user_tag
@@ -255,18 +256,33 @@ class Cluster:
             raise ClusterUnavailable(f"presence: {_reason(exc)}") from None
         return counts
 
-    async def node_stats(self) -> dict[str, bytes]:
-        """node id -> the last statistics record each other live node wrote (a node
-        without one yet is left out).  Raises ClusterUnavailable."""
+    async def node_stats(self, count_users_up_to: int = 20_000
+                         ) -> tuple[dict[str, bytes], dict[str, int] | None]:
+        """The last statistics record of every other live node (node id -> bytes; a node
+        without one yet is left out), and the connections of every connected user over
+        all nodes -- None when the presence hashes hold more than ``count_users_up_to``
+        entries (reading them would cost too much).  Raises ClusterUnavailable."""
         try:
             with trio.fail_after(self._command_timeout):
                 nodes = sorted(_s(n) for n in await self._r.smembers(NODES_KEY))
                 others = [n for n in nodes if n != self.node_id]
-                if not others:
-                    return {}
                 async with self._r.pipeline(transaction=False) as pipe:
-                    requests = [(n, pipe.get(stats_key(n))) for n in others]
-                return {n: raw for n, r in requests if (raw := await r) is not None}
+                    requests = [(n, pipe.get(stats_key(n)), pipe.hlen(presence_key(n))) for n in others]
+                records, sizes = {}, {}
+                for n, record, size in requests:
+                    if (raw := await record) is not None:
+                        records[n], sizes[n] = raw, await size
+                if sum(sizes.values()) + len(self._held) > count_users_up_to:
+                    return records, None
+                counts = dict(self._held)
+                if sizes:
+                    async with self._r.pipeline(transaction=False) as pipe:
+                        hashes = [pipe.hgetall(presence_key(n)) for n in sizes]
+                    for h in hashes:
+                        for user, n in (await h).items():
+                            user = _s(user)
+                            counts[user] = counts.get(user, 0) + int(n)
+                return records, {u: n for u, n in counts.items() if not u.startswith(ROOM_KEY_PREFIX)}
         except (Exception, trio.TooSlowError) as exc:
             raise ClusterUnavailable(f"node stats: {_reason(exc)}") from None
 

@@ -10,8 +10,12 @@ Contract
   is the record it wrote with its last presence write (``cluster.node_stats``), so it is
   up to ``cluster.presence_ttl_s / 3`` seconds old (its ``at`` says when).  A node
   whose record expired is gone.  ``totals`` add the nodes up (``commit_ms``: the worst
-  node); ``users`` counts a user once per node the user is connected to.
-* ``top_users``, ``warnings`` and a user's ``connections`` are the answering node's.
+  node), except ``users``: distinct users.  In a cluster ``users`` and ``top_users``
+  come from every node's presence hash while those hold at most 20,000 entries in all
+  (read on request); beyond that ``users`` is the per-node sum (a user counts once per
+  node, ``users_distinct`` false) and ``top_users`` are the answering node's
+  (``top_users_node`` names it; null when the list covers every node).
+* ``warnings`` and a user's ``connections`` are the answering node's.
 * ``user_info(hub, user)``: presence and last_seen (cluster-wide), unread count (stored
   messages after the user's ack cursor), devices, and this node's connections with
   their id, connect time and peer address.  Store or cluster failures raise
@@ -21,6 +25,7 @@ Timestamps are unix milliseconds.  Never blocks except on the store and cluster 
 
 from __future__ import annotations
 
+import heapq
 import socket
 import time
 from collections import Counter
@@ -91,10 +96,9 @@ def node_record_json(hub: Hub) -> bytes:
     return orjson.dumps(node_record(hub))
 
 
-def top_users(hub: Hub, n: int = TOP_USERS) -> list[dict[str, Any]]:
-    """The ``n`` users with the most connections on this node (ties by user id)."""
-    counts = Counter(conn.user for conn in hub.sessions.all_endpoints())
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+def top_users(counts: dict[str, int], n: int = TOP_USERS) -> list[dict[str, Any]]:
+    """The ``n`` users with the most connections (ties by user id)."""
+    ranked = heapq.nsmallest(n, counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return [{"user": user, "connections": count} for user, count in ranked]
 
 
@@ -103,9 +107,10 @@ async def stats(hub: Hub) -> dict[str, Any]:
     own = node_record(hub)
     nodes = [own]
     cluster_error = None
+    counts: dict[str, int] | None = None
     if hub.cluster is not None:
         try:
-            others = await hub.cluster.node_stats()
+            others, counts = await hub.cluster.node_stats()
         except StoreError as exc:  # Redis is down: this node's view, and say so
             cluster_error = str(exc)
         else:
@@ -118,6 +123,12 @@ async def stats(hub: Hub) -> dict[str, Any]:
                     nodes.append(record)
     nodes.sort(key=lambda r: (r is not own, r["node"]))
     totals: dict[str, Any] = {k: sum(_number(r.get(k)) for r in nodes) for k in SUMMED}
+    everyone = counts is not None or hub.cluster is None  # else: this node's users only
+    if counts is None:
+        counts = Counter(conn.user for conn in hub.sessions.all_endpoints())
+    totals["users_distinct"] = everyone
+    if everyone:
+        totals["users"] = len(counts)
     totals["commit_ms"] = max(_number(r.get("commit_ms")) for r in nodes)
     outboxes = [r["webhook_outbox"] for r in nodes if isinstance(r.get("webhook_outbox"), int)]
     totals["webhook_outbox"] = sum(outboxes) if outboxes else None
@@ -129,7 +140,8 @@ async def stats(hub: Hub) -> dict[str, Any]:
         "cluster_error": cluster_error,
         "totals": totals,
         "nodes": nodes,
-        "top_users": top_users(hub),
+        "top_users": top_users(counts),
+        "top_users_node": None if everyone else own["node"],
         "warnings": log.recent_warnings(),
     }
 

@@ -186,7 +186,7 @@ function render(s) {
   setValue("v-connections", t.connections);
   setValue("v-users", t.users);
   $("s-connections").textContent = s.cluster ? "all nodes" : "";
-  $("s-users").textContent = s.cluster ? "summed over nodes" : "";
+  $("s-users").textContent = !s.cluster ? "" : t.users_distinct ? "all nodes" : "summed over nodes";
   setValue("v-in", total.in, fmt(total.in, 1));
   setValue("v-out", total.out, fmt(total.out, 1));
   $("s-in").textContent = `${fmt(t.stored)} stored`;
@@ -234,7 +234,7 @@ function renderNodes(s) {
 }
 
 function renderTop(s) {
-  $("top-where").textContent = s.cluster ? `on ${s.node}` : "";
+  $("top-where").textContent = s.top_users_node ? `on ${s.top_users_node}` : s.cluster ? "all nodes" : "";
   const body = $("top-users").tBodies[0];
   if (!s.top_users.length) {
     body.replaceChildren(el("tr", {}, el("td", { class: "muted", colspan: "2" }, "nobody is connected")));
