@@ -116,7 +116,7 @@ class Connection(Outbound):
     __slots__ = (
         "_bucket", "_clock", "_gate", "_registered", "_replay_scope", "_since", "auth", "exp",
         "greeting", "hub", "last_activity", "pinged", "reply_binary", "rooms_allowed", "store",
-        "trailing",
+        "trailing", "connected_at", "remote",
     )
 
     def __init__(
@@ -146,6 +146,8 @@ class Connection(Outbound):
         self.exp = exp
         self._clock = clock
         self.last_activity = clock()
+        self.connected_at = time.time()  # for the operator's page (GET /api/users/...)
+        self.remote = ""  # the peer's "host:port", set by the server
         self.pinged = False
         self._since = since
         self.rooms_allowed = rooms  # the token's `rooms` claim (None: the config default)
@@ -347,6 +349,7 @@ class Connection(Outbound):
         else:
             fid, error = cmd.id, None
         if not allowed:
+            self.hub.rate_limited += 1
             if self._bucket.strikes >= limits.rate_limit_close_after:
                 self._give_credits(1)
                 self.kill(1008, "rate limit exceeded repeatedly")

@@ -41,6 +41,7 @@ from tidings.wire.handshake import (
     http_response,
     negotiate_deflate,
 )
+from tidings.server.admin import node_record_json, peer_address
 from tidings.server.api import serve_api
 from tidings.server.hub import Hub
 from tidings.server.metrics import Metrics
@@ -75,6 +76,7 @@ async def open_cluster_on(
         open_cluster(cc.redis_url, cc.resolved_node_id(worker), cc.presence_ttl_s, hub.on_cluster_message,
                      on_resync=hub.on_cluster_resync, cluster=cc.redis_cluster)
     )
+    hub.cluster.stats_record = partial(node_record_json, hub)  # for GET /api/stats
 
 
 def make_authenticator(config: Config) -> Authenticator:
@@ -164,6 +166,7 @@ class Server:
             rooms=identity.rooms, binary=upgrade.binary, deflate=deflate is not None,
             clock=self.clock,
         )
+        conn.remote = peer_address(stream)
         try:
             await self.hub.register(conn)
         except Refused as exc:
