@@ -470,8 +470,9 @@ def loadgen_args_open(a: argparse.Namespace, proto: str = "tidings", procs: int 
 class IdleClients:
     """The Node generator's idle mode: ``conns`` connections opened ``concurrency`` at a
     time (a connect storm), held until ``close()``.  ``ready`` is its ready line
-    (``conns``, ``storm_s`` = first connect attempt to last hello); ``stats()`` asks for
-    {pings received so far, sockets still open, unexpected closes}."""
+    (``conns`` opened, ``failed_connects``, ``storm_s`` = first connect attempt to last
+    hello); ``stats()`` asks for {pings received so far, ping period seen, sockets still
+    open, unexpected closes}.  Raises RuntimeError if no connection opened at all."""
 
     def __init__(self, url: str, conns: int, *, procs: int = 1, concurrency: int = 100,
                  hold_s: float = 3600) -> None:
@@ -484,7 +485,7 @@ class IdleClients:
         assert self.proc.stderr
         threading.Thread(target=lambda: self.err.extend(self.proc.stderr), daemon=True).start()  # type: ignore[arg-type]
         self.ready = self._line()
-        if "error" in self.ready or "conns" not in self.ready:
+        if "error" in self.ready or not self.ready.get("conns"):
             self.kill()
             raise RuntimeError(f"idle loadgen failed: {self.ready} {''.join(self.err)[-500:]}")
 

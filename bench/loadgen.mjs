@@ -10,8 +10,10 @@
 //            stall (in the server or in the generator) is charged to every message
 //            that should have been sent during it (no coordinated omission).
 //   idle   : open N connections (users <prefix>u0..u<N-1>), wait for every hello,
-//            print {"event":"ready",...,"storm_s":S} on stdout (S = first connect
-//            attempt to last hello, across workers), hold them --hold seconds, close.
+//            print {"event":"ready","conns":N,"failed_connects":F,"storm_s":S} on stdout
+//            (S = first connect attempt to last hello, across workers; a connection that
+//            times out or is refused is counted in F, not fatal), hold them --hold
+//            seconds, close.
 //            While holding, each line "stats" on stdin prints one
 //            {"event":"stats","pings":N,"open":N,"ping_gap_mean_s":S,...} line (pings
 //            received so far, sockets still open, the ping period the clients see:
@@ -244,7 +246,8 @@ function openSocket(url, user, opts, stats, onFrame) {
     });
     ws.on('close', (code) => {
       stats.closed++;
-      if (!stats.stopping) { stats.unexpectedCloses++; stats.lastClose = code; }
+      // a socket that never got its hello is a failed connect (counted by the caller)
+      if (!stats.stopping && ready) { stats.unexpectedCloses++; stats.lastClose = code; }
     });
     ws.on('message', (data, isBinary) => {
       if (!ready) {
@@ -259,15 +262,24 @@ function openSocket(url, user, opts, stats, onFrame) {
   });
 }
 
-// Open many sockets with bounded concurrency.
-async function openMany(specs, opts, stats) {
+// Open many sockets with bounded concurrency.  tolerant: a connection that fails
+// (timeout, HTTP refusal, reset) is counted in stats.failedConnects and left null
+// instead of failing the whole run; stats.lastHello = when the last hello arrived.
+async function openMany(specs, opts, stats, tolerant = false) {
   const out = new Array(specs.length);
   let next = 0;
   async function lane() {
     while (next < specs.length) {
       const i = next++;
       const s = specs[i];
-      out[i] = await openSocket(s.url || opts.url, s.user, opts, stats, s.onFrame);
+      try {
+        out[i] = await openSocket(s.url || opts.url, s.user, opts, stats, s.onFrame);
+        stats.lastHello = performance.timeOrigin + performance.now();
+      } catch (e) {
+        if (!tolerant) throw e;
+        stats.failedConnects++;
+        out[i] = null;
+      }
     }
   }
   const lanes = [];
@@ -279,7 +291,7 @@ async function openMany(specs, opts, stats) {
 // ---------------------------------------------------------------- worker
 async function runWorker(opts, wid) {
   const stats = {
-    connectErrors: 0, socketErrors: 0, closed: 0, unexpectedCloses: 0, stopping: false, pings: 0,
+    connectErrors: 0, socketErrors: 0, closed: 0, unexpectedCloses: 0, stopping: false, pings: 0, failedConnects: 0, lastHello: 0,
     gapN: 0, gapSum: 0, gapMin: Infinity, gapMax: 0,
     lastError: null, lastClose: null,
     sent: 0, received: 0, acks: 0, errors: 0, other: 0, lastErrorFrame: null,
@@ -293,12 +305,10 @@ async function runWorker(opts, wid) {
     // wall-clock ms (comparable across worker processes) of the first connect attempt
     const firstConnect = performance.timeOrigin + performance.now();
     const specs = myIdx.map((i) => ({ user: `${opts.prefix}u${i}`, onFrame: () => { stats.other++; } }));
-    let socks;
-    try { socks = await openMany(specs, opts, stats); } catch (e) {
-      send({ type: 'fatal', wid, error: String(e.message || e), stats }); return;
-    }
-    const lastHello = performance.timeOrigin + performance.now();
-    send({ type: 'ready', wid, n: socks.length, firstConnect, lastHello });
+    // a storm of thousands: one refused or timed-out connection is reported, not fatal
+    const socks = (await openMany(specs, opts, stats, true)).filter((ws) => ws !== null);
+    send({ type: 'ready', wid, n: socks.length, failed: stats.failedConnects, firstConnect,
+      lastHello: stats.lastHello || firstConnect, lastError: stats.lastError });
     await new Promise((res) => process.on('message', (m) => {
       if (m.cmd === 'close') res();
       else if (m.cmd === 'stats') {
@@ -506,9 +516,11 @@ async function runPrimary(opts) {
 
   if (opts.mode === 'idle') {
     const n = readies.reduce((a, m) => a + m.n, 0);
+    const failed = readies.reduce((a, m) => a + m.failed, 0);
     const stormS = (Math.max(...readies.map((m) => m.lastHello)) - Math.min(...readies.map((m) => m.firstConnect))) / 1000;
-    process.stdout.write(JSON.stringify({ event: 'ready', conns: n, connect_s: readyMs / 1000,
-      storm_s: Math.round(stormS * 1000) / 1000 }) + '\n');
+    process.stdout.write(JSON.stringify({ event: 'ready', conns: n, failed_connects: failed, connect_s: readyMs / 1000,
+      storm_s: Math.round(stormS * 1000) / 1000,
+      last_connect_error: readies.map((m) => m.lastError).find((e) => e) || undefined }) + '\n');
     // the harness samples the server now; "stats" lines on stdin ask for counters, any
     // other line (or --hold seconds) ends the hold
     let statsSeq = 0;
@@ -546,7 +558,7 @@ async function runPrimary(opts) {
     const res = await waitFor((m) => m.type === 'result', opts.procs);
     const agg = aggStats(res);
     process.stdout.write(JSON.stringify({ mode: 'idle', proto: opts.proto, conns: n, procs: opts.procs,
-      connect_s: Math.round(readyMs) / 1000, storm_s: Math.round(stormS * 1000) / 1000,
+      connect_s: Math.round(readyMs) / 1000, storm_s: Math.round(stormS * 1000) / 1000, failed_connects: failed,
       prefix: opts.prefix, ...agg }) + '\n');
     for (const c of workers) c.disconnect();
     return;

@@ -235,9 +235,11 @@ def measure_idle(name: str, rep: int, a: argparse.Namespace) -> dict:
     r = dict(server=name, rep=rep + 1, conns=ready["conns"], connect_s=ready["connect_s"],
              storm_s=ready.get("storm_s"), rss_before_kib=before, rss_after_kib=after, kib_per_conn=per,
              server_cores_while_idle=idle_cores, rss_at_ready_kib=rss_at_ready,
-             busy_after_ready_s=busy_after_ready, connect_errors=final.get("connect_errors"),
+             busy_after_ready_s=busy_after_ready, failed_connects=ready.get("failed_connects", 0),
+             connect_errors=final.get("connect_errors"),
              unexpected_closes=final.get("unexpected_closes"), server_exit=rc)
-    log(f"  idle#{rep + 1}    {name:<14} {ready['conns']} conns in {ready['connect_s']:.1f}s  RSS {before}"
+    log(f"  idle#{rep + 1}    {name:<14} {ready['conns']} conns ({ready.get('failed_connects', 0)} failed) in "
+        f"{ready['connect_s']:.1f}s  RSS {before}"
         f" -> {after} KiB  = {per:.2f} KiB/conn  (busy {busy_after_ready:.1f}s after the last hello; "
         f"then idle CPU {idle_cores:.2f} cores)")
     return r
@@ -451,8 +453,8 @@ def degrade_table(rows: list[dict], servers: list[str], rates: list[tuple[str, i
 def idle_table(rows: list[dict], servers: list[str]) -> tuple[str, dict]:
     lines = ["### Idle connections", "",
              "| server | connections | KiB/conn (median) | min-max | RSS before -> after (KiB, median run) "
-             "| connect storm s | busy after last hello s | idle CPU (cores) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| connect storm s | failed connects | busy after last hello s | idle CPU (cores) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {}
     for k in servers:
         rs = [r for r in rows if r["server"] == k]
@@ -464,7 +466,7 @@ def idle_table(rows: list[dict], servers: list[str]) -> tuple[str, dict]:
         summary[k] = dict(kib_per_conn=m, runs=per, conns=mid["conns"])
         lines.append(f"| {server_label(k)} | {mid['conns']:,} | {m:.2f} | {min(per):.2f}-{max(per):.2f} "
                      f"| {mid['rss_before_kib']:,} -> {mid['rss_after_kib']:,} "
-                     f"| {fmt(med([r.get('storm_s') for r in rs]), 1)} "
+                     f"| {fmt(med([r.get('storm_s') for r in rs]), 1)} | {sum(r.get('failed_connects', 0) for r in rs)} "
                      f"| {fmt(med([r['busy_after_ready_s'] for r in rs]), 1)} "
                      f"| {fmt(med([r['server_cores_while_idle'] for r in rs]))} |")
     return "\n".join(lines) + "\n", summary
