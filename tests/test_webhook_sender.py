@@ -185,7 +185,7 @@ async def test_undelivered_checks_become_events_unless_acked(clock):
         await nursery.start(recorder.run)
         await nursery.start(sender.run)
         t0 = trio.current_time()
-        recorder.stored(msgs, results + [Appended(None)])
+        await recorder.watch(msgs + msgs[:1], results + [Appended(None)])
         await store.save_cursors({"carol": 1}, {})  # carol acked in time
         await receiver.wait(1)
         await trio.testing.wait_all_tasks_blocked()

@@ -4,16 +4,19 @@
 blocking (none of them does I/O):
 
 * ``connected(user)`` / ``disconnected(user)`` on a user's first / last connection to
-  THIS node (only while "online" or "offline" is in ``webhooks.events``);
-* ``stored(messages, results)`` after each stored batch (only while "undelivered" is in
-  ``webhooks.events``): one undelivered check per stored message, due
-  ``undelivered_after_s`` after now.
+  THIS node (only while "online" or "offline" is in ``webhooks.events``).
 
-``run`` (started in the daemon's root nursery) writes what was recorded to the store
-as soon as it is recorded, in one call per kind: ``presence_set`` (this node's users
-added and removed; the store counts nodes per user and adds ``online`` / ``offline``
-events to the outbox when a count goes 0 -> 1 / 1 -> 0) and ``undelivered_watch``.  A
-user who leaves and comes back before the write is neither removed nor added: no
+and, only while "undelivered" is in ``webhooks.events``, awaits ``watch(messages,
+results)`` after each stored batch and before acknowledging it: one undelivered check
+per stored message, due ``undelivered_after_s`` after now, written to the store at once
+(``undelivered_watch``: one call per batch), so a message whose ack the sender saw has
+its check even if the process is killed right after.  If that write fails the checks
+are kept and retried by ``run`` (the messages are stored and acked all the same).
+
+``run`` (started in the daemon's root nursery) writes the presence changes as soon as
+they are recorded: ``presence_set`` (this node's users added and removed; the store
+counts nodes per user and adds ``online`` / ``offline`` events to the outbox when a
+count goes 0 -> 1 / 1 -> 0).  A user who leaves and comes back before the write is neither removed nor added: no
 events for a blip of a few milliseconds.  The same call, with nothing to change, is the
 node's heartbeat every ``ttl_s / 3``: a node that stops (kill -9) is reaped by the
 sender ``ttl_s`` later and its users go offline (unless another node has them).  When
@@ -24,8 +27,9 @@ Before ``run`` reports started it reaps this node's own id: a node restarted wit
 same ``cluster.node_id`` starts from nothing, so users of the killed run go offline.
 
 A failed write (store unavailable) is kept, merged with what comes next, retried every
-second and logged once a minute.  What is recorded but not yet written is lost if the
-process dies (a window of milliseconds; the message itself is stored).  Cancelling
+second and logged once a minute.  A presence change recorded but not yet written is lost
+if the process dies (a window of milliseconds, and the node's users then go offline by
+the reaping anyway).  Cancelling
 ``run`` stops it; nothing is flushed then (the hub flushes at shutdown through
 ``flush``).
 """
@@ -94,13 +98,21 @@ class WebhookRecorder:
         self._off.add(user)
         self._wake.set()
 
-    def stored(self, messages: Sequence[NewMessage], results: Sequence[Appended]) -> None:
+    async def watch(self, messages: Sequence[NewMessage], results: Sequence[Appended]) -> None:
+        """Record (durably, before returning) an undelivered check per stored message.
+        Never raises a store error: failed checks are retried by ``run``."""
         due = self._now_ms() + self.after_ms
         checks = [UndeliveredCheck(due, m.recipient, r.seq, m.msg_id, m.sender)
                   for m, r in zip(messages, results) if r.seq is not None]
-        if checks:
+        if not checks:
+            return
+        try:
+            await self.store.undelivered_watch(checks)
+        except StoreError as exc:
             self._checks += checks
             self._wake.set()
+            self._errors.log("error", "webhook_store_failed", key="watch", what="undelivered_watch",
+                             pending=len(self._checks), error=str(exc))
 
     # -- the task ---------------------------------------------------------------------
 
