@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 import trio
@@ -111,15 +112,17 @@ def check_signature(headers: dict[str, str], body: bytes) -> None:
     assert abs(time.time() - int(fields["t"])) < 60
 
 
-async def wait_metrics(d, timeout: float = 10.0, **want: float) -> dict[str, float]:
-    """Poll /metrics (bounded) until each ``tidings_webhooks_<name>`` has its value: the
-    receiver has an event a moment before the sender counts its answer."""
+async def wait_metrics(d, timeout: float = 10.0, **want: Any) -> dict[str, float]:
+    """Poll /metrics (bounded) until each ``tidings_webhooks_<name>`` has its value (or
+    passes it, a predicate): the receiver has an event a moment before the sender counts
+    its answer, and the outbox depth is read once a second."""
     m: dict[str, float] = {}
     try:
         with trio.fail_after(timeout):
             while True:
                 m = await trio.to_thread.run_sync(metrics, d)
-                if all(m[f"tidings_webhooks_{k}"] == v for k, v in want.items()):
+                if all(v(m[f"tidings_webhooks_{k}"]) if callable(v) else m[f"tidings_webhooks_{k}"] == v
+                       for k, v in want.items()):
                     return m
                 await trio.sleep(0.05)
     except trio.TooSlowError:
@@ -214,7 +217,8 @@ async def test_a_receiver_down_across_a_kill_9_restart_gets_every_event(start_da
     async with open_client(d.url, token=d.token(alice)) as a:
         sent = await a.send(bob, "while bob is away")  # acked: its check is stored
         await d.wait_for_log(r"event=webhook_failed")  # the receiver is down: retrying
-        await wait_metrics(d, outbox=3)  # online and offline of bob, online of alice
+        # online and offline of bob, online of alice (and maybe the undelivered already)
+        await wait_metrics(d, outbox=lambda n: n >= 3)
         d.kill()  # SIGKILL with alice connected: her connection dies with the process
     d.start()
     receiver.start()
@@ -288,3 +292,24 @@ async def test_online_and_offline_once_each_on_a_two_node_cluster(redis_server, 
                 break
             await trio.sleep(0.05)
     assert sorted(sent) == [0, 2]
+
+
+async def test_a_node_killed_with_9_takes_its_users_offline_after_the_ttl(redis_server, start_daemon,
+                                                                         receiver, uniq):
+    """Whichever node held the lease, the survivor reaps the dead one and sends."""
+    require_coredis()
+    from test_e2e_cluster import start_node
+
+    hooks = hook(receiver.url, events=["online", "offline"])
+    n1 = start_node(start_daemon, redis_server, "n1", ttl=1.0, webhooks=hooks)
+    n2 = start_node(start_daemon, redis_server, "n2", ttl=1.0, webhooks=hooks)
+    alice, bob = uniq("alice"), uniq("bob")
+    async with open_client(n2.url, token=n2.token(bob)):
+        async with open_client(n1.url, token=n1.token(alice)):
+            await receiver.wait_for(lambda ev: of(ev, alice) == ["online"] and of(ev, bob) == ["online"])
+            n1.kill()
+            t_kill = time.monotonic()
+            events = await receiver.wait_for(lambda ev: "offline" in of(ev, alice), timeout=10)
+        took = time.monotonic() - t_kill
+        assert took <= 1.0 + 3.0, f"alice went offline {took:.1f}s after kill -9 (ttl 1 s)"
+        assert of(events, alice) == ["online", "offline"] and of(events, bob) == ["online"]

@@ -4,16 +4,18 @@ Theory of operation
 -------------------
 Every node runs one :class:`WebhookSender`; only the holder of the store's lease sends
 (``outbox_lease``: always this process on memory/sqlite; in a cluster one node at a time,
-renewed every loop and lost ``ttl_s`` after its holder stops).  The holder, in a loop:
+renewed every second (``ttl_s / 3`` if shorter) and lost ``ttl_s`` after its holder
+stops).  The holder, in a loop:
 
-1. settles the undelivered checks that are due: those whose message no device of the
-   recipient acked (``acked_by_any_device``) become ``undelivered`` events in the
-   outbox (``undelivered_settle``: once, even if two nodes race);
-2. reaps nodes whose presence expired (``presence_reap``): their users go offline;
-3. reads the outbox in order into a window of at most ``WINDOW`` entries, one queue per
+1. once a second: settles the undelivered checks that are due (those whose message no
+   device of the recipient acked, ``acked_by_any_device``, become ``undelivered``
+   events in the outbox; ``undelivered_settle`` adds each once, even if two nodes
+   race), reaps nodes whose presence expired (``presence_reap``: their users go
+   offline) and reads the outbox's depth for /metrics;
+2. reads the outbox in order into a window of at most ``WINDOW`` entries, one queue per
    user, and runs one task per user with a due head: it sends that user's events one at
    a time, in order; at most ``MAX_REQUESTS`` requests are in flight in all;
-4. waits for ``wake()`` (a local write that may have added events), the next due retry,
+3. waits for ``wake()`` (a local write that may have added events), the next due retry,
    or ``POLL_S`` (events other nodes added).
 
 An attempt is a POST of :func:`tidings.webhooks.events.event_body` with
@@ -136,6 +138,7 @@ class WebhookSender:
         self._after: str | None = None
         self._held = 0
         self._leader = False
+        self._maintain_at = -math.inf  # next undelivered settle, reap and depth read
         self._depth = 0
         self._n = dict(sent=0, failed=0, dead=0)
         self._errors = log.LogOnce(interval=60.0)
@@ -192,20 +195,22 @@ class WebhookSender:
 
     async def _lead(self, nursery: trio.Nursery) -> None:
         """Hold the lease and send; return when it is lost or the store fails."""
-        renew_s = min(POLL_S, self.ttl_s / 3)
-        renew_at = trio.current_time() + renew_s
+        period = min(POLL_S, self.ttl_s / 3)
+        renew_at = trio.current_time() + period
         while True:
             if trio.current_time() >= renew_at:
                 if not await self._lease():
                     return
-                renew_at = trio.current_time() + renew_s
+                renew_at = trio.current_time() + period
             try:
-                if self.settles_undelivered:
-                    await self._settle_undelivered()
-                if self.presence_types:
-                    await self.store.presence_reap(self._now_ms(), self.presence_types)
+                if trio.current_time() >= self._maintain_at:  # at most once a period
+                    self._maintain_at = trio.current_time() + period
+                    if self.settles_undelivered:
+                        await self._settle_undelivered()
+                    if self.presence_types:
+                        await self.store.presence_reap(self._now_ms(), self.presence_types)
+                    self._depth = await self.store.outbox_depth()
                 await self._refill()
-                self._depth = await self.store.outbox_depth()
             except StoreError as exc:
                 self._store_failed("outbox", exc)
                 return
@@ -213,7 +218,8 @@ class WebhookSender:
                 if user not in self._busy and queue[0].due_ms <= self._now_ms():
                     self._busy.add(user)
                     nursery.start_soon(self._send_user, user)
-            await self._sleep(min(renew_at - trio.current_time(), self._next_due_s()))
+            wait = min(renew_at, self._maintain_at) - trio.current_time()
+            await self._sleep(min(wait, self._next_due_s()))
 
     async def _sleep(self, seconds: float) -> None:
         with trio.move_on_after(max(seconds, 0.0)):
