@@ -34,9 +34,10 @@ class Receiver:
     """Records ``(time, headers, body bytes)`` per POST; answers ``script`` statuses in
     order, then 200."""
 
-    def __init__(self, *script: int, port: int | None = None) -> None:
+    def __init__(self, *script: int, port: int | None = None, hang: threading.Event | None = None) -> None:
         self.port = port or free_port()
         self.script = list(script)
+        self.hang = hang  # while not set, every POST waits before it answers
         self.posts: list[tuple[float, dict[str, str], bytes]] = []
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -56,6 +57,8 @@ class Receiver:
                 with receiver._lock:
                     receiver.posts.append((time.monotonic(), dict(self.headers), body))
                     status = receiver.script.pop(0) if receiver.script else 200
+                if receiver.hang is not None:
+                    receiver.hang.wait(30)
                 self.send_response(status)
                 self.send_header("Content-Length", "2")
                 self.end_headers()
@@ -203,6 +206,33 @@ async def test_undelivered_fires_for_an_offline_recipient_not_for_one_that_acked
     assert events == [{"id": events[0]["id"], "type": "undelivered", "ts": events[0]["ts"],
                        "user": bob, "msg_id": to_bob["msg_id"], "from": alice, "to": bob,
                        "seq": to_bob["seq"]}], f"carol acked {to_carol['msg_id']}"
+
+
+async def test_a_receiver_that_hangs_never_slows_message_delivery(start_daemon, uniq):
+    release = threading.Event()
+    receiver = Receiver(hang=release).start()
+    try:
+        d = start_daemon(webhooks=hook(receiver.url, timeout_s=30.0, undelivered_after_s=0.1),
+                         limits={"messages_per_second": 10000.0, "burst": 10000})
+        alice, bob = uniq("alice"), uniq("bob")
+        async with open_client(d.url, token=d.token(alice)) as a, \
+                open_client(d.url, token=d.token(bob)) as b:
+            await receiver.wait_for(lambda ev: len(ev) >= 1)  # a POST is hanging now
+            await replay_until_resumed(b)
+            t0 = time.monotonic()
+            with trio.fail_after(5):
+                for i in range(200):
+                    ack = await a.send(bob, i)
+                    assert ack["type"] == "ack"
+                got = await b.messages(200)
+            took = time.monotonic() - t0
+            assert [m["body"] for m in got] == list(range(200))
+            assert took < 3.0, f"200 sends took {took:.2f}s behind a hanging receiver"
+            m = await wait_metrics(d, outbox=lambda n: n >= 200)  # undelivered, queued
+            assert m["tidings_webhooks_sent_total"] == 0
+    finally:
+        release.set()
+        receiver.stop()
 
 
 # -- durability ------------------------------------------------------------------------
