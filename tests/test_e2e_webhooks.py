@@ -25,6 +25,7 @@ from tidings.client import open_client
 
 from conftest import replay_until_resumed
 from redis_fixture import free_port, redis_server, require_coredis  # noqa: F401
+from test_admin import stats as admin_stats
 from test_api import metrics
 
 SECRET = "webhook-secret-0123456789abcdef0123456789"
@@ -230,6 +231,8 @@ async def test_a_receiver_that_hangs_never_slows_message_delivery(start_daemon, 
             assert took < 3.0, f"200 sends took {took:.2f}s behind a hanging receiver"
             m = await wait_metrics(d, outbox=lambda n: n >= 200)  # undelivered, queued
             assert m["tidings_webhooks_sent_total"] == 0
+            page = await admin_stats(d)  # the operator's page shows the same outbox
+            assert page["totals"]["webhook_outbox"] == page["nodes"][0]["webhook_outbox"] >= 200
     finally:
         release.set()
         receiver.stop()

@@ -85,6 +85,8 @@ class WebhookRecorder:
         self._lock = trio.Lock()  # one write at a time: a user's on and off stay in order
         self._errors = log.LogOnce(interval=60.0)
         self.writes = 0
+        #: The node's WebhookSender (its statistics for the operator's page), when set.
+        self.sender: Any = None
 
     # -- called by the hub (synchronous, never blocks) ----------------------------------
 

@@ -65,4 +65,5 @@ def open_webhooks(config: Config, store: Store, *, node: str,
     sender = WebhookSender(store, wc, load_secret(wc), owner=node, ttl_s=ttl)
     recorder = WebhookRecorder(store, wc, node=node, ttl_s=ttl, local_users=local_users,
                                on_written=sender.wake)
+    recorder.sender = sender
     return Webhooks(recorder, sender)
