@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from prometheus_client import Histogram
 
     from tidings.cluster import Cluster
+    from tidings.webhooks.recorder import WebhookRecorder
 
 __all__ = ["CursorOrigin", "Hub", "HubStatistics", "Member", "Origin"]
 
@@ -136,6 +137,9 @@ class Hub:
         self.ids = MsgIdGenerator()
         self.lock = trio.Lock()
         self.cluster: Cluster | None = None
+        #: Set by the server while ``webhooks.url`` is on: told of users' first and last
+        #: connection on this node and of each stored batch (never per message when off).
+        self.webhooks: WebhookRecorder | None = None
         self._jobs_tx, self._jobs_rx = trio.open_memory_channel[Any](config.store.queue)
         self._cursors: dict[str, int] = {}
         self._cursor_waiters: list[tuple[CursorOrigin[Any], Any, int]] = []
@@ -160,6 +164,8 @@ class Hub:
             self.sessions.add(conn)
             if self.sessions.count(conn.user) == 1:
                 self._presence_event(conn.user, True)
+                if self.webhooks is not None and self.webhooks.tracks_presence:
+                    self.webhooks.connected(conn.user)
             if self.cluster is not None:
                 # Subscribed before the replay reads the store: whatever is stored after
                 # that read is also published to us (cluster.hold's contract).
@@ -178,6 +184,8 @@ class Hub:
             self.cluster.release(conn.user)
         if self.sessions.count(conn.user) == 0:
             self._presence_event(conn.user, False)
+            if self.webhooks is not None and self.webhooks.tracks_presence:
+                self.webhooks.disconnected(conn.user)
             self._last_seen[conn.user] = int(time.time() * 1000)
             self._wake_writer()
 
@@ -320,12 +328,17 @@ class Hub:
                 await self._save_cursors()
         if self._cursors or self._last_seen or self._cursor_waiters:
             await self._save_cursors()
+        if self.webhooks is not None:  # users who left and messages stored at shutdown
+            await self.webhooks.flush()
 
     async def _append(self, jobs: list[_Job[Any]]) -> None:
         """Store a batch; route and answer each message in order."""
         started = time.monotonic()
-        results = await self.store.append([j.message for j in jobs])
+        messages = [j.message for j in jobs]
+        results = await self.store.append(messages)
         self._commit_seconds += (time.monotonic() - started - self._commit_seconds) * 0.2
+        if self.webhooks is not None and self.webhooks.tracks_undelivered:
+            await self.webhooks.watch(messages, results)  # before the acks: see recorder
         failed: StoreError | None = None
         n_failed = 0
         for job, result in zip(jobs, results, strict=True):

@@ -26,18 +26,26 @@ with time) and ``search``.  A user only ever sees messages they sent or received
 
 Errors say what happened, never how the engine spells it: every failure an engine
 raises on purpose is a :class:`StoreError`.
+
+Webhooks (:mod:`tidings.webhooks`) keep three more things in the store, only while
+they are on: the *outbox* of events waiting to be POSTed (:class:`WebhookEvent`, read
+back as :class:`OutboxEntry`), the *undelivered checks* of stored messages
+(:class:`UndeliveredCheck`), and which node has which user online (for ``online`` /
+``offline`` counted once cluster-wide).  :mod:`tidings.store.base` has the contract.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import NamedTuple
 
 import attrs
 
 __all__ = [
     "MS_PER_DAY", "Appended", "BadQuery", "DuplicateMessage", "InboxState", "NewMessage",
-    "StoreError", "StoreUnavailable", "StoredMessage", "UnknownMessage", "Unsupported",
-    "check_page", "prune_cutoff_ms",
+    "OutboxEntry", "StoreError", "StoreUnavailable", "StoredMessage", "UndeliveredCheck",
+    "UnknownMessage", "Unsupported", "WebhookEvent", "check_page", "new_event_id",
+    "prune_cutoff_ms",
 ]
 
 MS_PER_DAY = 86_400_000
@@ -121,6 +129,46 @@ class Appended:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class WebhookEvent(NamedTuple):
+    """One webhook event.  ``id`` is unique (receivers de-duplicate by it; every retry
+    carries the same one); ``type`` is "undelivered", "online" or "offline"; ``ts`` the
+    epoch milliseconds it happened; ``user`` whom it is about (for ``undelivered``: the
+    recipient, with the message's ``msg_id``, ``sender`` and inbox ``seq``)."""
+    id: str
+    type: str
+    ts: int
+    user: str
+    msg_id: str | None = None
+    sender: str | None = None
+    seq: int | None = None
+
+
+class OutboxEntry(NamedTuple):
+    """An outbox event as read back: ``pos`` is its place in the outbox (increasing in
+    the order events were added; an opaque string the engine gives back to itself),
+    ``attempts`` the failed attempts so far and ``due_ms`` when it may be tried again
+    (0: at once)."""
+    pos: str
+    event: WebhookEvent
+    attempts: int = 0
+    due_ms: int = 0
+
+
+class UndeliveredCheck(NamedTuple):
+    """A stored message to report ``undelivered`` unless a device of its recipient
+    ``user`` acked ``seq`` by ``due_ms`` (epoch ms)."""
+    due_ms: int
+    user: str
+    seq: int
+    msg_id: str
+    sender: str
+
+
+def new_event_id() -> str:
+    """A fresh webhook event id: 24 random hex digits."""
+    return secrets.token_hex(12)
 
 
 def check_page(limit: int, offset: int = 0) -> None:

@@ -28,6 +28,7 @@ it from trio (threads, maintenance); this module never imports trio.
   of a group commit's pages); ``prune_step`` saves ``last_seq`` before it deletes, so
   seqs are never reused.  The writer keeps the last seq of recent recipients and the
   next row id in memory (``_last``, ``_next_id``), updated only after a commit.
+* ``webhook_*``: what webhooks keep (:mod:`tidings.store.sqlite_webhooks`).
 
 Concurrency: two connections opened with ``check_same_thread=False``, each
 guarded by a ``threading.Lock``: the writer (every write, one ``BEGIN
@@ -68,6 +69,7 @@ from tidings.store.records import (
     UnknownMessage, check_page, prune_cutoff_ms,
 )
 from tidings.store.search import parse_query
+from tidings.store.sqlite_webhooks import WEBHOOK_SCHEMA, WebhookTables
 
 __all__ = ["MIGRATIONS", "PRUNE_BATCH", "SqliteDatabase"]
 
@@ -120,6 +122,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """INSERT INTO meta (key, value)
            SELECT 'fts_indexed_id', COALESCE(MAX(id), 0) FROM messages""",
     ),
+    # 3: webhooks: the outbox, presence per node, undelivered checks (sqlite_webhooks)
+    WEBHOOK_SCHEMA,
 ]
 
 _COLS = "m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts"
@@ -162,7 +166,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-class SqliteDatabase:
+class SqliteDatabase(WebhookTables):
     """One SQLite file. Create with :meth:`open`; see :mod:`tidings.store.base` for the
     contract of each method (here synchronous and thread-safe).
 
