@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tidings.config import ASYMMETRIC_ALGORITHMS, MIN_SECRET_BYTES, AuthConfig, Config
-from tidings.wire.protocol import valid_user_id
+from tidings.wire.protocol import MAX_DEVICE_LEN, valid_device, valid_user_id
 
 __all__ = [
     "AuthError", "Authenticator", "Identity", "KeyMaterialError", "KeySet", "PublicKey",
@@ -76,6 +76,8 @@ class Identity:
     exp: int | None  # epoch seconds; None = never expires (insecure mode)
     #: The token's ``rooms`` claim (names or glob patterns); None = config default.
     rooms: tuple[str, ...] | None = None
+    #: The token's ``device`` claim (the connection's device name); None = not named.
+    device: str | None = None
 
 
 # -- HS256 secrets ----------------------------------------------------------------------
@@ -445,4 +447,7 @@ def _identity(claims: dict[str, Any]) -> Identity:
     rooms = claims.get("rooms")
     if rooms is not None and (not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)):
         raise AuthError("token 'rooms' claim must be a list of strings")
-    return Identity(user, int(claims["exp"]), tuple(rooms) if rooms is not None else None)
+    device = claims.get("device")
+    if device is not None and not valid_device(device):
+        raise AuthError(f"token 'device' claim must be 1-{MAX_DEVICE_LEN} characters of A-Z a-z 0-9 _ . -")
+    return Identity(user, int(claims["exp"]), tuple(rooms) if rooms is not None else None, device)
