@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as R  # noqa: E402  (bench/run.py: Server, CPU sampling, helpers)
+import harness as R  # noqa: E402  (bench/harness.py: Server, CPU sampling, helpers)
 
 LABELS = {
     "memory": "single node, store=memory",

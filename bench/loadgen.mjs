@@ -10,7 +10,15 @@
 //            stall (in the server or in the generator) is charged to every message
 //            that should have been sent during it (no coordinated omission).
 //   idle   : open N connections (users <prefix>u0..u<N-1>), wait for every hello,
-//            print {"event":"ready"} on stdout, hold them --hold seconds, close.
+//            print {"event":"ready","conns":N,"failed_connects":F,"storm_s":S} on stdout
+//            (S = first connect attempt to last hello, across workers; a connection that
+//            times out or is refused is counted in F, not fatal), hold them --hold
+//            seconds, close.
+//            While holding, each line "stats" on stdin prints one
+//            {"event":"stats","pings":N,"open":N,"ping_gap_mean_s":S,...} line (pings
+//            received so far, sockets still open, the ping period the clients see:
+//            ping -> next ping on a socket; `ws` answers each ping with a pong);
+//            any other line, or --hold seconds passing, closes them and prints the result.
 //
 // Protocols (--proto)
 //   tidings : connect <url>?user=<id>, wait for {"type":"hello"}; senders send
@@ -119,6 +127,7 @@ const USAGE = `usage: node loadgen.mjs --mode closed|open|idle --url ws://127.0.
   closed: [-P pairs=50] [-W window=20] [-S size=100] [-D duration=10] [--warmup 2]
   open:   [-R rate=5000] [-P pairs=50] [-S size=100] [-D duration=10] [--warmup 2] [--drain 3] [--tick-us 200]
   idle:   [-N conns=5000] [--hold 5] [--connect-concurrency 100]
+          stdin while holding: "stats" -> one {"event":"stats",...} line; any other line -> close
   [--prefix RUNID] (alphanumeric; random by default: user ids are <prefix>s<k>/<prefix>r<k>/<prefix>u<i>)
   [--client-ack K] receivers send {"type":"ack","seq":N} every K messages (0 = never)
   [--url2 URL] tidings closed/open: receivers connect here, senders to --url (pairs split
@@ -222,9 +231,23 @@ function openSocket(url, user, opts, stats, onFrame) {
       stats.lastError = String(e && e.message);
       if (!ready) { clearTimeout(timer); reject(e); }
     });
+    // the ping period as this client sees it: ping -> next ping (after our pong)
+    let mark = 0;
+    ws.on('ping', () => {
+      stats.pings++;
+      const t = performance.now();
+      if (mark) {
+        const gap = t - mark;
+        stats.gapN++; stats.gapSum += gap;
+        if (gap < stats.gapMin) stats.gapMin = gap;
+        if (gap > stats.gapMax) stats.gapMax = gap;
+      }
+      mark = t;
+    });
     ws.on('close', (code) => {
       stats.closed++;
-      if (!stats.stopping) { stats.unexpectedCloses++; stats.lastClose = code; }
+      // a socket that never got its hello is a failed connect (counted by the caller)
+      if (!stats.stopping && ready) { stats.unexpectedCloses++; stats.lastClose = code; }
     });
     ws.on('message', (data, isBinary) => {
       if (!ready) {
@@ -239,15 +262,24 @@ function openSocket(url, user, opts, stats, onFrame) {
   });
 }
 
-// Open many sockets with bounded concurrency.
-async function openMany(specs, opts, stats) {
+// Open many sockets with bounded concurrency.  tolerant: a connection that fails
+// (timeout, HTTP refusal, reset) is counted in stats.failedConnects and left null
+// instead of failing the whole run; stats.lastHello = when the last hello arrived.
+async function openMany(specs, opts, stats, tolerant = false) {
   const out = new Array(specs.length);
   let next = 0;
   async function lane() {
     while (next < specs.length) {
       const i = next++;
       const s = specs[i];
-      out[i] = await openSocket(s.url || opts.url, s.user, opts, stats, s.onFrame);
+      try {
+        out[i] = await openSocket(s.url || opts.url, s.user, opts, stats, s.onFrame);
+        stats.lastHello = performance.timeOrigin + performance.now();
+      } catch (e) {
+        if (!tolerant) throw e;
+        stats.failedConnects++;
+        out[i] = null;
+      }
     }
   }
   const lanes = [];
@@ -259,7 +291,8 @@ async function openMany(specs, opts, stats) {
 // ---------------------------------------------------------------- worker
 async function runWorker(opts, wid) {
   const stats = {
-    connectErrors: 0, socketErrors: 0, closed: 0, unexpectedCloses: 0, stopping: false,
+    connectErrors: 0, socketErrors: 0, closed: 0, unexpectedCloses: 0, stopping: false, pings: 0, failedConnects: 0, lastHello: 0,
+    gapN: 0, gapSum: 0, gapMin: Infinity, gapMax: 0,
     lastError: null, lastClose: null,
     sent: 0, received: 0, acks: 0, errors: 0, other: 0, lastErrorFrame: null,
   };
@@ -269,14 +302,22 @@ async function runWorker(opts, wid) {
   for (let k = wid; k < total; k += opts.procs) myIdx.push(k);
 
   if (opts.mode === 'idle') {
-    const t0 = performance.now();
+    // wall-clock ms (comparable across worker processes) of the first connect attempt
+    const firstConnect = performance.timeOrigin + performance.now();
     const specs = myIdx.map((i) => ({ user: `${opts.prefix}u${i}`, onFrame: () => { stats.other++; } }));
-    let socks;
-    try { socks = await openMany(specs, opts, stats); } catch (e) {
-      send({ type: 'fatal', wid, error: String(e.message || e), stats }); return;
-    }
-    send({ type: 'ready', wid, n: socks.length, connectMs: performance.now() - t0 });
-    await new Promise((res) => process.on('message', (m) => { if (m.cmd === 'close') res(); }));
+    // a storm of thousands: one refused or timed-out connection is reported, not fatal
+    const socks = (await openMany(specs, opts, stats, true)).filter((ws) => ws !== null);
+    send({ type: 'ready', wid, n: socks.length, failed: stats.failedConnects, firstConnect,
+      lastHello: stats.lastHello || firstConnect, lastError: stats.lastError });
+    await new Promise((res) => process.on('message', (m) => {
+      if (m.cmd === 'close') res();
+      else if (m.cmd === 'stats') {
+        const open = socks.reduce((a, ws) => a + (ws.readyState === WebSocket.OPEN ? 1 : 0), 0);
+        send({ type: 'stats', wid, seq: m.seq, pings: stats.pings, open,
+          unexpectedCloses: stats.unexpectedCloses, lastClose: stats.lastClose,
+          gapN: stats.gapN, gapSum: stats.gapSum, gapMin: stats.gapN ? stats.gapMin : null, gapMax: stats.gapMax });
+      }
+    }));
     stats.stopping = true;
     for (const ws of socks) ws.terminate();
     send({ type: 'result', wid, stats });
@@ -475,11 +516,41 @@ async function runPrimary(opts) {
 
   if (opts.mode === 'idle') {
     const n = readies.reduce((a, m) => a + m.n, 0);
-    process.stdout.write(JSON.stringify({ event: 'ready', conns: n, connect_s: readyMs / 1000 }) + '\n');
-    // the harness samples the server's RSS now; a line on stdin (or --hold seconds) ends the hold
+    const failed = readies.reduce((a, m) => a + m.failed, 0);
+    const stormS = (Math.max(...readies.map((m) => m.lastHello)) - Math.min(...readies.map((m) => m.firstConnect))) / 1000;
+    process.stdout.write(JSON.stringify({ event: 'ready', conns: n, failed_connects: failed, connect_s: readyMs / 1000,
+      storm_s: Math.round(stormS * 1000) / 1000,
+      last_connect_error: readies.map((m) => m.lastError).find((e) => e) || undefined }) + '\n');
+    // the harness samples the server now; "stats" lines on stdin ask for counters, any
+    // other line (or --hold seconds) ends the hold
+    let statsSeq = 0;
     await new Promise((resolve) => {
       const t = setTimeout(resolve, opts.hold * 1000);
-      process.stdin.on('data', () => { clearTimeout(t); resolve(); });
+      let buf = '';
+      process.stdin.on('data', async (chunk) => {
+        buf += chunk.toString();
+        let nl;
+        while ((nl = buf.indexOf('\n')) >= 0) {
+          const line = buf.slice(0, nl).trim();
+          buf = buf.slice(nl + 1);
+          if (line !== 'stats') { clearTimeout(t); resolve(); return; }
+          const seq = ++statsSeq;
+          for (const c of workers) c.send({ cmd: 'stats', seq });
+          const got = await waitFor((m) => m.type === 'stats' && m.seq === seq, opts.procs);
+          const st = { event: 'stats', pings: 0, open: 0, unexpected_closes: 0, t: Date.now() / 1000,
+            ping_gap_n: 0, ping_gap_mean_s: null, ping_gap_min_s: null, ping_gap_max_s: null };
+          let gapSum = 0;
+          for (const m of got) {
+            st.pings += m.pings; st.open += m.open; st.unexpected_closes += m.unexpectedCloses;
+            if (m.lastClose) st.last_close_code = m.lastClose;
+            st.ping_gap_n += m.gapN; gapSum += m.gapSum;
+            if (m.gapMin != null) st.ping_gap_min_s = Math.min(st.ping_gap_min_s ?? Infinity, m.gapMin / 1000);
+            if (m.gapN) st.ping_gap_max_s = Math.max(st.ping_gap_max_s ?? 0, m.gapMax / 1000);
+          }
+          if (st.ping_gap_n) st.ping_gap_mean_s = gapSum / st.ping_gap_n / 1000;
+          process.stdout.write(JSON.stringify(st) + '\n');
+        }
+      });
       process.stdin.on('end', () => {});
     });
     process.stdin.pause();
@@ -487,7 +558,8 @@ async function runPrimary(opts) {
     const res = await waitFor((m) => m.type === 'result', opts.procs);
     const agg = aggStats(res);
     process.stdout.write(JSON.stringify({ mode: 'idle', proto: opts.proto, conns: n, procs: opts.procs,
-      connect_s: Math.round(readyMs) / 1000, prefix: opts.prefix, ...agg }) + '\n');
+      connect_s: Math.round(readyMs) / 1000, storm_s: Math.round(stormS * 1000) / 1000, failed_connects: failed,
+      prefix: opts.prefix, ...agg }) + '\n');
     for (const c of workers) c.disconnect();
     return;
   }
@@ -524,13 +596,13 @@ async function runPrimary(opts) {
 
 function aggStats(res) {
   const s = { sent: 0, received: 0, acks: 0, errors: 0, connect_errors: 0, socket_errors: 0,
-    unexpected_closes: 0 };
+    unexpected_closes: 0, pings: 0 };
   let lastError = null, lastErrorFrame = null, lastClose = null;
   for (const m of res) {
     const t = m.stats;
     s.sent += t.sent; s.received += t.received; s.acks += t.acks; s.errors += t.errors;
     s.connect_errors += t.connectErrors; s.socket_errors += t.socketErrors;
-    s.unexpected_closes += t.unexpectedCloses;
+    s.unexpected_closes += t.unexpectedCloses; s.pings += t.pings;
     lastError = lastError || t.lastError; lastErrorFrame = lastErrorFrame || t.lastErrorFrame;
     lastClose = lastClose || t.lastClose;
   }

@@ -74,7 +74,7 @@ def rss_kib(pid: int) -> int:
 
 def parent(a: argparse.Namespace) -> None:
     sys.path.insert(0, str(BENCH))
-    import run as harness
+    import harness
 
     tmp = tempfile.TemporaryDirectory(prefix="tidings-memprof-")
     if a.server == "reference":

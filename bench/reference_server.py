@@ -15,7 +15,10 @@ incoming frame, one json.dumps of the outgoing message (encoded once, whatever t
 number of recipient sockets), one json.dumps of the ack.  No persistence, no auth,
 no limits.  stdlib json on purpose (the "classic" baseline).
 
-    python bench/reference_server.py --port 0 [--host 127.0.0.1] [--path /ws]
+    python bench/reference_server.py --port 0 [--host 127.0.0.1] [--path /ws] [--ping-interval 20]
+
+Keepalive is websockets' own: a ping every --ping-interval seconds per connection
+(websockets' default 20), the connection closed if no pong comes within 20 s.
 
 Logs `level=info event=listening ... port=N` on stderr (N is the real port when
 --port 0 is given).  SIGTERM/SIGINT stop it.
@@ -111,12 +114,13 @@ def make_handler(ws_path: str):
     return handler, process_request
 
 
-async def main(host: str, port: int, path: str) -> None:
+async def main(host: str, port: int, path: str, ping_interval: float) -> None:
     handler, process_request = make_handler(path)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
-    async with serve(handler, host, port, process_request=process_request, max_size=1 << 20) as server:
+    async with serve(handler, host, port, process_request=process_request, max_size=1 << 20,
+                     ping_interval=ping_interval) as server:
         real_port = next(iter(server.sockets)).getsockname()[1]
         print(
             f"ts={time.time():.3f} level=info event=listening url=ws://{host}:{real_port}{path} "
@@ -132,5 +136,7 @@ if __name__ == "__main__":
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--path", default="/ws")
+    ap.add_argument("--ping-interval", type=float, default=20.0,
+                    help="seconds between keepalive pings per connection (websockets' default: 20)")
     a = ap.parse_args()
-    asyncio.run(main(a.host, a.port, a.path))
+    asyncio.run(main(a.host, a.port, a.path, a.ping_interval))

@@ -422,21 +422,31 @@ async def test_flood_closed_1008_gets_every_reply_then_the_close_frame_then_eof(
 
 def test_websockets_client_sees_the_close_frame_after_every_reply(start_daemon, uniq):
     """The same flood from the `websockets` client: it receives every reply and the
-    close frame (not "no close frame received or sent")."""
+    close frame (not "no close frame received or sent"), then EOF (no reset).
+
+    The flood is written under the client's own lock (``send_context``, the pattern its
+    ``send`` uses), so the client cannot handle the daemon's close while the flood is
+    still being sent.  With one ``ws.send`` per ping it could: its reader thread,
+    paused with 16 unread replies (``max_queue``), then waits for ``recv`` while ``send``
+    waits ``close_timeout`` for the reader -- a deadlock inside the client (seen 1 run in
+    3: "timed out while closing connection", the daemon's FIN unread in CLOSE-WAIT)."""
     from websockets.exceptions import ConnectionClosedError
     from websockets.sync.client import connect
 
     d = start_daemon(limits={"burst": 50, "messages_per_second": 0.01})
     with connect(f"{d.url}?token={d.token(uniq('flood'))}", open_timeout=T, close_timeout=T) as ws:
         assert [json_type(ws.recv(timeout=T)) for _ in range(2)] == ["hello", "resumed"]
-        for i in range(3000):
-            ws.send('{"type":"ping","id":%d}' % i)
+        with ws.send_context():
+            for i in range(3000):
+                ws.protocol.send_text(b'{"type":"ping","id":%d}' % i)
         replies = []
         with pytest.raises(ConnectionClosedError) as closed:
             while True:
                 replies.append(orjson.loads(ws.recv(timeout=T)))
+    assert [r["id"] for r in replies] == list(range(149)), "a reply is missing"
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
-    assert [r["id"] for r in replies] == list(range(149))
+    # the reader thread ended on EOF: no reset, no close timeout (either is the cause)
+    assert closed.value.__cause__ is None, repr(closed.value.__cause__)
 
 
 def json_type(text: str | bytes) -> str:

@@ -327,3 +327,18 @@ async def test_writes_wait_while_the_wal_restarts(tmp_path):
         assert store.db.inbox_state("b").last_seq == 1
     finally:
         await store.aclose()
+
+
+def test_seqs_continue_after_retention_removed_a_whole_inbox_and_a_restart(tmp_path):
+    # appends do not write users.last_seq; prune must save it before deleting the rows
+    path = tmp_path / "t.db"
+    d = SqliteDatabase.open(path)
+    assert d.append_many([msg("a", "b", ts=1) for _ in range(3)]) == [1, 2, 3]
+    assert d.prune(10**12, 1) == 3  # everything expired: the inbox is empty
+    d.close()
+    d = SqliteDatabase.open(path)  # a fresh writer: nothing remembered in memory
+    try:
+        assert d.inbox_state("b") == InboxState(4, 3, 0, new_device=True)
+        assert d.append_many([msg("a", "b")]) == [4]
+    finally:
+        d.close()

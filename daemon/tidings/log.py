@@ -4,19 +4,25 @@
 Tokens and secrets are never passed here; values are quoted when they contain spaces.
 ``LogOnce`` keeps a noisy event (a flood of bad frames, a slow consumer storm) to one line
 per key and interval, counting what it suppressed, so a hostile client cannot fill the disk.
+``recent_warnings()`` returns the last ``RECENT_WARNINGS`` warning and error lines that were
+written (for the operator's page); only writing such a line touches that ring buffer.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from typing import Any, TextIO
 
-__all__ = ["LEVELS", "LogOnce", "configure", "log"]
+__all__ = ["LEVELS", "RECENT_WARNINGS", "LogOnce", "configure", "log", "recent_warnings"]
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+#: How many warning/error lines ``recent_warnings`` keeps (the oldest is dropped first).
+RECENT_WARNINGS = 50
 _threshold = LEVELS["info"]
 _stream: TextIO = sys.stderr
+_recent: deque[dict[str, Any]] = deque(maxlen=RECENT_WARNINGS)
 
 
 def configure(level: str, stream: TextIO | None = None) -> None:
@@ -42,8 +48,18 @@ def log(level: str, event: str, **fields: Any) -> None:
         return
     parts = [f"ts={time.strftime('%Y-%m-%dT%H:%M:%S')}", f"level={level}", f"event={event}"]
     parts.extend(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None)
-    _stream.write(" ".join(parts) + "\n")
+    line = " ".join(parts)
+    _stream.write(line + "\n")
     _stream.flush()
+    if LEVELS[level] >= LEVELS["warning"]:
+        _recent.append({"ts": int(time.time() * 1000), "level": level, "event": event, "line": line})
+
+
+def recent_warnings() -> list[dict[str, Any]]:
+    """The last warning and error lines written, oldest first: ``{"ts": unix ms,
+    "level", "event", "line": the logfmt line}``.  Lines below the configured level were
+    never written and are not here."""
+    return list(_recent)
 
 
 class LogOnce:

@@ -25,7 +25,9 @@ Every node runs one :class:`Cluster` (``open_cluster``).  It does three things:
    ``tidings:nodes``.  ``presence(users)`` sums the counts of live nodes (and this
    node's own local counts).  A node killed with -9 stops refreshing: its keys expire
    and its users show offline within ``presence_ttl_s``.  A clean shutdown deletes
-   them at once.
+   them at once.  The same write carries ``tidings:{node:<id>}:stats`` (same TTL):
+   the bytes ``stats_record()`` returns, when the server set it, for the operator's
+   page (``node_stats()`` reads every other live node's, and everyone's users).
 
 3. **Faults.**  Pub/sub is fire-and-forget: messages published while the subscription
    is down are not delivered live (they are stored).  When Redis is unreachable,
@@ -60,6 +62,7 @@ import trio
 from coredis.retry import NoRetryPolicy
 
 from tidings import log
+from tidings.routing.rooms import ROOM_KEY_PREFIX
 from tidings.store import StoredMessage, StoreUnavailable
 from tidings.store.redis import single_errors
 from tidings.store.redis_lua import channel_for, decode_envelope, user_from_channel, user_tag
@@ -81,6 +84,10 @@ def presence_key(node_id: str) -> str:
 
 def alive_key(node_id: str) -> str:
     return f"tidings:{{node:{user_tag(node_id)}}}:alive"
+
+
+def stats_key(node_id: str) -> str:
+    return f"tidings:{{node:{user_tag(node_id)}}}:stats"
 
 
 @attrs.frozen
@@ -142,6 +149,8 @@ class Cluster:
         self._dirty: set[str] = set()
         self._presence_wake = trio.Event()
         self._presence_ok = False
+        #: Set by the server: this node's statistics record, written with presence.
+        self.stats_record: Callable[[], bytes] | None = None
         self._errors = log.LogOnce(interval=30.0)
         self._n = dict(received=0, dispatched=0, ignored=0, gaps=0, callback_errors=0,
                        sessions=0, disconnects=0, presence_writes=0, presence_failures=0)
@@ -246,6 +255,36 @@ class Cluster:
         except (Exception, trio.TooSlowError) as exc:
             raise ClusterUnavailable(f"presence: {_reason(exc)}") from None
         return counts
+
+    async def node_stats(self, count_users_up_to: int = 20_000
+                         ) -> tuple[dict[str, bytes], dict[str, int] | None]:
+        """The last statistics record of every other live node (node id -> bytes; a node
+        without one yet is left out), and the connections of every connected user over
+        all nodes -- None when the presence hashes hold more than ``count_users_up_to``
+        entries (reading them would cost too much).  Raises ClusterUnavailable."""
+        try:
+            with trio.fail_after(self._command_timeout):
+                nodes = sorted(_s(n) for n in await self._r.smembers(NODES_KEY))
+                others = [n for n in nodes if n != self.node_id]
+                async with self._r.pipeline(transaction=False) as pipe:
+                    requests = [(n, pipe.get(stats_key(n)), pipe.hlen(presence_key(n))) for n in others]
+                records, sizes = {}, {}
+                for n, record, size in requests:
+                    if (raw := await record) is not None:
+                        records[n], sizes[n] = raw, await size
+                if sum(sizes.values()) + len(self._held) > count_users_up_to:
+                    return records, None
+                counts = dict(self._held)
+                if sizes:
+                    async with self._r.pipeline(transaction=False) as pipe:
+                        hashes = [pipe.hgetall(presence_key(n)) for n in sizes]
+                    for h in hashes:
+                        for user, n in (await h).items():
+                            user = _s(user)
+                            counts[user] = counts.get(user, 0) + int(n)
+                return records, {u: n for u, n in counts.items() if not u.startswith(ROOM_KEY_PREFIX)}
+        except (Exception, trio.TooSlowError) as exc:
+            raise ClusterUnavailable(f"node stats: {_reason(exc)}") from None
 
     def statistics(self) -> ClusterStatistics:
         return ClusterStatistics(
@@ -461,6 +500,8 @@ class Cluster:
                     pipe.hset(self._presence_key, counts)
                 pipe.pexpire(self._presence_key, ttl_ms)
                 pipe.set(self._alive_key, "1", px=ttl_ms)
+                if self.stats_record is not None:
+                    pipe.set(stats_key(self.node_id), self.stats_record(), px=ttl_ms)
             await self._r.sadd(NODES_KEY, [self.node_id])
         except BaseException:
             self._dirty |= dirty  # written again (in full) after the fault
@@ -471,7 +512,7 @@ class Cluster:
         with trio.move_on_after(1.0) as scope:
             scope.shield = True
             try:
-                await self._r.delete([self._presence_key, self._alive_key])
+                await self._r.delete([self._presence_key, self._alive_key, stats_key(self.node_id)])
                 await self._r.srem(NODES_KEY, [self.node_id])
             except Exception:
                 pass

@@ -2,18 +2,23 @@
 
     POST /api/send        {"to", "body", "from"?}         -> 202 {"msg_id","seq","delivered"}
     POST /api/broadcast   {"users": [...], "body", "from"?} -> 202 {"results": [...]}
-    POST /api/disconnect  {"user"}                          -> 200 {"closed": N}  (1008)
+    POST /api/disconnect  {"user", "conn"?}                 -> 200 {"closed": N}  (1008)
     GET  /api/presence?user=bob&user=carol                  -> 200 {"users": {...}}
+    GET  /api/stats       counters, per node and in total    -> 200 (tidings.server.admin)
+    GET  /api/users/{user}  presence, unread, connections    -> 200 (tidings.server.admin)
     GET  /api/messages/{msg_id}   delivery status per device -> 200 / 404
     GET  /api/users/{user}/unread unread count per device    -> 200 {"user","devices"}
     GET  /healthz   readiness (store, cluster, shutdown; server.health) -> 200 / 503
     GET  /metrics   Prometheus text format
+    GET  /admin     the operator's page (static/admin.*; it asks for the API key)
 
 ``/api/*`` needs ``Authorization: Bearer <api key>`` (401 without, 403 with a wrong one;
-compared in constant time).  ``/healthz`` and ``/metrics`` are open: the API listens on
-127.0.0.1 by default so it is never exposed by accident.  Bodies are limited to
-``api.max_body_bytes`` (413); a request must arrive within ``api.request_timeout_s``
-(slowloris); bad JSON is a 400 with the reason.  Keep-alive is supported.
+compared in constant time).  ``/healthz``, ``/metrics`` and the page's static files are
+open: the API listens on 127.0.0.1 by default so it is never exposed by accident.  Bodies
+are limited to ``api.max_body_bytes`` (413); a request must arrive within
+``api.request_timeout_s`` (slowloris); bad JSON is a 400 with the reason.  Keep-alive is
+supported.  Every response carries ``Content-Security-Policy: default-src 'self'`` and
+``nosniff``; a HEAD request is answered without the body.
 
 A send is stored before the 202, exactly as a WebSocket ``send`` is acked only once
 stored: the API waits for the hub's group commit.  If the store refuses, 503.  An
@@ -25,6 +30,7 @@ within ``store.idempotency_window_s`` stores nothing and gets the first answer a
 
 from __future__ import annotations
 
+import functools
 import hmac
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +44,8 @@ from tidings import log
 from tidings.auth import state_secret
 from tidings.config import Config
 from tidings.wire.handshake import http_response
-from tidings.server import health
+from tidings.server import admin, health
+from tidings.server.demo import STATIC_DIR
 from tidings.server.hub import Hub
 from tidings.server.metrics import CONTENT_TYPE, Metrics
 from tidings.wire.protocol import (
@@ -51,6 +58,20 @@ __all__ = ["load_api_key", "serve_api"]
 
 JSON = b"application/json"
 MAX_BROADCAST = 1000
+USERS_PREFIX = "/api/users/"
+#: The operator's page: path -> (file in static/, content type).  Served without the key.
+ADMIN_FILES = {
+    "/admin": ("admin.html", b"text/html; charset=utf-8"),
+    "/admin/admin.js": ("admin.js", b"text/javascript; charset=utf-8"),
+    "/admin/admin.css": ("admin.css", b"text/css; charset=utf-8"),
+    "/admin/admin.svg": ("admin.svg", b"image/svg+xml"),
+}
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
 
 
 class _Answer(Exception):
@@ -119,7 +140,8 @@ class Api:
                 if request is None:
                     return
                 status, content_type, payload = await self._respond(request, body)
-                await stream.send_all(_serialize(h, status, content_type, payload))
+                head = request.method == b"HEAD"
+                await stream.send_all(_serialize(h, status, content_type, payload, head=head))
                 if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                     return  # Connection: close, or an unread body
                 h.start_next_cycle()
@@ -165,6 +187,8 @@ class Api:
                 return _json(*await health.check(self.hub, self.server.shutting_down))
             if route == (b"GET", "/metrics"):
                 return 200, CONTENT_TYPE, self.metrics.render()
+            if request.method in (b"GET", b"HEAD") and parts.path in ADMIN_FILES:
+                return _static(*ADMIN_FILES[parts.path])
             if not parts.path.startswith("/api/"):
                 raise _Answer(404, f"no such endpoint {parts.path[:100]}")
             self._authorize(request)
@@ -179,7 +203,12 @@ class Api:
                 return _json(200, self._disconnect(_object(body)))
             if route == (b"GET", "/api/presence"):
                 return _json(200, await self._presence(parts.query))
-            raise _Answer(404 if parts.path not in _PATHS else 405, f"no {request.method.decode()} {parts.path}")
+            if route == (b"GET", "/api/stats"):
+                return _json(200, await admin.stats(self.hub))
+            if request.method == b"GET" and parts.path.startswith(USERS_PREFIX):
+                return _json(200, await self._user(parts.path[len(USERS_PREFIX):]))
+            known = parts.path in _PATHS or parts.path.startswith(USERS_PREFIX)
+            raise _Answer(405 if known else 404, f"no {request.method.decode()} {parts.path[:100]}")
         except _Answer as exc:
             self._log.log("info", "api_refused", key=f"{exc.status}", status=exc.status, error=exc.error)
             return _error(exc.status, exc.error)
@@ -242,14 +271,30 @@ class Api:
         return {"results": results}
 
     def _disconnect(self, data: dict[str, Any]) -> dict[str, Any]:
-        user = data.get("user")
+        """All of the user's connections on this node, or only ``conn`` (an id from
+        ``GET /api/users/{user}``; 0 closed when it is gone or another node's)."""
+        user, only = data.get("user"), data.get("conn")
         if not valid_user_id(user):
             raise _Answer(400, "'user' must be a user id")
-        conns = list(self.hub.sessions.connections(user))
+        if only is not None and not isinstance(only, str):
+            raise _Answer(400, "'conn' must be a connection id")
+        conns = [c for c in self.hub.sessions.connections(user) if only is None or c.conn_id == only]
         for conn in conns:
             conn.kill(1008, "disconnected by the server API")
-        log.log("info", "api_disconnect", user=user, connections=len(conns))
+        log.log("info", "api_disconnect", user=user, conn=only, connections=len(conns))
         return {"closed": len(conns)}
+
+    async def _user(self, quoted: str) -> dict[str, Any]:
+        try:
+            user = unquote(quoted, errors="strict")
+        except UnicodeDecodeError:
+            user = None
+        if not valid_user_id(user):
+            raise _Answer(400, "GET /api/users/{user}: the path must end in a (percent-encoded) user id")
+        try:
+            return await admin.user_info(self.hub, user)
+        except StoreError as exc:
+            raise _Answer(503, f"store unavailable: {exc}") from None
 
     async def _presence(self, query: str) -> dict[str, Any]:
         users = parse_qs(query).get("user", [])
@@ -294,9 +339,17 @@ class Api:
 
 
 MESSAGES_PREFIX = "/api/messages/"
-USERS_PREFIX = "/api/users/"
 UNREAD_SUFFIX = "/unread"
-_PATHS = {"/api/send", "/api/broadcast", "/api/disconnect", "/api/presence"}
+_PATHS = {"/api/send", "/api/broadcast", "/api/disconnect", "/api/presence", "/api/stats"}
+
+
+@functools.cache
+def _static(name: str, content_type: bytes) -> tuple[int, bytes, bytes]:
+    """A file of the operator's page, read once; 500 naming it when the install lacks it."""
+    try:
+        return 200, content_type, (STATIC_DIR / name).read_bytes()
+    except OSError:
+        return _error(500, f"{name} is missing from {STATIC_DIR} (a broken install)")
 
 
 def _idempotency_key(request: h11.Request) -> str | None:
@@ -333,12 +386,15 @@ def _error(status: int, error: str) -> tuple[int, bytes, bytes]:
     return _json(status, {"error": error})
 
 
-def _serialize(h: h11.Connection, status: int, content_type: bytes, payload: bytes) -> bytes:
-    """The response through h11, so keep-alive and Connection: close follow the request."""
-    headers = [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]
+def _serialize(h: h11.Connection, status: int, content_type: bytes, payload: bytes,
+               *, head: bool = False) -> bytes:
+    """The response through h11, so keep-alive and Connection: close follow the request.
+    ``head``: the answer to a HEAD request (headers only)."""
+    headers = [(b"content-type", content_type), (b"content-length", str(len(payload)).encode()),
+               *SECURITY_HEADERS]
     return b"".join((
         h.send(h11.Response(status_code=status, headers=headers)) or b"",
-        h.send(h11.Data(data=payload)) or b"",
+        b"" if head else h.send(h11.Data(data=payload)) or b"",
         h.send(h11.EndOfMessage()) or b"",
     ))
 

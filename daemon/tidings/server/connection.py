@@ -116,13 +116,13 @@ class Connection(Outbound):
     __slots__ = (
         "_bucket", "_clock", "_device_key", "_gate", "_registered", "_replay_scope", "_since",
         "auth", "device", "exp", "greeting", "hello", "hub", "last_activity", "pinged",
-        "reply_binary", "rooms_allowed", "store", "trailing",
+        "reply_binary", "rooms_allowed", "store", "trailing", "connected_at", "remote",
     )
 
     def __init__(
         self,
         stream: trio.abc.Stream,
-        ws: WSConnection,
+        ws: WSConnection | None,
         hub: Hub,
         auth: Authenticator,
         *,
@@ -150,6 +150,8 @@ class Connection(Outbound):
         self._device_key = (user, device)
         self._clock = clock
         self.last_activity = clock()
+        self.connected_at = time.time()  # for the operator's page (GET /api/users/...)
+        self.remote = ""  # the peer's "host:port", set by the server
         self.pinged = False
         self._since = since
         self.rooms_allowed = rooms  # the token's `rooms` claim (None: the config default)
@@ -171,9 +173,8 @@ class Connection(Outbound):
             return Offer.ABSORBED
         if self._queued >= self._queue_bound:
             return Offer.FULL
-        self._tx.send_nowait(routed)
         self._queued += 1
-        self._ensure_writer()
+        self._enqueue(routed)
         if routed.seq is not None:
             self._gate.sent(routed.seq)
         return Offer.QUEUED
@@ -291,7 +292,7 @@ class Connection(Outbound):
                 self._spawn_replay(replay, after, credit=False, fid=None, announce=True)
         finally:
             self._writer_running = False
-        if self._tx.statistics().current_buffer_used:
+        if self._out or self._control:
             self._ensure_writer()  # for whatever was routed here meanwhile
         return True
 
@@ -370,6 +371,7 @@ class Connection(Outbound):
         else:
             fid, error = cmd.id, None
         if not allowed:
+            self.hub.rate_limited += 1
             if self._bucket.strikes >= limits.rate_limit_close_after:
                 self._give_credits(1)
                 self.kill(1008, "rate limit exceeded repeatedly")
@@ -456,17 +458,15 @@ class Connection(Outbound):
                     for m in replay.to_send(msgs):
                         await self._wait_space()
                         fields = message_fields(m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts)
-                        self._tx.send_nowait(Routed(message_json(fields), m.seq, fields))
                         self._queued += 1
-                        self._ensure_writer()
+                        self._enqueue(Routed(message_json(fields), m.seq, fields))
                         replay.sent(m.seq)
                     after = replay.next_read()  # None: caught up, live from here (no await)
                 else:
                     if self._replay_scope is scope:
                         self._replay_scope = None
                     if announce:  # its credit comes back once the writer has written it
-                        self._tx.send_nowait(_Reply(self._resumed(replay, fid), self._binary))
-                        self._ensure_writer()
+                        self._enqueue(_Reply(self._resumed(replay, fid), self._binary))
                         sent_resumed = True
             except StoreError as exc:
                 log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)

@@ -41,6 +41,7 @@ from tidings.wire.handshake import (
     http_response,
     negotiate_deflate,
 )
+from tidings.server.admin import node_record_json, peer_address
 from tidings.server.api import serve_api
 from tidings.server.hub import Hub
 from tidings.server.metrics import Metrics
@@ -75,6 +76,7 @@ async def open_cluster_on(
         open_cluster(cc.redis_url, cc.resolved_node_id(worker), cc.presence_ttl_s, hub.on_cluster_message,
                      on_resync=hub.on_cluster_resync, cluster=cc.redis_cluster)
     )
+    hub.cluster.stats_record = partial(node_record_json, hub)  # for GET /api/stats
 
 
 def make_authenticator(config: Config) -> Authenticator:
@@ -155,7 +157,8 @@ class Server:
             return None
         deflate = negotiate_deflate(upgrade.extensions) if cfg.compression else None
         extensions = [deflate[0]] if deflate else []
-        ws = WSConnection(ConnectionType.SERVER, extensions=extensions)
+        # Without an extension the wsproto connection is made on first use (Outbound.ws).
+        ws = WSConnection(ConnectionType.SERVER, extensions=extensions) if extensions else None
         conn = Connection(
             stream, ws, self.hub, self.auth,
             conn_id=f"c{self._node}-{next(self._ids):x}",
@@ -163,6 +166,7 @@ class Server:
             rooms=identity.rooms, binary=upgrade.binary, deflate=deflate is not None,
             device=identity.device or upgrade.device or DEFAULT_DEVICE, clock=self.clock,
         )
+        conn.remote = peer_address(stream)
         try:
             await self.hub.register(conn)
         except Refused as exc:
@@ -238,7 +242,7 @@ class Server:
                 idle = mono - conn.last_activity
                 if idle >= cfg.idle_timeout_s:
                     conn.kill(1001, "idle timeout")
-                elif not conn.pinged and idle >= ping_after + spread * (id(conn) >> 4 & 1023):
+                elif not conn.pinged and idle >= ping_after + spread * (hash(conn.conn_id) & 1023):
                     conn.pinged = True
                     conn.queue_control(PING_FRAME)
 

@@ -132,6 +132,8 @@ class HubStatistics:
     slow_disconnects: int
     store_errors: int
     queued: int
+    rate_limited: int = 0        # frames refused by a connection's rate limit
+    commit_seconds: float = 0.0  # store.append time per batch, moving average (alpha 0.2)
 
 
 class Hub:
@@ -156,6 +158,8 @@ class Hub:
         self._cursor_waiters: list[tuple[CursorOrigin[Any], Any, int]] = []
         self._stored = 0
         self._store_errors = 0
+        self.rate_limited = 0  # counted by connections
+        self._commit_seconds = 0.0
         self._failed_unlogged = 0
         self._failure_log = log.LogOnce(interval=STORE_FAILURE_LOG_INTERVAL_S)
         self._slow_log = log.LogOnce(interval=30.0)
@@ -383,7 +387,9 @@ class Hub:
 
     async def _append(self, jobs: list[_Job[Any]]) -> None:
         """Store a batch; route and answer each message in order."""
+        started = time.monotonic()
         results = await self.store.append([j.message for j in jobs])
+        self._commit_seconds += (time.monotonic() - started - self._commit_seconds) * 0.2
         failed: StoreError | None = None
         n_failed = 0
         for job, result in zip(jobs, results, strict=True):
@@ -529,4 +535,6 @@ class Hub:
             slow_disconnects=r.slow_disconnects,
             store_errors=self._store_errors,
             queued=self._jobs_rx.statistics().current_buffer_used,
+            rate_limited=self.rate_limited,
+            commit_seconds=self._commit_seconds,
         )

@@ -77,6 +77,8 @@ class _Collector:
             ("tidings_users_online", "Users with at least one connection.", s.users),
             ("tidings_rooms", "Rooms with at least one member.", s.rooms),
             ("tidings_store_queue", "Sends waiting for the store writer.", s.queued),
+            ("tidings_store_commit_seconds", "Time of one store append (a batch), moving average.",
+             s.commit_seconds),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
         for name, doc, value in (
@@ -86,5 +88,6 @@ class _Collector:
             ("tidings_messages_dropped", "Message copies a full connection queue refused.", s.dropped),
             ("tidings_slow_consumer_disconnects", "Connections closed with 1013.", s.slow_disconnects),
             ("tidings_store_errors", "Store failures (messages answered 'unavailable').", s.store_errors),
+            ("tidings_rate_limited_frames", "Frames refused by a connection's rate limit.", s.rate_limited),
         ):
             yield CounterMetricFamily(name, doc, value=value)

@@ -21,9 +21,16 @@ it from trio (threads, maintenance); this module never imports trio.
   transaction. Not with triggers: SQLite 3.40's FTS5 flushes its pending terms
   at every statement savepoint, so a per-row trigger writes one index segment
   per message (measured 6k rows/s against ~50k+ this way).
-* ``users`` (``last_seq``, ``last_seen``), ``devices`` (cursors and delivered marks)
-  and ``send_keys`` (idempotency keys, checked and written in the append transaction):
-  see :mod:`tidings.store.sqlite_schema`, which also holds MIGRATIONS.
+* ``users``: per user ``last_seen``, and ``last_seq`` as of the
+  last prune of that inbox.  The highest seq ever assigned to a user is
+  ``MAX(users.last_seq, MAX(messages.seq))`` (``_LAST_SEQ_OF``): appends do not write
+  ``users`` at all (measured: scattered updates of the users B-tree were a large part
+  of a group commit's pages); ``prune_step`` saves ``last_seq`` before it deletes, so
+  seqs are never reused.  The writer keeps the last seq of recent recipients and the
+  next row id in memory (``_last``, ``_next_id``), updated only after a commit.
+* ``devices`` (per device cursors and delivered marks) and ``send_keys`` (idempotency
+  keys, checked and written in the append transaction of a keyed message): see
+  :mod:`tidings.store.sqlite_schema`, which also holds MIGRATIONS and ``_LAST_SEQ_OF``.
 
 Concurrency: two connections opened with ``check_same_thread=False``, each
 guarded by a ``threading.Lock``: the writer (every write, one ``BEGIN
@@ -67,7 +74,7 @@ from tidings.store.records import (
 )
 from tidings.store.search import parse_query
 from tidings.store.sqlite_schema import (
-    MIGRATIONS, device_cursor, find_key, forget_keys, read_devices, remember_key, save_progress,
+    _LAST_SEQ_OF, MIGRATIONS, find_key, forget_keys, read_devices, remember_key, save_progress,
 )
 
 __all__ = ["MIGRATIONS", "PRUNE_BATCH", "SqliteDatabase"]
@@ -93,10 +100,12 @@ _SQL_FTS_DEL = ("INSERT INTO messages_fts (messages_fts, rowid, text, owners) "
                 "SELECT 'delete', id, text, owners FROM messages "
                 "WHERE id IN (SELECT value FROM json_each(?))")
 _SQL_DEL = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))"
-_SQL_LAST_SEQ = ("SELECT user, last_seq FROM users "
-                 "WHERE user IN (SELECT value FROM json_each(?))")
-_SQL_SET_LAST_SEQ = ("INSERT INTO users (user, last_seq) VALUES (?, ?) "
-                     "ON CONFLICT (user) DO UPDATE SET last_seq = excluded.last_seq")
+_SQL_LAST_SEQS = (f"SELECT value, {_LAST_SEQ_OF.format(u='value')} FROM json_each(?)")
+_SQL_KEEP_LAST_SEQ = (f"INSERT INTO users (user, last_seq) SELECT :u, {_LAST_SEQ_OF.format(u=':u')} "
+                      "WHERE true ON CONFLICT (user) DO UPDATE SET "
+                      "last_seq = MAX(last_seq, excluded.last_seq)")
+#: The writer's memory of recipients' last seqs is dropped past this many users.
+LAST_SEQ_CACHE = 100_000
 
 
 def _i64(n: int) -> int:
@@ -130,6 +139,8 @@ class SqliteDatabase:
         self.max_inbox = max_inbox
         self.key_window_ms = key_window_ms
         self._writer: sqlite3.Connection | None = writer
+        self._last: dict[str, int] = {}  # recipient -> last seq, as committed (writer only)
+        self._next_id: int | None = None  # the last row id used, once known
         self._reader: sqlite3.Connection | None = reader
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
@@ -237,40 +248,56 @@ class SqliteDatabase:
         one is not stored).  Any duplicate msg_id -> DuplicateMessage, nothing stored."""
         if not msgs:
             return []
-        recipients = list(dict.fromkeys(m.recipient for m in msgs))
-        window = self.key_window_ms
+        known = self._last
         with self._write() as c:
-            last = dict(c.execute(_SQL_LAST_SEQ, (orjson.dumps(recipients),)))
-            # Row ids above everything ever indexed: after a prune removed the newest
-            # rows, SQLite would hand their ids out again, below the index high-water.
-            (row_id,) = c.execute(_SQL_NEXT_ID).fetchone()
+            last = {}
+            missing = [r for r in dict.fromkeys(m.recipient for m in msgs) if r not in known]
+            if missing:
+                last.update(c.execute(_SQL_LAST_SEQS, (orjson.dumps(missing),)))
+            row_id = self._next_id
+            if row_id is None:
+                # Row ids above everything ever indexed: after a prune removed the newest
+                # rows, SQLite would hand their ids out again, below the index high-water.
+                (row_id,) = c.execute(_SQL_NEXT_ID).fetchone()
             rows: list[tuple[Any, ...]] = []
             seqs: list[int | Original] = []
             keyed: dict[tuple[str, str, str], tuple[Original, int]] = {}  # this batch's
+            window = self.key_window_ms
             for m in msgs:
+                r = m.recipient
                 if m.key is not None and window:
-                    kid = (m.sender, m.recipient, m.key)
-                    first = keyed.get(kid)
-                    if first is not None and key_is_live(first[1], m.ts, window):
-                        seqs.append(first[0])
-                        continue
-                    original = None if first is not None else find_key(c, *kid, m.ts, window)
+                    original = self._original(c, keyed, m)
                     if original is not None:
                         seqs.append(original)
                         continue
-                seq = last.get(m.recipient, 0) + 1
-                last[m.recipient] = seq
+                seq = (last[r] if r in last else known[r]) + 1
+                last[r] = seq
                 seqs.append(seq)
                 row_id += 1
                 rows.append((row_id, m.msg_id, m.recipient, seq, m.sender,
                              _conv(m.sender, m.recipient), m.body, m.ts))
                 if m.key is not None and window:
-                    keyed[(m.sender, m.recipient, m.key)] = (Original(m.msg_id, seq, 0), m.ts)
+                    keyed[(m.sender, r, m.key)] = (Original(m.msg_id, seq, 0), m.ts)
             c.executemany(_SQL_INSERT, rows)
-            c.executemany(_SQL_SET_LAST_SEQ, [(r, last[r]) for r in recipients if r in last])
             for (sender, target, key), (original, ts) in keyed.items():
                 remember_key(c, sender, target, key, original.msg_id, original.seq, ts)
+        if len(known) + len(last) > LAST_SEQ_CACHE:
+            known.clear()
+        known.update(last)  # committed: now the truth
+        self._next_id = row_id
         return seqs
+
+    def _original(self, c: sqlite3.Connection,
+                  keyed: dict[tuple[str, str, str], tuple[Original, int]],
+                  m: NewMessage) -> Original | None:
+        """Inside append_many: the original ``m``'s live key names (an earlier message
+        of this batch, else a stored key), or None."""
+        assert m.key is not None
+        kid = (m.sender, m.recipient, m.key)
+        first = keyed.get(kid)
+        if first is not None:
+            return first[0] if key_is_live(first[1], m.ts, self.key_window_ms) else None
+        return find_key(c, *kid, m.ts, self.key_window_ms)
 
     def claim_key(self, sender: str, target: str, key: str, msg_id: str,
                   ts: int) -> Original | None:
@@ -309,8 +336,8 @@ class SqliteDatabase:
         check_page(limit)
         with self._read() as c:
             if self.max_inbox is not None:
-                row = c.execute("SELECT last_seq FROM users WHERE user = ?", (user,)).fetchone()
-                after_seq = max(after_seq, (row[0] if row else 0) - self.max_inbox)
+                (last,) = c.execute(f"SELECT {_LAST_SEQ_OF.format(u=':u')}", {"u": user}).fetchone()
+                after_seq = max(after_seq, last - self.max_inbox)
             rows = c.execute(f"SELECT {_COLS} FROM messages m WHERE recipient = ? "
                              "AND seq > ? ORDER BY seq LIMIT ?",
                              (user, _i64(after_seq), _i64(limit))).fetchall()
@@ -318,11 +345,11 @@ class SqliteDatabase:
 
     def inbox_state(self, user: str, device: str = DEFAULT_DEVICE) -> InboxState:
         with self._read() as c:
-            row = c.execute("SELECT last_seq FROM users WHERE user = ?", (user,)).fetchone()
-            cursor = device_cursor(c, user, device)
-            first = c.execute("SELECT MIN(seq) FROM messages WHERE recipient = ?",
-                              (user,)).fetchone()[0]
-        last_seq = row[0] if row else 0
+            last_seq, cursor, first = c.execute(
+                f"SELECT {_LAST_SEQ_OF.format(u=':u')}, "
+                "(SELECT cursor FROM devices WHERE user = :u AND device = :d), "
+                "(SELECT MIN(seq) FROM messages WHERE recipient = :u)",
+                {"u": user, "d": device}).fetchone()
         first = last_seq + 1 if first is None else first
         if self.max_inbox is not None:
             first = max(first, last_seq - self.max_inbox + 1)
@@ -441,9 +468,8 @@ class SqliteDatabase:
                     "WHERE ts < ? GROUP BY recipient", (_i64(cutoff),)))
             if max_inbox is not None:
                 for user, cut in c.execute(
-                        "SELECT user, last_seq - :k FROM users u WHERE last_seq > :k AND "
-                        "EXISTS (SELECT 1 FROM messages WHERE recipient = u.user "
-                        "AND seq <= u.last_seq - :k)", {"k": _i64(max(max_inbox, 0))}):
+                        "SELECT recipient, MAX(seq) - :k FROM messages GROUP BY recipient "
+                        "HAVING MIN(seq) <= MAX(seq) - :k", {"k": _i64(max(max_inbox, 0))}):
                     cuts[user] = max(cut, cuts.get(user, 0))
         return sorted(cuts.items(), reverse=True)
 
@@ -454,6 +480,7 @@ class SqliteDatabase:
         with self._write() as c:
             while pending and budget:
                 user, cut = pending[-1]
+                c.execute(_SQL_KEEP_LAST_SEQ, {"u": user})  # before its rows go
                 ids = [r[0] for r in c.execute(
                     "SELECT id FROM messages WHERE recipient = ? AND seq <= ? "
                     "ORDER BY seq LIMIT ?", (user, cut, budget))]
@@ -471,7 +498,7 @@ class SqliteDatabase:
         with the parameter ``:k``)."""
         if self.max_inbox is None:
             return ""
-        return ("AND m.seq > (SELECT last_seq FROM users WHERE user = m.recipient) - :k")
+        return ("AND m.seq > (SELECT MAX(seq) FROM messages WHERE recipient = m.recipient) - :k")
 
     def checkpoint(self) -> tuple[int, int]:
         """Copy committed WAL pages into the database file (PASSIVE: never waits for

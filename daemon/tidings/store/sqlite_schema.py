@@ -4,9 +4,9 @@ statements.  Sans-IO (stdlib sqlite3 on a connection the caller holds in a trans
 Tables
 ------
 * ``messages``, ``messages_fts``, ``meta``: see :mod:`tidings.store.sqlite_db`.
-* ``users``: per user ``last_seq`` (survives pruning, so seqs are never reused) and
-  ``last_seen``.  Its ``cursor`` column is unused since migration 3 (one cursor per user
-  before devices existed; migration 3 copied it to each user's ``default`` device).
+* ``users``: per user ``last_seen`` and ``last_seq`` as of the last prune (see
+  ``_LAST_SEQ_OF``).  Its ``cursor`` column is unused since migration 3 (one cursor per
+  user before devices existed; migration 3 copied it to each user's ``default`` device).
 * ``devices``: per ``(user, device)`` the ack ``cursor`` and the ``delivered`` mark.  A
   row is the device's registration (:mod:`tidings.store.records`, Devices).
 * ``send_keys``: per ``(sender, target, key)`` the first message sent with that
@@ -72,7 +72,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
            SELECT 'fts_indexed_id', COALESCE(MAX(id), 0) FROM messages""",
     ),
     # 3: devices (a cursor and a delivered mark per device; every known user's cursor
-    #    becomes its default device's, so nothing is replayed again) and idempotency keys.
+    #    becomes its default device's, so nothing is replayed again, and every inbox
+    #    gets a default device, so none is treated as new) and idempotency keys.
     (
         """CREATE TABLE devices (
             user TEXT NOT NULL,
@@ -83,6 +84,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         ) WITHOUT ROWID""",
         f"""INSERT INTO devices (user, device, cursor, delivered)
             SELECT user, '{DEFAULT_DEVICE}', cursor, cursor FROM users""",
+        f"""INSERT OR IGNORE INTO devices (user, device)
+            SELECT DISTINCT recipient, '{DEFAULT_DEVICE}' FROM messages""",
         """CREATE TABLE send_keys (
             sender TEXT NOT NULL,
             target TEXT NOT NULL,
@@ -97,16 +100,20 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
 ]
 
+#: The highest seq ever assigned to the user ``{u}`` (an SQL expression): appends do not
+#: write ``users``; prune saves ``last_seq`` there before it deletes (sqlite_db).
+_LAST_SEQ_OF = ("MAX(COALESCE((SELECT last_seq FROM users WHERE user = {u}), 0), "
+                "COALESCE((SELECT MAX(seq) FROM messages WHERE recipient = {u}), 0))")
 _SQL_FIND_KEY = ("SELECT msg_id, seq, ts, delivered FROM send_keys "
                  "WHERE sender = ? AND target = ? AND key = ?")
 _SQL_REMEMBER_KEY = ("INSERT OR REPLACE INTO send_keys (sender, target, key, msg_id, seq, ts) "
                      "VALUES (?, ?, ?, ?, ?, ?)")
 _SQL_ANSWER = "UPDATE send_keys SET delivered = ? WHERE sender = ? AND target = ? AND key = ?"
 # max(old, min(seq, last_seq)); a new device starts from 0.
-_CLAMPED = "MAX(0, MIN(?, COALESCE((SELECT last_seq FROM users WHERE user = ?), 0)))"
-_SQL_CURSOR = (f"INSERT INTO devices (user, device, cursor) VALUES (?, ?, {_CLAMPED}) "
+_CLAMPED = f"MAX(0, MIN(:seq, {_LAST_SEQ_OF.format(u=':u')}))"
+_SQL_CURSOR = (f"INSERT INTO devices (user, device, cursor) VALUES (:u, :d, {_CLAMPED}) "
                "ON CONFLICT (user, device) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)")
-_SQL_DELIVERED = (f"INSERT INTO devices (user, device, delivered) VALUES (?, ?, {_CLAMPED}) "
+_SQL_DELIVERED = (f"INSERT INTO devices (user, device, delivered) VALUES (:u, :d, {_CLAMPED}) "
                   "ON CONFLICT (user, device) DO UPDATE SET "
                   "delivered = MAX(delivered, excluded.delivered)")
 _SQL_SEEN = ("INSERT INTO users (user, last_seen) VALUES (?, ?) ON CONFLICT (user) "
@@ -137,9 +144,11 @@ def remember_key(c: sqlite3.Connection, sender: str, target: str, key: str, msg_
 def save_progress(c: sqlite3.Connection, p: Progress) -> None:
     """Cursors and delivered marks (registering devices), last_seen, first answers."""
     if p.cursors:
-        c.executemany(_SQL_CURSOR, [(u, d, _i64(seq), u) for (u, d), seq in p.cursors.items()])
+        c.executemany(_SQL_CURSOR, [{"u": u, "d": d, "seq": _i64(seq)}
+                                    for (u, d), seq in p.cursors.items()])
     if p.delivered:
-        c.executemany(_SQL_DELIVERED, [(u, d, _i64(seq), u) for (u, d), seq in p.delivered.items()])
+        c.executemany(_SQL_DELIVERED, [{"u": u, "d": d, "seq": _i64(seq)}
+                                       for (u, d), seq in p.delivered.items()])
     if p.last_seen:
         c.executemany(_SQL_SEEN, [(u, _i64(ts)) for u, ts in p.last_seen.items()])
     if p.answers:
