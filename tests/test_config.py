@@ -60,6 +60,9 @@ DEFAULTS = {
     "api": {"listen": "127.0.0.1:8766", "key": "", "key_file": "", "max_body_bytes": 1048576,
             "request_timeout_s": 10.0},
     "cluster": {"redis_url": "", "node_id": "", "presence_ttl_s": 15.0, "redis_cluster": False},
+    "webhooks": {"url": "", "secret": "", "secret_file": "",
+                 "events": ["undelivered", "online", "offline"], "undelivered_after_s": 60.0,
+                 "timeout_s": 5.0, "max_attempts": 10},
 }
 
 
@@ -132,6 +135,9 @@ EVERY_KEY = {
     "api": {"listen": "0.0.0.0:9001", "key": "k" * 20, "key_file": "", "max_body_bytes": 4096,
             "request_timeout_s": 2.5},
     "cluster": {"redis_url": "", "node_id": "node-a", "presence_ttl_s": 5.0, "redis_cluster": True},
+    "webhooks": {"url": "https://hooks.example.com/tidings", "secret": SECRET32, "secret_file": "",
+                 "events": ["offline"], "undelivered_after_s": 0.5, "timeout_s": 1.5,
+                 "max_attempts": 1},
 }
 #: Keys that are only valid together with another one.
 COMPANIONS = {
@@ -141,12 +147,14 @@ COMPANIONS = {
     ("auth", "jwks_url"): {"algorithms": ["RS256"]},
     ("auth", "public_key_file"): {"algorithms": ["ES256"]},
     ("auth", "jwks_file"): {"algorithms": ["HS256", "EdDSA"]},
+    ("webhooks", "url"): {"secret": SECRET32},
 }
 #: Keys whose EVERY_KEY value is the default because another key excludes them; each
 #: is tested alone with these values instead.
 ALONE = {("auth", "secret_file"): "/etc/tidings/secret",  # not with secret
          ("auth", "public_key_file"): "/etc/tidings/idp.pem",  # one key source at a time
-         ("auth", "jwks_file"): "/etc/tidings/jwks.json"}
+         ("auth", "jwks_file"): "/etc/tidings/jwks.json",
+         ("webhooks", "secret_file"): "/etc/tidings/webhook_secret"}
 KEY_CASES = [(s, k, ALONE.get((s, k), v)) for s, keys in EVERY_KEY.items() for k, v in keys.items()]
 
 
@@ -334,6 +342,28 @@ BAD = [
     ("api_listen_no_port", '[api]\nlisten = "localhost"',
      ["must be HOST:PORT (or \"\" to disable), got 'localhost' @ config.api.listen"]),
     ("api_key_and_file", '[api]\nkey = "a"\nkey_file = "/k"', ["set key or key_file, not both @ config.api"]),
+    # webhooks
+    ("hook_url_scheme", '[webhooks]\nurl = "ftp://h/x"',
+     ["must be an http:// or https:// URL (or \"\"), got 'ftp://h/x' @ config.webhooks.url"]),
+    ("hook_without_secret", '[webhooks]\nurl = "http://127.0.0.1:9/h"',
+     ["url is set: set secret or secret_file (receivers verify the Tidings-Signature header "
+      "with it) @ config.webhooks"]),
+    ("hook_secret_31", f'[webhooks]\nsecret = "{"s" * 31}"',
+     ["must be at least 32 bytes (HMAC key) @ config.webhooks.secret"]),
+    ("hook_secret_and_file", f'[webhooks]\nsecret = "{SECRET32}"\nsecret_file = "/s"',
+     ["set secret or secret_file, not both @ config.webhooks"]),
+    ("hook_event_unknown", '[webhooks]\nevents = ["online", "delivered"]',
+     ["unknown event 'delivered': use 'undelivered', 'online', 'offline' @ config.webhooks.events"]),
+    ("hook_event_twice", '[webhooks]\nevents = ["online", "online"]',
+     ["lists an event twice: ['online', 'online'] @ config.webhooks.events"]),
+    ("hook_events_str", '[webhooks]\nevents = "online"',
+     ["expected a list of strings, got str 'online' @ config.webhooks.events"]),
+    ("hook_after_zero", "[webhooks]\nundelivered_after_s = 0",
+     ["must be > 0, got 0.0 @ config.webhooks.undelivered_after_s"]),
+    ("hook_timeout_neg", "[webhooks]\ntimeout_s = -1", ["must be > 0, got -1.0 @ config.webhooks.timeout_s"]),
+    ("hook_attempts_zero", "[webhooks]\nmax_attempts = 0", ["must be > 0, got 0 @ config.webhooks.max_attempts"]),
+    ("hook_attempts_float", "[webhooks]\nmax_attempts = 2.0",
+     ["expected int, got float 2.0 @ config.webhooks.max_attempts"]),
     ("cluster_with_sqlite", '[cluster]\nredis_url = "redis://r"\n[store]\nbackend = "sqlite"',
      ["store.backend = 'sqlite' cannot be combined with cluster.redis_url: every node must share one "
       'store (use "redis" or leave it unset) @ config']),

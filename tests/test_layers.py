@@ -17,7 +17,7 @@ LAYER = {
     "tidings.log": 0, "tidings.config": 0,
     "tidings.wire": 1,
     "tidings.auth": 2, "tidings.routing": 2, "tidings.store": 2,
-    "tidings.cluster": 3, "tidings.service": 3,
+    "tidings.cluster": 3, "tidings.service": 3, "tidings.webhooks": 3,
     "tidings.server": 4,
     "tidings.client": 5, "tidings.cli": 5, "tidings.__main__": 6,
 }

@@ -65,6 +65,23 @@ def test_turning_tls_on_needs_a_restart_but_replacing_the_cert_is_live():
     assert plan.effective.server.tls_cert == "/b.pem"
 
 
+def test_webhook_url_and_secret_are_live_but_turning_webhooks_on_or_off_is_not():
+    on = cfg(webhooks={"url": "http://127.0.0.1:9/a", "secret": S1})
+    plan = plan_reload(cfg(), on)
+    assert set(plan.ignored) == {"webhooks.url", "webhooks.secret"} and plan.changed == ()
+    assert plan.effective.webhooks == cfg().webhooks
+    moved = cfg(webhooks={"url": "https://hooks.example/b", "secret_file": "/s", "timeout_s": 1,
+                          "max_attempts": 3, "events": ["online"], "undelivered_after_s": 5})
+    plan = plan_reload(on, moved)
+    assert set(plan.changed) == {"webhooks.url", "webhooks.secret", "webhooks.secret_file",
+                                 "webhooks.timeout_s", "webhooks.max_attempts"}
+    assert set(plan.ignored) == {"webhooks.events", "webhooks.undelivered_after_s"}
+    assert plan.effective.webhooks == attrs.evolve(moved.webhooks, events=on.webhooks.events,
+                                                   undelivered_after_s=60.0)
+    plan = plan_reload(on, cfg())
+    assert set(plan.ignored) == {"webhooks.url", "webhooks.secret"} and plan.changed == ()
+
+
 def test_identity_provider_and_origin_keys_are_live():
     new = cfg(server={"allowed_origins": ["https://app.example.com"]},
               auth={"algorithms": ["RS256", "EdDSA"], "jwks_url": "https://idp.example/jwks", "issuer": "https://idp",

@@ -19,7 +19,8 @@ import tidings.wire
 SANS_IO_PACKAGES = [tidings.wire, tidings.routing]
 SANS_IO_MODULES = ["tidings.config", "tidings.auth", "tidings.log", "tidings.service.reload",
                    "tidings.store.records", "tidings.store.search", "tidings.store.memory",
-                   "tidings.store.sqlite_db"]
+                   "tidings.store.sqlite_db", "tidings.store.sqlite_webhooks",
+                   "tidings.webhooks.signing", "tidings.webhooks.events"]
 
 
 def sans_io_modules() -> list[str]:

@@ -117,7 +117,7 @@ def test_version_1_database_is_migrated_with_its_rows_indexed(tmp_path):
 
 
 def test_version_2_cursors_become_the_default_devices(tmp_path):
-    """Migration 3: each user's cursor moves to its device "default" (delivered up to it),
+    """Migration 4: each user's cursor moves to its device "default" (delivered up to it),
     so an upgraded daemon replays nothing twice and treats no old user as a new device."""
     path = tmp_path / "v2.db"
     conn = sqlite3.connect(path)

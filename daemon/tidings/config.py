@@ -33,6 +33,8 @@ __all__ = [
     "RoomsConfig",
     "ServerConfig",
     "StoreConfig",
+    "WEBHOOK_EVENTS",
+    "WebhooksConfig",
     "default_state_dir",
     "load_config",
     "structure_config",
@@ -78,9 +80,9 @@ def _ws_path(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
 MIN_SECRET_BYTES = 32
 
 
-def _min_secret(attribute: attrs.Attribute, value: str) -> None:
+def _min_secret(attribute: attrs.Attribute, value: str, use: str = "HS256 key") -> None:
     if value and len(value.encode()) < MIN_SECRET_BYTES:
-        raise _BadValue(attribute, f"must be at least {MIN_SECRET_BYTES} bytes (HS256 key)")
+        raise _BadValue(attribute, f"must be at least {MIN_SECRET_BYTES} bytes ({use})")
 
 
 #: JWT algorithms Tidings verifies: HS256 with its own secret; the others with an identity
@@ -306,6 +308,53 @@ class ClusterConfig:
         return self.node_id if worker is None else f"{self.node_id}-w{worker}"
 
 
+#: What a webhook may report (config ``webhooks.events``; docs/deploy.md).
+WEBHOOK_EVENTS = ("undelivered", "online", "offline")
+
+
+def _webhook_events(_inst: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+    for name in value:
+        if name not in WEBHOOK_EVENTS:
+            raise _BadValue(attribute, f"unknown event {name!r}: use "
+                            f"{', '.join(map(repr, WEBHOOK_EVENTS))}")
+    if len(set(value)) != len(value):
+        raise _BadValue(attribute, f"lists an event twice: {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class WebhooksConfig:
+    #: Where events are POSTed (http:// or https://); "" = webhooks off.
+    url: str = attrs.field(default="", validator=_http_url)
+    #: The HMAC-SHA256 key of the Tidings-Signature header (at least 32 bytes), or a
+    #: file holding it; one of the two is required when url is set.
+    secret: str = attrs.field(default="", validator=lambda i, a, v: _min_secret(a, v, "HMAC key"))
+    secret_file: str = ""
+    #: Events to send: any of "undelivered", "online", "offline".
+    events: list[str] = attrs.field(factory=lambda: list(WEBHOOK_EVENTS), validator=_webhook_events)
+    #: A stored message no device of its recipient acked within this many seconds is
+    #: reported ``undelivered``.
+    undelivered_after_s: float = attrs.field(default=60.0, validator=_positive)
+    #: Bound of one POST (connect, request, answer).
+    timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    #: Attempts per event (the first one included); then it is dropped as dead.
+    max_attempts: int = attrs.field(default=10, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.secret and self.secret_file:
+            raise ValueError("set secret or secret_file, not both")
+        if self.url and not (self.secret or self.secret_file):
+            raise ValueError("url is set: set secret or secret_file (receivers verify "
+                             "the Tidings-Signature header with it)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    def wants(self, event: str) -> bool:
+        """Webhooks are on and ``event`` is one of ``events``."""
+        return bool(self.url) and event in self.events
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     server: ServerConfig = attrs.field(factory=ServerConfig)
@@ -316,6 +365,7 @@ class Config:
     rooms: RoomsConfig = attrs.field(factory=RoomsConfig)
     api: ApiConfig = attrs.field(factory=ApiConfig)
     cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
+    webhooks: WebhooksConfig = attrs.field(factory=WebhooksConfig)
 
     def __attrs_post_init__(self) -> None:
         clustered = bool(self.cluster.redis_url)
@@ -384,7 +434,8 @@ def _make_converter() -> cattrs.Converter:
     for kind in (int, float, str, bool):
         conv.register_structure_hook(kind, _strict(kind))
     conv.register_structure_hook_func(lambda t: t == list[str], _strict_str_list)
-    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, HttpConfig, RoomsConfig, ApiConfig, ClusterConfig, Config):
+    for cls in (ServerConfig, AuthConfig, LimitsConfig, StoreConfig, HttpConfig, RoomsConfig, ApiConfig, ClusterConfig,
+                WebhooksConfig, Config):
         conv.register_structure_hook(
             cls, _table(make_dict_structure_fn(cls, conv, _cattrs_forbid_extra_keys=True))
         )

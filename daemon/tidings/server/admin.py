@@ -87,9 +87,18 @@ def node_record(hub: Hub) -> dict[str, Any]:
         "store_errors": s.store_errors,
         "queued": s.queued,
         "commit_ms": round(s.commit_seconds * 1000, 3),
-        # Tidings has no webhooks yet; the page shows an outbox tile once this is a number.
-        "webhook_outbox": None,
+        "webhook_outbox": webhook_outbox(hub),
     }
+
+
+def webhook_outbox(hub: Hub) -> int | None:
+    """Webhook events waiting (None: webhooks are off).  The outbox is cluster-wide and
+    one node sends it all, so that node reports it and the others 0: the total adds up."""
+    sender = hub.webhooks.sender if hub.webhooks is not None else None
+    if sender is None:
+        return None
+    s = sender.statistics()
+    return s.outbox if s.leader else 0
 
 
 def node_record_json(hub: Hub) -> bytes:

@@ -50,6 +50,7 @@ from tidings.wire.protocol import DEFAULT_DEVICE
 from tidings.routing.sessions import Refused
 from tidings.store import StoreError, open_store
 from tidings.service.workers import reuseport_listeners
+from tidings.webhooks.service import open_webhooks
 
 __all__ = ["StartupError", "Server", "serve"]
 
@@ -112,6 +113,8 @@ class Server:
         self._node = os.urandom(3).hex()
         self._refusals = log.LogOnce(interval=60.0)
         self.metrics = Metrics()  # replaced by serve() with the one /metrics renders
+        #: tidings.webhooks.service.Webhooks while webhooks.url is on (reloaded by lifecycle)
+        self.webhooks: Any = None
         #: Set when serving wss:// (tidings.tls); swapped by a reload, new connections only.
         self.ssl_context: Any = None
 
@@ -291,16 +294,29 @@ async def serve(
             raise StartupError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
         hub = Hub(config, store)
         await open_cluster_on(config, hub, stack, worker)
+        try:
+            webhooks = open_webhooks(
+                config, store, local_users=lambda: [c.user for c in hub.sessions.all_endpoints()],
+                node=hub.cluster.node_id if hub.cluster else config.cluster.resolved_node_id(worker))
+        except OSError as exc:
+            raise StartupError(f"cannot load the webhook secret: {exc}") from None
         metrics = Metrics()
         metrics.hub = hub
         hub.latency = metrics.latency
         server = Server(config, hub, auth)
         server.metrics = metrics
         server.ssl_context = ssl_context
+        if webhooks is not None:
+            hub.webhooks = webhooks.recorder
+            metrics.webhooks = webhooks.sender
+            server.webhooks = webhooks
         host, port = listener_address(listeners[0], cfg.host)
         lifecycle = Lifecycle(server, hub, sdnotify.Notifier.from_env(), config_path)
         async with trio.open_nursery() as root:
             await root.start(hub.run)
+            webhooks_scope = trio.CancelScope()  # cancelled once the hub is told to drain
+            if webhooks is not None:  # before accepting: a restarted node starts over first
+                await root.start(_in_scope, webhooks_scope, webhooks.run)
             api_scope = trio.CancelScope()  # cancelled at shutdown, else root never exits
             if config.api.listen:
                 try:
@@ -341,6 +357,7 @@ async def serve(
                         log.log("warning", "shutdown_grace_expired", connections=len(hub.sessions))
                     conns.cancel_scope.cancel()
             hub.close_intake()
+            webhooks_scope.cancel()  # the hub writes the last departures itself
         stats = hub.statistics()
         log.log("info", "stopped", stored=stats.stored, routed=stats.routed)
 

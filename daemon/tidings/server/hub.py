@@ -54,13 +54,14 @@ from tidings.routing.router import Endpoint, Routed, Router
 from tidings.routing.watches import WatchTable
 from tidings.routing.sessions import SessionTable
 from tidings.store import (
-    DEFAULT_DEVICE, InboxState, NewMessage, Progress, Store, StoredMessage, StoreError,
+    InboxState, NewMessage, Progress, Store, StoredMessage, StoreError,
 )
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
 
     from tidings.cluster import Cluster
+    from tidings.webhooks.recorder import WebhookRecorder
 
 __all__ = ["CursorOrigin", "Hub", "HubStatistics", "Member", "Origin"]
 
@@ -152,6 +153,9 @@ class Hub:
         self.ids = MsgIdGenerator()
         self.lock = trio.Lock()
         self.cluster: Cluster | None = None
+        #: Set by the server while ``webhooks.url`` is on: told of users' first and last
+        #: connection on this node and of each stored batch (never per message when off).
+        self.webhooks: WebhookRecorder | None = None
         self._jobs_tx, self._jobs_rx = trio.open_memory_channel[Any](config.store.queue)
         self._progress = Progress()  # coalesced: saved by the writer (see the docstring)
         self._flush_due = False  # the progress flush timer fired: save even marks alone
@@ -176,6 +180,8 @@ class Hub:
             self.sessions.add(conn)
             if self.sessions.count(conn.user) == 1:
                 self._presence_event(conn.user, True)
+                if self.webhooks is not None and self.webhooks.tracks_presence:
+                    self.webhooks.connected(conn.user)
             if self.cluster is not None:
                 # Subscribed before the replay reads the store: whatever is stored after
                 # that read is also published to us (cluster.hold's contract).
@@ -194,6 +200,8 @@ class Hub:
             self.cluster.release(conn.user)
         if self.sessions.count(conn.user) == 0:
             self._presence_event(conn.user, False)
+            if self.webhooks is not None and self.webhooks.tracks_presence:
+                self.webhooks.disconnected(conn.user)
             self._progress.last_seen[conn.user] = int(time.time() * 1000)
             self._wake_writer()
 
@@ -275,14 +283,18 @@ class Hub:
         delivered)`` -- or ``origin.on_duplicate(...)`` when ``key`` named an earlier
         message, or ``origin.on_store_failed(ctx)`` if the store refused it.
 
-        Blocks only while the writer's queue is full.  A connection origin must hold a
+        Blocks (and yields) only while the writer's queue is full.  A connection origin must hold a
         reply credit for the ack (or error) this produces; the callbacks never block.
         """
         if self.cluster is not None and not self.cluster.healthy:
             origin.on_store_failed(ctx)  # Redis is unreachable: never ack what is not stored
             return
         msg_id, ts = self.ids.next()
-        await self._jobs_tx.send(_Job(NewMessage(msg_id, sender, to, body, ts, key), origin, ctx))
+        job = _Job(NewMessage(msg_id, sender, to, body, ts, key), origin, ctx)
+        try:  # no schedule point while the queue has room: one task switch less per message
+            self._jobs_tx.send_nowait(job)
+        except trio.WouldBlock:
+            await self._jobs_tx.send(job)
 
     def _route(self, msg_id: str, seq: int, sender: str, recipient: str, body: bytes, ts: int) -> int:
         """Offer a stored message to the recipient's local connections; the count."""
@@ -377,6 +389,8 @@ class Hub:
                 await self._save_progress()
         if self._progress or self._cursor_waiters:
             await self._save_progress()
+        if self.webhooks is not None:  # users who left and messages stored at shutdown
+            await self.webhooks.flush()
 
     def _save_due(self) -> bool:
         """Cursors and last_seen are saved after every batch; delivered marks and first
@@ -388,8 +402,11 @@ class Hub:
     async def _append(self, jobs: list[_Job[Any]]) -> None:
         """Store a batch; route and answer each message in order."""
         started = time.monotonic()
-        results = await self.store.append([j.message for j in jobs])
+        messages = [j.message for j in jobs]
+        results = await self.store.append(messages)
         self._commit_seconds += (time.monotonic() - started - self._commit_seconds) * 0.2
+        if self.webhooks is not None and self.webhooks.tracks_undelivered:
+            await self.webhooks.watch(messages, results)  # before the acks: see recorder
         failed: StoreError | None = None
         n_failed = 0
         for job, result in zip(jobs, results, strict=True):

@@ -45,6 +45,7 @@ class Metrics:
         )
         self.refusals: Counter[str] = Counter()
         self.hub: Any = None
+        self.webhooks: Any = None  # tidings.webhooks.sender.WebhookSender when webhooks are on
         self.registry.register(_Collector(self))
 
     def refused(self, status: int) -> None:
@@ -69,6 +70,18 @@ class _Collector:
         for reason, n in sorted(self._m.refusals.items()):
             refusals.add_metric([reason], n)
         yield refusals
+        sender = self._m.webhooks
+        if sender is not None:
+            w = sender.statistics()
+            yield GaugeMetricFamily("tidings_webhooks_outbox", "Webhook events waiting in the outbox "
+                                    "(cluster-wide; as last read, at most 1 s old).", value=w.outbox)
+            for name, doc, value in (
+                ("tidings_webhooks_sent", "Webhook events a receiver accepted (2xx).", w.sent),
+                ("tidings_webhooks_failed_attempts", "Webhook attempts that failed (timeout, "
+                 "error, non-2xx).", w.failed),
+                ("tidings_webhooks_dead", "Webhook events dropped after webhooks.max_attempts.", w.dead),
+            ):
+                yield CounterMetricFamily(name, doc, value=value)
         if hub is None:
             return
         s = hub.statistics()

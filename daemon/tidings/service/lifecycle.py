@@ -17,7 +17,9 @@ right after ``event=listening`` reloads instead of killing the process).  It run
   parse or validate, an unreadable secret file, an unusable public key file or JWK Set
   file, or an unusable TLS cert/key logs ``event=reload_failed`` and changes nothing.
   A reload also refetches the JWK Set (``auth.jwks_url``); a changed URL drops the old
-  keys at once.
+  keys at once.  While webhooks are on, their url, secret (``webhooks.secret_file`` is
+  re-read), timeout and attempts apply to the next attempt; an unreadable secret file
+  fails the reload.
 
 ``ready()`` sends READY=1 (after listening); ``stopping()`` sends STOPPING=1 and ends
 ``run``.  Secrets never reach the log: only key names do.
@@ -39,6 +41,7 @@ from tidings.config import AuthConfig, ConfigError, load_config
 from tidings.service.jwks import JwksRefresher
 from tidings.service.reload import KeyRing, plan_reload
 from tidings.service.sdnotify import Notifier
+from tidings.webhooks.service import load_secret as load_webhook_secret
 
 __all__ = ["Lifecycle"]
 
@@ -152,6 +155,11 @@ class Lifecycle:
             keys = load_keys(eff)  # public_key_file / jwks_file; jwks_url: the refresher's
         except KeyMaterialError as exc:
             return self._fail(f"cannot load the public keys: {exc}")
+        webhooks = self.server.webhooks
+        try:
+            hook_secret = load_webhook_secret(eff.webhooks) if webhooks is not None else b""
+        except OSError as exc:
+            return self._fail(f"cannot load the webhook secret: {exc}")
         # Apply.
         self.server.config = eff
         self.hub.config = eff
@@ -159,6 +167,9 @@ class Lifecycle:
         self.hub.sessions.update_limits(eff.limits.max_connections, eff.limits.max_connections_per_user)
         self.hub.router.slow_consumer = eff.limits.slow_consumer
         self._apply_auth(eff.auth, old.auth, secret, keys, changed)
+        if webhooks is not None and webhooks.configure(eff.webhooks, hook_secret):
+            if "webhooks.secret" not in changed and "webhooks.secret_file" not in changed:
+                changed.append("webhooks.secret_file")  # same path, new content
         self.reloads += 1
         log.log("info", "reloaded", changed=",".join(changed) or "none",
                 accepted_secrets=len(self.keyring.secrets()) if self.keyring else 0)

@@ -6,8 +6,9 @@ and returns a ``ReloadPlan``:
 * ``changed``: keys whose value differs and that the running daemon applies live
   (``LIVE_KEYS``);
 * ``ignored``: keys whose value differs but that need a restart (everything else:
-  ``server.host/port/path/state_dir``, ``auth.mode``, ``store.*``, and any key of a
-  section this module does not know) - the daemon keeps their old values;
+  ``server.host/port/path/state_dir``, ``auth.mode``, ``store.*``, TLS or webhooks
+  turned on or off, and any key of a section this module does not know) - the daemon
+  keeps their old values;
 * ``effective``: the config to run with from now on: the new values of the live keys,
   the old values of the others.
 
@@ -60,7 +61,21 @@ LIVE_KEYS: frozenset[str] = frozenset({
     "limits.max_connections",      # SessionTable.update_limits
     "limits.max_connections_per_user",
     "http.demo",
+    "webhooks.url",                # the sender's next attempt (not on<->off: restart)
+    "webhooks.secret",             # the next attempt's signature
+    "webhooks.secret_file",        # re-read on every reload (path or content)
+    "webhooks.timeout_s",          # the next attempt
+    "webhooks.max_attempts",       # the next failed attempt
 })
+
+#: Keys that are live only while their feature stays on (or off): turning it on or off
+#: changes what the daemon sets up at start (TLS: the URL scheme; webhooks: presence
+#: tracking and the sender).
+_SWITCHES = {
+    "server.tls_cert": ("server.tls_cert", "server.tls_key"),
+    "webhooks.url": ("webhooks.url", "webhooks.secret", "webhooks.secret_file",
+                     "webhooks.timeout_s", "webhooks.max_attempts"),
+}
 
 
 @attrs.frozen
@@ -87,9 +102,9 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     """Split the differences between ``old`` and ``new`` into applied and ignored keys."""
     before, after = flatten(old), flatten(new)
     live_keys = LIVE_KEYS
-    if bool(old.server.tls_cert) != bool(new.server.tls_cert):
-        # Turning TLS on or off changes the URL scheme clients use: restart for that.
-        live_keys = LIVE_KEYS - {"server.tls_cert", "server.tls_key"}
+    for switch, keys in _SWITCHES.items():
+        if bool(before[switch]) != bool(after[switch]):
+            live_keys = live_keys - set(keys)  # turning it on or off: restart
     changed = tuple(k for k in after if before.get(k) != after[k] and k in live_keys)
     ignored = tuple(k for k in after if before.get(k) != after[k] and k not in live_keys)
     sections: dict[str, Any] = {}

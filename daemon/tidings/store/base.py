@@ -28,6 +28,38 @@ maintenance; callers never know which engine they hold.
   ``prune_interval_s`` and does the engine's other maintenance until cancelled.
 * ``aclose()``: later calls raise ``StoreUnavailable``.  Idempotent.
 
+Webhooks (only called while ``[webhooks]`` is on; see :mod:`tidings.webhooks`)
+-----------------------------------------------------------------------------
+* The **outbox**: ``outbox_add(events)`` stores events durably (sqlite: committed;
+  redis: a stream, as its AOF says; memory: in this process only) and raises
+  ``StoreError`` when it could not.  ``outbox_read(after, limit)`` returns up to
+  ``limit`` entries after position ``after`` (None: from the oldest), in the order they
+  were added; ``outbox_retry(pos, attempts, due_ms)`` records a failed attempt;
+  ``outbox_done(positions)`` removes entries (sent or dead; unknown ones are ignored);
+  ``outbox_depth()`` counts what waits.  ``outbox_lease(owner, ttl_ms)`` is True while
+  ``owner`` is the one sender of the whole deployment (acquired or renewed by the call,
+  held for ``ttl_ms`` after it; always True on the single-node engines).
+* **Presence** counted per node, so a user online on two nodes is online once:
+  ``presence_set(node, online, offline, full=, now_ms=, expires_ms=, types=)`` adds
+  users to / removes users from ``node``'s set (``full``: ``online`` is the node's whole
+  set, everything else in it goes) and keeps the node alive until ``expires_ms``; in
+  the same atomic step, a user whose count of nodes goes 0 -> 1 gets an ``online``
+  event and 1 -> 0 an ``offline`` event in the outbox, when that type is in ``types``.
+  Adding a present user or removing an absent one changes nothing (a retried call is
+  harmless).  Returns whether ``node`` was alive before the call (False: the caller
+  should send its full set next).  ``presence_reap(now_ms, types, node=None)`` removes
+  every node whose ``expires_ms`` passed (and ``node`` itself, whatever its expiry: a
+  restarted node starts over), as if each of its users went away; returns how many users
+  went offline.
+* **Undelivered checks**: ``undelivered_watch(checks)`` records them;
+  ``undelivered_due(now_ms, limit)`` returns up to ``limit`` with ``due_ms <= now_ms``,
+  earliest first; ``acked_by_any_device(pairs)`` says for each ``(user, seq)`` whether
+  a device of the user acked that seq (today: the user's cursor reached it);
+  ``undelivered_settle(checks, events)`` removes each check that is still there and,
+  for those only, adds its event (None: acked, nothing to add) to the outbox, atomically
+  per check: whoever settles a check first adds its event, so two nodes checking the
+  same one add it once.  Returns the number of events added.
+
 ``run(task_status=None)`` calls ``task_status.started()`` (when given) once its
 maintenance is set up.  Sans-IO: this module only describes; engines bring trio.
 
@@ -38,14 +70,14 @@ unknown; the hub never cancels them except at shutdown).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
 import attrs
 
 from tidings.store.records import (
-    DEFAULT_DEVICE, Appended, DeviceState, InboxState, NewMessage, Original, Progress,
-    StoredMessage,
+    DEFAULT_DEVICE, Appended, DeviceState, InboxState, NewMessage, Original, OutboxEntry,
+    Progress, StoredMessage, UndeliveredCheck, WebhookEvent,
 )
 
 __all__ = ["Store", "StoreLimits"]
@@ -83,3 +115,21 @@ class Store(Protocol):
     async def last_seen(self, users: Sequence[str]) -> dict[str, int | None]: ...
     async def prune(self, now_ms: int, retention_days: float | None) -> int: ...
     async def aclose(self) -> None: ...
+
+    # webhooks
+    async def outbox_add(self, events: Sequence[WebhookEvent]) -> None: ...
+    async def outbox_read(self, after: str | None, limit: int) -> list[OutboxEntry]: ...
+    async def outbox_retry(self, pos: str, attempts: int, due_ms: int) -> None: ...
+    async def outbox_done(self, positions: Sequence[str]) -> None: ...
+    async def outbox_depth(self) -> int: ...
+    async def outbox_lease(self, owner: str, ttl_ms: int) -> bool: ...
+    async def presence_set(self, node: str, online: Sequence[str], offline: Sequence[str], *,
+                           full: bool, now_ms: int, expires_ms: int,
+                           types: Collection[str]) -> bool: ...
+    async def presence_reap(self, now_ms: int, types: Collection[str],
+                            node: str | None = None) -> int: ...
+    async def undelivered_watch(self, checks: Sequence[UndeliveredCheck]) -> None: ...
+    async def undelivered_due(self, now_ms: int, limit: int) -> list[UndeliveredCheck]: ...
+    async def acked_by_any_device(self, pairs: Sequence[tuple[str, int]]) -> list[bool]: ...
+    async def undelivered_settle(self, checks: Sequence[UndeliveredCheck],
+                                 events: Sequence[WebhookEvent | None]) -> int: ...

@@ -10,6 +10,10 @@ Idempotency keys live in one dict in insertion order, which is ``ts`` order when
 never decreases (the hub's clock): ``prune`` forgets expired keys from its front; a key
 stored again moves to its end.
 
+Webhooks: the outbox, the presence sets and the undelivered checks are plain dicts in
+this process, so they are lost with it (``store.backend = "memory"`` promises no
+durability); the lease is always this process's.
+
 Search is a linear scan over the messages the user sent or received: all phrases must
 occur (case-insensitive, tokens split on non-alphanumerics); ranked by total phrase hits,
 then newest (highest msg_id) first.  SQLite ranks by bm25; the set of matches is the
@@ -19,15 +23,15 @@ same for plain ASCII text.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import attrs
 
 from tidings.store.records import (
     DEFAULT_DEVICE, Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Original,
-    Progress, StoredMessage, StoreUnavailable, UnknownMessage, check_page, key_is_live,
-    prune_cutoff_ms,
+    OutboxEntry, Progress, StoredMessage, StoreUnavailable, UndeliveredCheck, UnknownMessage,
+    WebhookEvent, check_page, key_is_live, new_event_id, prune_cutoff_ms,
 )
 from tidings.store.search import indexed_text, parse_query, phrase_hits, tokenize
 
@@ -74,6 +78,13 @@ class MemoryStore:
         # (sorted pair of users) -> msg_ids ascending
         self._convs: dict[tuple[str, str], list[str]] = {}
         self._closed = False
+        # webhooks: pos -> [event, attempts, due_ms] (insertion order = pos order)
+        self._outbox: dict[int, list[Any]] = {}
+        self._outbox_pos = 0
+        self._nodes: dict[str, int] = {}            # node -> expires_ms
+        self._node_users: dict[str, set[str]] = {}  # node -> users online there
+        self._online: dict[str, int] = {}           # user -> nodes it is online on
+        self._checks: dict[str, UndeliveredCheck] = {}  # msg_id -> check
 
     # -- maintenance -------------------------------------------------------------------
 
@@ -270,6 +281,120 @@ class MemoryStore:
             if key_is_live(keys[kid][2], now_ms, self._window_ms):
                 return
             del keys[kid]
+
+    # -- webhooks: the outbox --------------------------------------------------------------
+
+    async def outbox_add(self, events: Sequence[WebhookEvent]) -> None:
+        self._check_open()
+        for event in events:
+            self._outbox_pos += 1
+            self._outbox[self._outbox_pos] = [event, 0, 0]
+
+    async def outbox_read(self, after: str | None, limit: int) -> list[OutboxEntry]:
+        check_page(limit)
+        self._check_open()
+        start = int(after) if after is not None else 0
+        out: list[OutboxEntry] = []
+        for pos, (event, attempts, due) in self._outbox.items():  # ascending pos
+            if len(out) >= limit:
+                break
+            if pos > start:
+                out.append(OutboxEntry(str(pos), event, attempts, due))
+        return out
+
+    async def outbox_retry(self, pos: str, attempts: int, due_ms: int) -> None:
+        self._check_open()
+        entry = self._outbox.get(int(pos))
+        if entry is not None:
+            entry[1], entry[2] = attempts, due_ms
+
+    async def outbox_done(self, positions: Sequence[str]) -> None:
+        self._check_open()
+        for pos in positions:
+            self._outbox.pop(int(pos), None)
+
+    async def outbox_depth(self) -> int:
+        self._check_open()
+        return len(self._outbox)
+
+    async def outbox_lease(self, owner: str, ttl_ms: int) -> bool:
+        self._check_open()
+        return True
+
+    # -- webhooks: presence ----------------------------------------------------------------
+
+    async def presence_set(self, node: str, online: Sequence[str], offline: Sequence[str], *,
+                           full: bool, now_ms: int, expires_ms: int,
+                           types: Collection[str]) -> bool:
+        self._check_open()
+        known = self._nodes.get(node, -1) >= now_ms
+        self._nodes[node] = expires_ms
+        users = self._node_users.setdefault(node, set())
+        gone = (users - set(online)) if full else set(offline)
+        events: list[WebhookEvent] = []
+        for user in online:
+            if user not in users:
+                users.add(user)
+                self._count(user, +1, now_ms, types, events)
+        for user in sorted(gone):
+            if user in users:
+                users.discard(user)
+                self._count(user, -1, now_ms, types, events)
+        await self.outbox_add(events)
+        return known
+
+    async def presence_reap(self, now_ms: int, types: Collection[str],
+                            node: str | None = None) -> int:
+        self._check_open()
+        events: list[WebhookEvent] = []
+        offline = 0
+        for name in [n for n, t in self._nodes.items() if t < now_ms or n == node]:
+            del self._nodes[name]
+            for user in sorted(self._node_users.pop(name, set())):
+                offline += self._count(user, -1, now_ms, types, events) == "offline"
+        await self.outbox_add(events)
+        return offline
+
+    def _count(self, user: str, delta: int, now_ms: int, types: Collection[str],
+               events: list[WebhookEvent]) -> str:
+        """Move ``user``'s node count by ``delta``; on 0 -> 1 return "online", on 1 -> 0
+        "offline" (and add the event when its type is in ``types``), else ""."""
+        before = self._online.get(user, 0)
+        after = max(before + delta, 0)
+        if after:
+            self._online[user] = after
+        else:
+            self._online.pop(user, None)
+        kind = "online" if before == 0 < after else "offline" if after == 0 < before else ""
+        if kind and kind in types:
+            events.append(WebhookEvent(new_event_id(), kind, now_ms, user))
+        return kind
+
+    # -- webhooks: undelivered checks ------------------------------------------------------
+
+    async def undelivered_watch(self, checks: Sequence[UndeliveredCheck]) -> None:
+        self._check_open()
+        for check in checks:
+            self._checks[check.msg_id] = check
+
+    async def undelivered_due(self, now_ms: int, limit: int) -> list[UndeliveredCheck]:
+        check_page(limit)
+        self._check_open()
+        due = sorted(c for c in self._checks.values() if c.due_ms <= now_ms)
+        return due[:limit]
+
+    async def acked_by_any_device(self, pairs: Sequence[tuple[str, int]]) -> list[bool]:
+        self._check_open()
+        return [any(cursor >= seq for cursor, _ in self._users[user].devices.values())
+                if user in self._users else False for user, seq in pairs]
+
+    async def undelivered_settle(self, checks: Sequence[UndeliveredCheck],
+                                 events: Sequence[WebhookEvent | None]) -> int:
+        self._check_open()
+        added = [event for check, event in zip(checks, events, strict=True)
+                 if self._checks.pop(check.msg_id, None) is not None and event is not None]
+        await self.outbox_add(added)
+        return len(added)
 
     # -- internals -----------------------------------------------------------------------
 

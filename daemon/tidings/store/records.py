@@ -47,10 +47,17 @@ count of the first answer is saved later with the hub's progress (``Progress.ans
 
 Errors say what happened, never how the engine spells it: every failure an engine
 raises on purpose is a :class:`StoreError`.
+
+Webhooks (:mod:`tidings.webhooks`) keep three more things in the store, only while
+they are on: the *outbox* of events waiting to be POSTed (:class:`WebhookEvent`, read
+back as :class:`OutboxEntry`), the *undelivered checks* of stored messages
+(:class:`UndeliveredCheck`), and which node has which user online (for ``online`` /
+``offline`` counted once cluster-wide).  :mod:`tidings.store.base` has the contract.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import NamedTuple
 
 import attrs
@@ -59,8 +66,9 @@ from tidings.wire.protocol import DEFAULT_DEVICE
 
 __all__ = [
     "DEFAULT_DEVICE", "MS_PER_DAY", "Appended", "BadQuery", "DeviceState", "DuplicateMessage",
-    "InboxState", "NewMessage", "Original", "Progress", "StoreError", "StoreUnavailable",
-    "StoredMessage", "UnknownMessage", "Unsupported", "check_page", "key_is_live",
+    "InboxState", "NewMessage", "Original", "OutboxEntry", "Progress", "StoreError",
+    "StoreUnavailable", "StoredMessage", "UndeliveredCheck", "UnknownMessage", "Unsupported",
+    "WebhookEvent", "check_page", "key_is_live", "new_event_id",
     "prune_cutoff_ms",
 ]
 
@@ -190,6 +198,46 @@ class Appended:
     @property
     def duplicate(self) -> bool:
         return self.original is not None
+
+
+class WebhookEvent(NamedTuple):
+    """One webhook event.  ``id`` is unique (receivers de-duplicate by it; every retry
+    carries the same one); ``type`` is "undelivered", "online" or "offline"; ``ts`` the
+    epoch milliseconds it happened; ``user`` whom it is about (for ``undelivered``: the
+    recipient, with the message's ``msg_id``, ``sender`` and inbox ``seq``)."""
+    id: str
+    type: str
+    ts: int
+    user: str
+    msg_id: str | None = None
+    sender: str | None = None
+    seq: int | None = None
+
+
+class OutboxEntry(NamedTuple):
+    """An outbox event as read back: ``pos`` is its place in the outbox (increasing in
+    the order events were added; an opaque string the engine gives back to itself),
+    ``attempts`` the failed attempts so far and ``due_ms`` when it may be tried again
+    (0: at once)."""
+    pos: str
+    event: WebhookEvent
+    attempts: int = 0
+    due_ms: int = 0
+
+
+class UndeliveredCheck(NamedTuple):
+    """A stored message to report ``undelivered`` unless a device of its recipient
+    ``user`` acked ``seq`` by ``due_ms`` (epoch ms)."""
+    due_ms: int
+    user: str
+    seq: int
+    msg_id: str
+    sender: str
+
+
+def new_event_id() -> str:
+    """A fresh webhook event id: 24 random hex digits."""
+    return secrets.token_hex(12)
 
 
 def check_page(limit: int, offset: int = 0) -> None:

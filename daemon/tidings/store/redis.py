@@ -59,6 +59,7 @@ from tidings.store.records import (
     Unsupported,
     prune_cutoff_ms,
 )
+from tidings.store.redis_webhooks import RedisWebhooks
 from tidings.store.redis_lua import (
     APPEND_LUA,
     CURSOR_LUA,
@@ -109,8 +110,9 @@ def _entry_to_message(user: str, entry: Any) -> StoredMessage:
     )
 
 
-class RedisStore:
-    """Async store on Redis (standalone or Redis Cluster).  See the module docstring.
+class RedisStore(RedisWebhooks):
+    """Async store on Redis (standalone or Redis Cluster).  See the module docstring;
+    the webhook methods are :mod:`tidings.store.redis_webhooks`'s.
 
     Create with :func:`open_redis_store`; all methods are coroutines and may raise
     ``StoreUnavailable``.  Safe to call from many trio tasks at once.
@@ -134,7 +136,8 @@ class RedisStore:
         self._cursor = client.register_script(CURSOR_LUA)
         self._history = client.register_script(HISTORY_LUA)
         self._prune = client.register_script(PRUNE_LUA)
-        self._scripts = (self._append, self._state, self._cursor, self._history, self._prune)
+        self._scripts = (self._append, self._state, self._cursor, self._history, self._prune,
+                         *self._register_webhook_scripts(client))
 
     # -- plumbing --------------------------------------------------------------------
 

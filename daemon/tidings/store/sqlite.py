@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -45,7 +45,7 @@ from tidings.store.base import StoreLimits
 from tidings.store.maintenance import prune_periodically
 from tidings.store.records import (
     DEFAULT_DEVICE, Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Original,
-    Progress, StoredMessage, StoreError,
+    OutboxEntry, Progress, StoredMessage, StoreError, UndeliveredCheck, WebhookEvent,
 )
 from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
 
@@ -144,6 +144,56 @@ class SqliteStore:
 
     async def last_seen(self, users: Sequence[str]) -> dict[str, int | None]:
         return await self._read(self.db.last_seen, list(users))
+
+    # -- webhooks (writes on the loop thread, reads in a worker thread) ------------------
+
+    async def outbox_add(self, events: Sequence[WebhookEvent]) -> None:
+        await self._writable()
+        self.db.outbox_add(events)
+
+    async def outbox_read(self, after: str | None, limit: int) -> list[OutboxEntry]:
+        return await self._read(self.db.outbox_read, after, limit)
+
+    async def outbox_retry(self, pos: str, attempts: int, due_ms: int) -> None:
+        await self._writable()
+        self.db.outbox_retry(pos, attempts, due_ms)
+
+    async def outbox_done(self, positions: Sequence[str]) -> None:
+        await self._writable()
+        self.db.outbox_done(positions)
+
+    async def outbox_depth(self) -> int:
+        return await self._read(self.db.outbox_depth)
+
+    async def outbox_lease(self, owner: str, ttl_ms: int) -> bool:
+        return True  # one process per database file
+
+    async def presence_set(self, node: str, online: Sequence[str], offline: Sequence[str], *,
+                           full: bool, now_ms: int, expires_ms: int,
+                           types: Collection[str]) -> bool:
+        await self._writable()
+        return self.db.presence_set(node, online, offline, full=full, now_ms=now_ms,
+                                    expires_ms=expires_ms, types=types)
+
+    async def presence_reap(self, now_ms: int, types: Collection[str],
+                            node: str | None = None) -> int:
+        await self._writable()
+        return self.db.presence_reap(now_ms, types, node)
+
+    async def undelivered_watch(self, checks: Sequence[UndeliveredCheck]) -> None:
+        await self._writable()
+        self.db.undelivered_watch(checks)
+
+    async def undelivered_due(self, now_ms: int, limit: int) -> list[UndeliveredCheck]:
+        return await self._read(self.db.undelivered_due, now_ms, limit)
+
+    async def acked_by_any_device(self, pairs: Sequence[tuple[str, int]]) -> list[bool]:
+        return await self._read(self.db.acked_by_any_device, list(pairs))
+
+    async def undelivered_settle(self, checks: Sequence[UndeliveredCheck],
+                                 events: Sequence[WebhookEvent | None]) -> int:
+        await self._writable()
+        return self.db.undelivered_settle(checks, events)
 
     # -- maintenance ---------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ it from trio (threads, maintenance); this module never imports trio.
 * ``devices`` (per device cursors and delivered marks) and ``send_keys`` (idempotency
   keys, checked and written in the append transaction of a keyed message): see
   :mod:`tidings.store.sqlite_schema`, which also holds MIGRATIONS and ``_LAST_SEQ_OF``.
+* ``webhook_*``: what webhooks keep (:mod:`tidings.store.sqlite_webhooks`).
 
 Concurrency: two connections opened with ``check_same_thread=False``, each
 guarded by a ``threading.Lock``: the writer (every write, one ``BEGIN
@@ -76,6 +77,7 @@ from tidings.store.search import parse_query
 from tidings.store.sqlite_schema import (
     _LAST_SEQ_OF, MIGRATIONS, find_key, forget_keys, read_devices, remember_key, save_progress,
 )
+from tidings.store.sqlite_webhooks import WebhookTables
 
 __all__ = ["MIGRATIONS", "PRUNE_BATCH", "SqliteDatabase"]
 
@@ -122,7 +124,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-class SqliteDatabase:
+class SqliteDatabase(WebhookTables):
     """One SQLite file. Create with :meth:`open`; see :mod:`tidings.store.base` for the
     contract of each method (here synchronous and thread-safe).
 

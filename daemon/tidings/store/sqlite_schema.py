@@ -5,8 +5,8 @@ Tables
 ------
 * ``messages``, ``messages_fts``, ``meta``: see :mod:`tidings.store.sqlite_db`.
 * ``users``: per user ``last_seen`` and ``last_seq`` as of the last prune (see
-  ``_LAST_SEQ_OF``).  Its ``cursor`` column is unused since migration 3 (one cursor per
-  user before devices existed; migration 3 copied it to each user's ``default`` device).
+  ``_LAST_SEQ_OF``).  Its ``cursor`` column is unused since migration 4 (one cursor per
+  user before devices existed; migration 4 copied it to each user's ``default`` device).
 * ``devices``: per ``(user, device)`` the ack ``cursor`` and the ``delivered`` mark.  A
   row is the device's registration (:mod:`tidings.store.records`, Devices).
 * ``send_keys``: per ``(sender, target, key)`` the first message sent with that
@@ -25,6 +25,7 @@ import sqlite3
 from typing import Any
 
 from tidings.store.records import DEFAULT_DEVICE, DeviceState, Original, Progress
+from tidings.store.sqlite_webhooks import WEBHOOK_SCHEMA
 
 __all__ = ["MIGRATIONS", "device_cursor", "find_key", "forget_keys", "read_devices",
            "remember_key", "save_progress"]
@@ -71,7 +72,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """INSERT INTO meta (key, value)
            SELECT 'fts_indexed_id', COALESCE(MAX(id), 0) FROM messages""",
     ),
-    # 3: devices (a cursor and a delivered mark per device; every known user's cursor
+    # 3: webhooks: the outbox, presence per node, undelivered checks (sqlite_webhooks)
+    WEBHOOK_SCHEMA,
+    # 4: devices (a cursor and a delivered mark per device; every known user's cursor
     #    becomes its default device's, so nothing is replayed again, and every inbox
     #    gets a default device, so none is treated as new) and idempotency keys.
     (
