@@ -78,6 +78,7 @@ async def open_cluster_on(
                      on_resync=hub.on_cluster_resync, cluster=cc.redis_cluster)
     )
     hub.cluster.stats_record = partial(node_record_json, hub)  # for GET /api/stats
+    hub.cluster.devices_of = hub.devices_online  # presence's devices, cluster-wide
 
 
 def make_authenticator(config: Config) -> Authenticator:

@@ -476,16 +476,17 @@ class Hub:
         """Online state, connection count, devices online and last_seen; cluster-wide in
         a cluster."""
         seen = await self.store.last_seen(list(users))
-        counts = None
+        counts = devices = None
         if self.cluster is not None:  # raises ClusterUnavailable, a StoreUnavailable
             counts = await self.cluster.presence(list(users))
+            devices = await self.cluster.devices(list(users))
         out = {}
         for user in users:
             count = counts.get(user, 0) if counts is not None else self.sessions.count(user)
             out[user] = {
                 "online": count > 0,
                 "connections": count,
-                "devices": self.devices_online(user),
+                "devices": sorted(devices[user]) if devices is not None else self.devices_online(user),
                 "last_seen": self._progress.last_seen.get(user, seen.get(user)),
             }
         return out
