@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
-from tidings.wire.frames import ClientFrames, ForWsproto, Refusal
+from tidings.wire.frames import ClientFrames, ClientPing, ForWsproto, Refusal, pong_frame
 
 LIMIT = 1000
 
@@ -64,6 +64,8 @@ def through_splitter(chunks: list[bytes], limit: int = LIMIT) -> list:
                 out += collect(server.events(), parts)
             elif isinstance(item, Refusal):
                 out.append(("refused", item.code))
+            elif isinstance(item, ClientPing):
+                out.append(("ping", bytes(item)))
             else:
                 out.append(item)
     return out
@@ -84,7 +86,8 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     (masked_frame(1, "é".encode() * 300), ["é" * 300]),                     # 600 bytes, 300 chars
     (masked_frame(1, "€".encode() * 334), [("refused", 1009)]),             # 334 chars = 1002 bytes
     (masked_frame(1, b"\xff\xfe"), [("refused", 1007)]),                    # bad UTF-8
-    (masked_frame(9, b"p"), [("ping", b"p")]),                              # control: wsproto
+    (masked_frame(9, b"p"), [("ping", b"p")]),                              # ping: decoded here
+    (masked_frame(10, b"p"), []),                                           # pong: consumed here
     (masked_frame(9, b"p" * 126), [("refused", 1002)]),                     # control too long
     (masked_frame(8, struct.pack("!H", 1000)), [("close", 1000)]),
 ])
@@ -112,12 +115,20 @@ def test_nothing_is_parsed_after_a_refusal():
     assert frames.feed(masked_frame(1, b"later")) == []
 
 
+def test_pings_and_pongs_never_need_wsproto():
+    frames = ClientFrames(LIMIT)
+    out = frames.feed(masked_frame(9, b"abc") + masked_frame(10, b"tidings"))
+    assert out == [b"abc"] and type(out[0]) is ClientPing
+    # the answer is exactly wsproto's pong
+    assert pong_frame(b"abc") == Connection(ConnectionType.SERVER).send(Ping(b"abc").response())
+
+
 def test_a_fragmented_message_goes_to_wsproto_whole_and_resumes_the_fast_path():
     data = (masked_frame(1, b"he", fin=False) + masked_frame(9, b"p")
             + masked_frame(0, b"llo") + masked_frame(1, b"next"))
     frames = ClientFrames(LIMIT)
     kinds = [type(x) for x in frames.feed(data)]
-    assert kinds == [ForWsproto, str]
+    assert kinds == [ForWsproto, ClientPing, ForWsproto, str]
     assert through_splitter([data]) == [("ping", b"p"), "hello", "next"]
 
 

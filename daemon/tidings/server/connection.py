@@ -55,7 +55,7 @@ from tidings.server.commands import FrameId, handle_command
 from tidings.server.hub import Hub
 from tidings.server.outbound import CLOSE_TIMEOUT, RECEIVE_SIZE, Outbound, _Reply
 from tidings.store import DEFAULT_DEVICE, Store, StoreError
-from tidings.wire.frames import ForWsproto
+from tidings.wire.frames import ClientPing, ForWsproto, pong_frame
 from tidings.wire.handshake import http_response
 from tidings.wire.limits import TokenBucket
 from tidings.wire.protocol import (
@@ -312,6 +312,8 @@ class Connection(Outbound):
                     if kind is str or kind is bytes:
                         await self._take_credit()
                         await self._handle_frame(item, kind is bytes)
+                    elif kind is ClientPing:
+                        self.queue_control(pong_frame(item))
                     elif kind is ForWsproto:
                         self.ws.receive_data(item)
                         if await self._wsproto_events(fragments):

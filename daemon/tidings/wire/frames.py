@@ -5,10 +5,11 @@ Why
 Parsing a 120-byte masked text frame through wsproto costs ~8 us; the header arithmetic
 and an unmask in C cost ~0.3 us (measured, docs/performance.md).  Nearly every frame a
 client sends is a whole (FIN), masked, uncompressed text or binary frame: those are
-decoded here.  Every other frame -- control frames (ping, pong, close), fragments,
-compressed or malformed frames -- is handed to wsproto *whole*, in order, so wsproto's
-own state machine decides what they mean and no frame is ever half in one parser and
-half in the other.
+decoded here, and so are pings and pongs (the keepalive's traffic: an idle connection
+then never needs a wsproto object at all).  Every other frame -- close frames,
+fragments, compressed or malformed frames -- is handed to wsproto *whole*, in order, so
+wsproto's own state machine decides what they mean and no frame is ever half in one
+parser and half in the other.
 
 Contract
 --------
@@ -17,6 +18,8 @@ returns what they completed, in order, as a list of:
 
 * ``str`` / ``bytes`` - a whole text / binary message decoded here (text is valid
   UTF-8; at most ``max_message_bytes`` bytes);
+* :class:`ClientPing` - a ping: answer it with :func:`pong_frame` (a client's pong is
+  consumed here and yields nothing: any input already proves the peer alive);
 * :class:`ForWsproto` - the bytes of one or more whole frames for
   ``wsproto.Connection.receive_data`` (its events follow);
 * :class:`Refusal` - the client broke the protocol: close with ``code`` (1009 message too
@@ -38,9 +41,9 @@ try:  # websockets' C unmask (0.2 us for 120 bytes, 1.5 us for 64 KiB)
 except ImportError:  # pragma: no cover - pure-Python fallback of the same library
     from websockets.utils import apply_mask as _unmask
 
-__all__ = ["ClientFrames", "ForWsproto", "Refusal"]
+__all__ = ["ClientFrames", "ClientPing", "ForWsproto", "Refusal", "pong_frame"]
 
-OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x9, 0xA
 MAX_CONTROL_PAYLOAD = 125
 
 
@@ -48,6 +51,17 @@ class ForWsproto(bytes):
     """Whole frames for wsproto (``receive_data``), in arrival order."""
 
     __slots__ = ()
+
+
+class ClientPing(bytes):
+    """A ping's payload (at most 125 bytes): answer with ``pong_frame(payload)``."""
+
+    __slots__ = ()
+
+
+def pong_frame(payload: bytes) -> bytes:
+    """The server's pong to a ping with ``payload`` (server frames are never masked)."""
+    return bytes((0x80 | OP_PONG, len(payload))) + payload
 
 
 class Refusal:
@@ -109,8 +123,9 @@ class ClientFrames:
             stop = pos + head + length
             if stop > end:
                 break
-            fast = (b0 & 0xF0) == 0x80 and masked and not self._fragmented \
-                and (opcode == OP_TEXT or opcode == OP_BINARY)
+            fast = (b0 & 0xF0) == 0x80 and masked and (
+                opcode == OP_PING or opcode == OP_PONG
+                or (not self._fragmented and (opcode == OP_TEXT or opcode == OP_BINARY)))
             if not fast:
                 if opcode < 0x8 and (b0 & 0x70) == 0:  # track fragmentation for wsproto
                     if opcode != OP_CONTINUATION and not b0 & 0x80:
@@ -125,7 +140,10 @@ class ClientFrames:
                 out.append(ForWsproto(buf[raw_from:pos]))
                 raw_from = -1
             payload = _unmask(buf[pos + head:stop], buf[pos + head - 4:pos + head])
-            if opcode == OP_TEXT:
+            if opcode >= OP_PING:
+                if opcode == OP_PING:
+                    out.append(ClientPing(payload))
+            elif opcode == OP_TEXT:
                 try:
                     out.append(payload.decode("utf-8"))
                 except UnicodeDecodeError:
