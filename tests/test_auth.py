@@ -289,6 +289,16 @@ def test_token_command_with_generated_secret(tmp_path):
     assert Authenticator("jwt", [secret]).verify(r2.stdout.strip()).user == "bob"
 
 
+def test_token_command_with_a_device(tmp_path):
+    cfg_path = write_config(tmp_path, f'[auth]\nsecret = "{"q" * 32}"\n')
+    r = run_token("alice", "--config", cfg_path, "--device", "phone")
+    assert r.returncode == 0, r.stderr
+    assert Authenticator("jwt", [b"q" * 32]).verify(r.stdout.strip()).device == "phone"
+    r = run_token("alice", "--config", cfg_path, "--device", "my phone")
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == "tidings: --device must be 1-64 characters of A-Z a-z 0-9 _ . -\n"
+
+
 def test_token_command_default_ttl_from_config(tmp_path):
     cfg_path = write_config(tmp_path, f'[auth]\nsecret = "{"q" * 32}"\ntoken_ttl_s = 120\n')
     r = run_token("alice", "--config", cfg_path)

@@ -363,13 +363,19 @@ class Authenticator:
         """Replace the identity provider's public keys (a new JWKS, a new PEM file)."""
         self._keys = keys
 
-    def mint(self, user: str, ttl_s: float, *, now: float | None = None) -> str:
+    def mint(self, user: str, ttl_s: float, *, now: float | None = None,
+             device: str | None = None) -> str:
+        """An HS256 token for ``user`` (with a ``device`` claim when given)."""
         if not valid_user_id(user):
             raise ValueError(f"not a valid user id: {user!r}")
+        if device is not None and not valid_device(device):
+            raise ValueError(f"not a valid device name: {device!r}")
         if not self._secrets:
             raise ValueError("no HS256 secret: tokens come from the identity provider")
         iat = int(now if now is not None else time.time())
-        claims = {"sub": user, "iat": iat, "exp": iat + int(ttl_s)}
+        claims: dict[str, Any] = {"sub": user, "iat": iat, "exp": iat + int(ttl_s)}
+        if device is not None:
+            claims["device"] = device
         return jwt.encode(claims, self._secrets[0], algorithm=ALGORITHM)
 
     def verify(self, token: str) -> Identity:
