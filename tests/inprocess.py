@@ -111,9 +111,21 @@ class FlakyStore:
             return [Appended(None, exc) for _ in msgs]
         return await self.inner.append(msgs)
 
-    async def save_cursors(self, cursors: Any, last_seen: Any) -> None:
-        await self._enter("save_cursors")
-        await self.inner.save_cursors(cursors, last_seen)
+    async def save_progress(self, progress: Any) -> None:
+        await self._enter("save_progress")
+        await self.inner.save_progress(progress)
+
+    async def claim_key(self, *args: Any) -> Any:
+        await self._enter("claim_key")
+        return await self.inner.claim_key(*args)
+
+    async def devices(self, user: str) -> Any:
+        await self._enter("devices")
+        return await self.inner.devices(user)
+
+    async def message(self, msg_id: str) -> Any:
+        await self._enter("message")
+        return await self.inner.message(msg_id)
 
     async def read_inbox(self, user: str, after_seq: int, limit: int) -> Any:
         await self._enter("read_inbox")
@@ -121,9 +133,9 @@ class FlakyStore:
         await self._wait("read_inbox", True)
         return page
 
-    async def inbox_state(self, user: str) -> Any:
+    async def inbox_state(self, user: str, device: str = "default") -> Any:
         await self._enter("inbox_state")
-        state = await self.inner.inbox_state(user)
+        state = await self.inner.inbox_state(user, device)
         await self._wait("inbox_state", True)
         return state
 

@@ -203,8 +203,8 @@ async def test_user_lookup_shows_presence_unread_and_connections(daemon, uniq):
     status, info = await aapi(daemon, "GET", path)
     assert status == 200
     assert info == {"user": bob, "node": info["node"], "online": False, "connection_count": 0,
-                    "last_seen": None, "unread": 0, "last_seq": 0, "cursor": 0, "devices": [],
-                    "connections": []}
+                    "last_seen": None, "unread": 0, "last_seq": 0, "cursor": 0,
+                    "unread_by_device": {}, "devices": [], "connections": []}
     t0 = time.time()
     async with open_client(daemon.url, token=daemon.token(alice)) as a:
         for i in range(3):
@@ -227,6 +227,7 @@ async def test_user_lookup_shows_presence_unread_and_connections(daemon, uniq):
             await b1.ack(2, wait=True)  # unread follows the saved ack cursor: n, then n-1...
             info = (await aapi(daemon, "GET", path))[1]
             assert (info["unread"], info["cursor"]) == (1, 2)
+            assert info["unread_by_device"] == {"default": 1}
             await b1.ack(3, wait=True)
             info = (await aapi(daemon, "GET", path))[1]
             assert info["unread"] == 0

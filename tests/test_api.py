@@ -19,10 +19,11 @@ from conftest import TEST_API_KEY, write_toml
 from tidings.client import ServerError, open_client
 
 
-def api(d, method: str, path: str, body=None, *, key: str | None = TEST_API_KEY, raw: bytes | None = None):
+def api(d, method: str, path: str, body=None, *, key: str | None = TEST_API_KEY,
+        raw: bytes | None = None, headers: dict[str, str] | None = None):
     """One HTTP request to the daemon's API port: (status, parsed JSON or text)."""
     conn = http.client.HTTPConnection("127.0.0.1", d.api_port, timeout=10)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(headers or {})}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
@@ -81,7 +82,8 @@ async def test_api_broadcast_and_presence_and_disconnect(daemon, uniq):
         assert (await c.receive_message())["body"] == "all"
         status, body = await aapi(daemon, "GET", f"/api/presence?user={bob}&user={dave}")
         assert status == 200
-        assert body["users"][bob] == {"online": True, "connections": 1, "last_seen": None}
+        assert body["users"][bob] == {"online": True, "connections": 1, "devices": ["default"],
+                                      "last_seen": None}
         assert body["users"][dave]["online"] is False
         status, body = await aapi(daemon, "POST", "/api/disconnect", {"user": bob})
         assert (status, body) == (200, {"closed": 1})

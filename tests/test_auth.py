@@ -28,6 +28,9 @@ SECRET = b"k" * 32
 OTHER = b"o" * 32
 
 
+DEVICE_CLAIM = "token 'device' claim must be 1-64 characters of A-Z a-z 0-9 _ . -"
+
+
 def auth(mode: str = "jwt", *secrets: bytes) -> Authenticator:
     return Authenticator(mode, list(secrets) or [SECRET])
 
@@ -51,6 +54,15 @@ def test_mint_verify_round_trip():
     claims = jwt.decode(t, SECRET, algorithms=["HS256"])
     assert claims == {"sub": "alice", "iat": now, "exp": now + 600}
     assert jwt.get_unverified_header(t)["alg"] == "HS256"
+
+
+def test_the_device_claim_names_the_connection_device():
+    a = auth()
+    exp = future()
+    assert a.verify(token({"sub": "alice", "exp": exp, "device": "d" * 64})) == Identity(
+        "alice", exp, None, "d" * 64)
+    assert a.verify(token({"sub": "alice", "exp": exp, "device": "A-z_0.9"})).device == "A-z_0.9"
+    assert a.verify(token({"sub": "alice", "exp": exp})).device is None
 
 
 def test_mint_refuses_bad_user():
@@ -108,6 +120,10 @@ REFUSALS = [
      "malformed token"),
     ("kid_not_a_string", lambda: _with_header(token({"sub": "alice", "exp": future()}), {"alg": "HS256", "kid": 7}),
      "invalid token: Key ID header parameter must be a string"),
+    ("device_65", lambda: token({"sub": "alice", "exp": future(), "device": "d" * 65}), DEVICE_CLAIM),
+    ("device_empty", lambda: token({"sub": "alice", "exp": future(), "device": ""}), DEVICE_CLAIM),
+    ("device_slash", lambda: token({"sub": "alice", "exp": future(), "device": "a/b"}), DEVICE_CLAIM),
+    ("device_number", lambda: token({"sub": "alice", "exp": future(), "device": 7}), DEVICE_CLAIM),
 ]
 
 
@@ -271,6 +287,16 @@ def test_token_command_with_generated_secret(tmp_path):
     r2 = run_token("bob", "--config", cfg_path)
     assert r2.returncode == 0, r2.stderr
     assert Authenticator("jwt", [secret]).verify(r2.stdout.strip()).user == "bob"
+
+
+def test_token_command_with_a_device(tmp_path):
+    cfg_path = write_config(tmp_path, f'[auth]\nsecret = "{"q" * 32}"\n')
+    r = run_token("alice", "--config", cfg_path, "--device", "phone")
+    assert r.returncode == 0, r.stderr
+    assert Authenticator("jwt", [b"q" * 32]).verify(r.stdout.strip()).device == "phone"
+    r = run_token("alice", "--config", cfg_path, "--device", "my phone")
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == "tidings: --device must be 1-64 characters of A-Z a-z 0-9 _ . -\n"
 
 
 def test_token_command_default_ttl_from_config(tmp_path):

@@ -1,9 +1,11 @@
 """End-to-end: the demo page and clients/js/tidings.js in headless Chromium.
 
 Two pages (alice, bob) on the daemon's demo (http.demo = true, auth.mode = "insecure").
-Alice sends, bob's page shows it; the daemon is killed with SIGKILL and restarted on the
-same port; both pages reconnect by themselves, a message typed while the daemon was down
-and one sent after the restart arrive, and nothing is lost or shown twice.
+Alice sends, bob's page shows it; the daemon is killed with SIGKILL in the middle of a
+burst of sends (one of them stored but its ack lost) and restarted on the same port; both
+pages reconnect by themselves, the client resends every unacked send with its
+idempotency key, a message typed while the daemon was down and one sent after the
+restart arrive, and nothing is lost or stored or shown twice.
 
 Needs node, Debian's chromium and playwright-core installed in tests/browser
 (``cd tests/browser && npm ci``); skips with the reason when one is missing, fails
@@ -138,13 +140,24 @@ def test_two_pages_chat_and_survive_a_kill_9_restart(start_daemon, browser_tools
         result = driver.expect("result")
     finally:
         driver.close()
+    burst = [f"burst-{i}" for i in range(100)]
     bob_got = [m["text"] for m in result["bob"]]
-    assert bob_got == ["before-1", "before-2", "before-3", "offline-1", "after-1"], result
-    assert [m["from"] for m in result["bob"]] == [alice] * 5
+    assert bob_got == ["before-1", "before-2", "before-3", "lost-ack-1", *burst, "offline-1",
+                       "after-1"], result
+    assert [m["from"] for m in result["bob"]] == [alice] * len(bob_got)
     seqs = [m["seq"] for m in result["bob"]]
-    assert seqs == sorted(set(seqs)), f"duplicate or out-of-order seqs: {seqs}"
+    assert seqs == list(range(1, len(bob_got) + 1)), f"duplicate, missing or out-of-order seqs: {seqs}"
+    exactly = result["exactly"]
+    assert exactly["errors"] == [] and exactly["lostAckDropped"], exactly
+    lost = exactly["acks"]["lost-ack-1"]
+    assert lost["duplicate"] is True and lost["seq"] == 4, lost  # stored before the kill
+    assert [exactly["acks"][t]["seq"] for t in burst] == list(range(5, 105))
+    assert 30 <= exactly["ackedAtKill"] < 101, exactly["ackedAtKill"]  # killed mid-burst
     assert [m["text"] for m in result["alice"]] == ["reply-1"], result
     assert result["reconnects"]["alice"] >= 1 and result["reconnects"]["bob"] >= 1
     assert not result["problems"], result["problems"]
+    resent = sum(1 for t in burst if exactly["acks"][t].get("duplicate"))
     print(f"pages reconnected {result['reconnectMs']} ms after the restart; "
-          f"reconnect attempts alice={result['reconnects']['alice']} bob={result['reconnects']['bob']}")
+          f"reconnect attempts alice={result['reconnects']['alice']} bob={result['reconnects']['bob']}; "
+          f"acked at the kill: {exactly['ackedAtKill']} of 101; burst resends answered "
+          f"duplicate: {resent}")

@@ -133,6 +133,34 @@ async def test_presence_sums_across_nodes_and_updates_promptly(redis_server):
         assert await cc.presence(["alice", "bob"]) == {"alice": 0, "bob": 0}
 
 
+async def test_devices_online_are_joined_across_nodes_and_follow_connections(redis_server):
+    on_a = {"alice": ["phone"]}
+    on_b = {"alice": ["laptop", "phone"], "bob": ["tv"]}
+    async with (
+        open_cluster(redis_server.url, "A", 3.0, Node().on_message) as ca,
+        open_cluster(redis_server.url, "B", 3.0, Node().on_message) as cb,
+    ):
+        ca.devices_of = lambda user: on_a.get(user, [])
+        cb.devices_of = lambda user: on_b.get(user, [])
+        await wait_until(lambda: _true(ca.healthy and cb.healthy))
+        await ca.hold("alice")
+        for user in ("alice", "bob"):
+            await cb.hold(user)
+
+        async def seen(want):
+            return (await ca.devices(["alice", "bob", "carol"])) == want
+
+        await wait_until(lambda: seen({"alice": {"phone", "laptop"}, "bob": {"tv"},
+                                       "carol": set()}), timeout=2)
+        on_b.pop("bob")
+        cb.release("bob")  # bob's last connection on B: his devices go with it
+        await wait_until(lambda: seen({"alice": {"phone", "laptop"}, "bob": set(),
+                                       "carol": set()}), timeout=2)
+        assert await cb.devices([]) == {}
+    async with open_cluster(redis_server.url, "C", 3.0, Node().on_message) as cc:
+        assert await cc.devices(["alice"]) == {"alice": set()}  # withdrawn at shutdown
+
+
 async def test_a_node_that_stops_refreshing_is_offline_within_the_ttl(redis_server):
     ttl = 1.0
     async with open_cluster(redis_server.url, "A", ttl, Node().on_message) as ca:

@@ -52,6 +52,7 @@ DEFAULTS = {
     "store": {
         "backend": "", "path": "", "retention_days": 30.0, "max_inbox": 10000, "history_limit": 100,
         "batch_max": 512, "queue": 4096, "prune_interval_s": 300.0,
+        "idempotency_window_s": 86400.0, "new_device_replay": "all",
     },
     "http": {"demo": False},
     "rooms": {"default_allow": ["*"], "max_rooms_per_connection": 32, "max_members_per_room": 10000,
@@ -126,6 +127,7 @@ EVERY_KEY = {
     "store": {
         "backend": "memory", "path": "/tmp/t.db", "retention_days": 0.5, "max_inbox": 10,
         "history_limit": 20, "batch_max": 16, "queue": 32, "prune_interval_s": 60.0,
+        "idempotency_window_s": 0.0, "new_device_replay": "none",
     },
     "http": {"demo": True},
     "rooms": {"default_allow": ["team-*", "lobby"], "max_rooms_per_connection": 2, "max_members_per_room": 3,
@@ -237,6 +239,10 @@ BAD = [
     # enums
     ("slow_consumer", '[limits]\nslow_consumer = "nope"',
      ["must be one of 'disconnect', 'drop', got 'nope' @ config.limits.slow_consumer"]),
+    ("new_device_replay", '[store]\nnew_device_replay = "some"',
+     ["must be one of 'all', 'none', got 'some' @ config.store.new_device_replay"]),
+    ("idempotency_window_negative", '[store]\nidempotency_window_s = -1.0',
+     ["must be >= 0, got -1.0 @ config.store.idempotency_window_s"]),
     ("auth_mode", '[auth]\nmode = "oauth"', ["must be one of 'jwt', 'insecure', got 'oauth' @ config.auth.mode"]),
     ("backend", '[store]\nbackend = "postgres"',
      ["must be one of '', 'sqlite', 'memory', 'redis', got 'postgres' @ config.store.backend"]),

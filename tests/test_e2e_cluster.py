@@ -156,17 +156,20 @@ def redis_call(port: int, *args: str, timeout: float = 5.0) -> bytes | int | Non
     raise AssertionError(f"redis answered {data!r} to {args}")
 
 
-async def wait_stored_cursor(redis, user: str, seq: int, timeout: float = 3.0) -> None:
-    """Wait until ``user``'s ack cursor is ``seq`` in Redis (docs/cluster.md, key
-    ``tidings:{T}:u`` field ``cursor``).  Cursor writes are coalesced, so an ``acked``
-    reply only promises the write is queued; another node reads the stored value."""
-    key = f"tidings:{{{user_tag(user)}}}:u"
+async def wait_stored_cursor(redis, user: str, seq: int, timeout: float = 3.0,
+                             device: str = "default") -> None:
+    """Wait until the ack cursor of ``user``'s ``device`` is ``seq`` in Redis
+    (docs/cluster.md, key ``tidings:{T}:dev`` field ``c:<device>``).  Cursor writes are
+    coalesced, so an ``acked`` reply only promises the write is queued; another node
+    reads the stored value."""
+    key = f"tidings:{{{user_tag(user)}}}:dev"
     value = None
     t0 = time.monotonic()
     try:
         with trio.fail_after(timeout):
             while True:
-                value = await trio.to_thread.run_sync(redis_call, redis.port, "HGET", key, "cursor")
+                value = await trio.to_thread.run_sync(redis_call, redis.port, "HGET", key,
+                                                      f"c:{device}")
                 if value is not None and int(value) == seq:
                     print(f"cursor {seq} of {user} stored after {time.monotonic() - t0:.3f}s")
                     return
@@ -720,3 +723,55 @@ async def test_workers_with_an_explicit_node_id_see_each_other(redis_server, sta
             clients[user] = await connect(stack, d, user)
             prefixes[user] = clients[user].conn.rsplit("-", 1)[0]
         await _cross_worker_presence(clients, prefixes)
+
+
+# -- devices, idempotent sends, status and unread across nodes (issue #12) ------------------
+async def test_devices_keys_status_and_unread_across_two_nodes(redis_server, start_daemon, uniq):
+    """A device on node A, its status and unread asked on node B; a resend with the same
+    key on the other node is a duplicate; cursors are per device cluster-wide; presence
+    names the devices of every node."""
+    from test_api import aapi
+
+    na = start_node(start_daemon, redis_server, "na")
+    nb = start_node(start_daemon, redis_server, "nb")
+    alice, bob = uniq("alice"), uniq("bob")
+    async with AsyncExitStack() as stack:
+        a = await connect(stack, na, alice)
+        phone = await connect(stack, na, bob, device="phone")
+        laptop = await connect(stack, nb, bob, device="laptop")
+        assert (phone.device, laptop.device) == ("phone", "laptop")
+        first = await a.send(bob, "once", key="k-17")
+        assert "duplicate" not in first
+        for dev in (phone, laptop):
+            assert (await dev.receive_message())["msg_id"] == first["msg_id"]
+        async with open_client(nb.url, token=nb.token(alice)) as a_on_b:  # the resend
+            again = await a_on_b.send(bob, "once", key="k-17")
+        assert (again["msg_id"], again["seq"], again["duplicate"]) == (first["msg_id"], 1, True)
+        assert await quiet(phone) + await quiet(laptop, 0) == []  # delivered once each
+        await phone.ack(1, wait=True)
+        await phone.ping()  # the mark is set on na; saved within a second
+
+        want = {"phone": {"delivered": True, "acked": True},
+                "laptop": {"delivered": True, "acked": False}}
+        with trio.fail_after(5):
+            while True:  # asked on nb: what na saved (coalesced) is there within ~1 s
+                status, body = await aapi(nb, "GET", f"/api/messages/{first['msg_id']}")
+                assert status == 200, body
+                if body["devices"] == want:
+                    break
+                await trio.sleep(0.1)
+        assert {k: body[k] for k in ("msg_id", "from", "to", "seq")} == {
+            "msg_id": first["msg_id"], "from": alice, "to": bob, "seq": 1}
+        assert await aapi(nb, "GET", f"/api/users/{bob}/unread") == (
+            200, {"user": bob, "devices": {"laptop": 1, "phone": 0}})
+        with trio.fail_after(5):
+            while sorted((await presence_of(a, bob))["devices"]) != ["laptop", "phone"]:
+                await trio.sleep(0.05)
+    await wait_stored_cursor(redis_server, bob, 1, device="phone")
+    # the phone acked on na: on nb it gets nothing again, the laptop gets everything
+    async with open_client(nb.url, token=nb.token(bob), device="phone") as p:
+        assert p.unread == 0 and (await replay_until_resumed(p))[0] == []
+    async with open_client(na.url, token=na.token(bob), device="laptop") as lt:
+        assert lt.unread == 1
+        assert [m["body"] for m in (await replay_until_resumed(lt))[0]] == ["once"]
+    assert (await aapi(na, "GET", "/api/messages/0123456789abcdef01234567"))[0] == 404

@@ -144,17 +144,20 @@ async def test_search_own_messages_only_and_malformed_queries(daemon, uniq):
         assert [m["body"] for m in res["messages"]] == ["pizza tonight?"]
 
 
-async def test_presence_reports_online_connections_and_last_seen(daemon, uniq):
+async def test_presence_reports_online_connections_devices_and_last_seen(daemon, uniq):
     alice, bob = uniq("alice"), uniq("bob")
-    async with open_client(daemon.url, token=daemon.token(bob)):
+    async with open_client(daemon.url, token=daemon.token(bob)), \
+            open_client(daemon.url, token=daemon.token(bob), device="phone"), \
+            open_client(daemon.url, token=daemon.token(bob, device="laptop"), device="phone"):
         async with open_client(daemon.url, token=daemon.token(alice)) as a:
             online = (await a.presence([bob]))["users"][bob]
-            assert online == {"online": True, "connections": 1, "last_seen": None}
+            assert online == {"online": True, "connections": 3,
+                              "devices": ["default", "laptop", "phone"], "last_seen": None}
     # bob's close is complete: the server unregistered him (and noted last_seen) before
     # echoing his close frame, which the client's close waits for.
     async with open_client(daemon.url, token=daemon.token(alice)) as a:
         offline = (await a.presence([bob]))["users"][bob]
-    assert offline["online"] is False and offline["connections"] == 0
+    assert offline["online"] is False and offline["connections"] == 0 and offline["devices"] == []
     assert isinstance(offline["last_seen"], int) and offline["last_seen"] > 0
 
 

@@ -66,6 +66,9 @@ ACCEPTED = [
     ("connection_list", request(connection="keep-alive, Upgrade"), up()),
     ("header_values_any_case", request(upgrade="WebSocket", connection="UPGRADE"), up()),
     ("head_method_path_query", request("/ws?"), up()),
+    ("device", request("/ws?device=phone"), up(device="phone")),
+    ("device_64", request("/ws?device=" + "d" * 64), up(device="d" * 64)),
+    ("device_charset", request("/ws?device=A-z_0.9"), up(device="A-z_0.9")),
 ]
 
 
@@ -108,6 +111,7 @@ def test_extension_offers_collected():
 # -- refused --------------------------------------------------------------------------------
 
 SINCE_400 = "?since= must be a non-negative integer"
+DEVICE_400 = "?device= must be 1-64 characters of A-Z a-z 0-9 _ . -"
 NOT_WS = "this endpoint speaks WebSocket only"
 REFUSED = [
     # (id, request, status, reason, headers)
@@ -154,6 +158,12 @@ REFUSED = [
     ("dup_since", request("/ws?since=1&since=2"), 400, "?since= given more than once", []),
     ("since_superscript", request("/ws?since=%C2%B2"), 400, SINCE_400, []),
     ("since_fullwidth", request("/ws?since=%EF%BC%95"), 400, SINCE_400, []),
+    ("device_65", request("/ws?device=" + "d" * 65), 400, DEVICE_400, []),
+    ("device_empty", request("/ws?device="), 400, DEVICE_400, []),
+    ("device_space", request("/ws?device=my+phone"), 400, DEVICE_400, []),
+    ("device_slash", request("/ws?device=a%2Fb"), 400, DEVICE_400, []),
+    ("device_unicode", request("/ws?device=%C3%A9"), 400, DEVICE_400, []),
+    ("dup_device", request("/ws?device=a&device=b"), 400, "?device= given more than once", []),
     ("too_many_query_fields", request("/ws?" + "&".join(f"p{i}=1" for i in range(21))), 400,
      "too many query parameters", []),
 ]

@@ -35,14 +35,14 @@ async def test_store_failures_are_logged_once_with_a_count(autojump_clock):
     with trio.fail_after(5), capture_log() as logs:
         async with running_hub() as h:
             a = await h.connect("user=alice")
-            h.store.fail("append", "save_cursors")
+            h.store.fail("append", "save_progress")
             for i in range(3):  # one store call each: three failures, one line per kind
                 await a.send(send("bob", i, i))
                 assert (await a.receive())["code"] == "unavailable"
                 await a.send({"type": "ack", "seq": 1, "id": f"k{i}"})
                 assert await a.receive() == {"type": "error", "id": f"k{i}", "code": "unavailable",
                                              "message": "ack not saved; retry"}
-            assert h.store.calls["append"] == 3 and h.store.calls["save_cursors"] >= 3
+            assert h.store.calls["append"] == 3 and h.store.calls["save_progress"] >= 3
     lines = [line for line in logs.getvalue().splitlines() if "event=store_failed" in line]
     appends = [line for line in lines if "what=append" in line]
     cursors = [line for line in lines if "what=cursors" in line]
@@ -58,9 +58,9 @@ async def test_ack_with_id_is_answered_once_the_cursor_is_saved(autojump_clock):
             assert (await a.receive())["seq"] == 1
             b = await h.connect("user=bob", read_greeting=False)
             assert [(await b.receive())["type"] for _ in range(3)] == ["hello", "message", "resumed"]
-            release = h.store.hold("save_cursors")
+            release = h.store.hold("save_progress")
             await b.send({"type": "ack", "seq": 1, "id": "k"})
-            await h.store.held["save_cursors"].wait()
+            await h.store.held["save_progress"].wait()
             await b.send({"type": "ping", "id": "p"})  # answered while the save waits
             assert await b.receive() == {"type": "pong", "id": "p"}
             release.set()
@@ -168,3 +168,61 @@ async def test_store_read_failures_in_commands_answer_unavailable(autojump_clock
             h.store.heal()
             await b.send({"type": "history", "with": "alice", "id": 4})
             assert (await b.receive())["type"] == "history_page"
+
+
+async def test_delivered_marks_wait_for_the_flush_timer(autojump_clock):
+    """A delivered mark wakes no save of its own (one more transaction per message);
+    the flush timer saves it within PROGRESS_FLUSH_S, and the hub's reads see it before."""
+    from tidings.server.hub import PROGRESS_FLUSH_S
+
+    with trio.fail_after(5):
+        async with running_hub() as h:
+            a = await h.connect("user=alice")
+            b = await h.connect("user=bob&device=phone")
+            await trio.testing.wait_all_tasks_blocked()
+            saves = h.store.calls["save_progress"]  # the phone's registration was saved
+            assert await h.store.inner.devices("bob") == {"phone": (0, 0)}
+            await a.send(send("bob", "x", 1))
+            ack = await a.receive()
+            assert (await b.receive())["seq"] == 1
+            await trio.testing.wait_all_tasks_blocked()
+            assert h.store.calls["save_progress"] == saves  # nothing saved yet...
+            status = await h.hub.message_status(ack["msg_id"])  # ...but the hub knows
+            assert status["devices"] == {"phone": {"delivered": True, "acked": False}}
+            await trio.sleep(PROGRESS_FLUSH_S)
+            await trio.testing.wait_all_tasks_blocked()
+            assert h.store.calls["save_progress"] == saves + 1
+            assert await h.store.inner.devices("bob") == {"phone": (0, 1)}
+            await trio.sleep(PROGRESS_FLUSH_S * 3)  # nothing pending: no more saves
+            assert h.store.calls["save_progress"] == saves + 1
+
+
+async def test_a_key_repeated_in_one_batch_answers_the_first_delivered_count(autojump_clock):
+    with trio.fail_after(5):
+        async with running_hub() as h:
+            a = await h.connect("user=alice")
+            b = await h.connect("user=bob")
+            keyed = [dict(send("bob", i, i), key="k") for i in range(3)]
+            await a.send(*keyed)  # one write: one batch
+            acks = [await a.receive() for _ in range(3)]
+            assert [(x["seq"], x["delivered"], x.get("duplicate")) for x in acks] == [
+                (1, 1, None), (1, 1, True), (1, 1, True)]
+            assert len({x["msg_id"] for x in acks}) == 1
+            assert (await b.receive())["body"] == 0
+            await b.send({"type": "ping", "id": "p"})
+            assert await b.receive() == {"type": "pong", "id": "p"}  # one copy only
+
+
+async def test_a_room_key_the_store_cannot_claim_answers_unavailable(autojump_clock):
+    with trio.fail_after(5):
+        async with running_hub() as h:
+            a = await h.connect("user=alice")
+            await a.send({"type": "join", "room": "r", "id": "j"})
+            assert (await a.receive())["type"] == "joined"
+            h.store.fail("claim_key")
+            await a.send({"type": "send", "room": "r", "body": 1, "key": "k", "id": "s"})
+            assert await a.receive() == {"type": "error", "id": "s", "code": "unavailable",
+                                         "message": "store unavailable; retry"}
+            await a.send({"type": "send", "room": "r", "body": 2, "id": "t"})  # no key: fine
+            frames = [await a.receive() for _ in range(2)]
+            assert {f["type"] for f in frames} == {"message", "ack"}

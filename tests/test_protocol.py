@@ -355,6 +355,14 @@ def test_valid_user_id(user, ok):
     assert valid_user_id(user) is ok
 
 
+@pytest.mark.parametrize(
+    ("device", "ok"),
+    [("phone", True), ("a" * 64, True), ("a" * 65, False), ("", False), ("A-z_0.9", True),
+     ("a b", False), ("a/b", False), ("é", False), (None, False), (5, False), ("x\n", False)],
+)
+def test_valid_device(device, ok):
+    assert protocol.valid_device(device) is ok
+
 # -- data_frame against wsproto's client-side parser -------------------------------------
 
 
@@ -498,6 +506,10 @@ ROOM_FRAMES = [
     ({"type": "unwatch", "users": ["bob"], "id": "u"}, protocol.Watch("u", ("bob",), False)),
     ({"type": "send", "room": "lobby", "body": {"t": 1}, "id": "s"}, Send("s", None, b'{"t":1}', "lobby")),
     ({"type": "send", "to": "bob", "body": 1}, Send(None, "bob", b"1", None)),
+    ({"type": "send", "room": "lobby", "body": 1, "key": "k"}, Send(None, None, b"1", "lobby", "k")),
+    ({"type": "send", "to": "bob", "body": 1, "key": "k" * 128}, Send(None, "bob", b"1", None, "k" * 128)),
+    ({"type": "send", "to": "bob", "body": 1, "key": "é 😀"}, Send(None, "bob", b"1", None, "é 😀")),
+    ({"type": "send", "to": "bob", "body": 1, "key": None}, Send(None, "bob", b"1", None, None)),
 ]
 
 
@@ -506,6 +518,7 @@ def test_room_and_watch_frames(frame, expected):
     assert parse_client_frame(dumps(frame)) == expected
 
 
+KEY_MSG = "'key' must be 1-128 printable characters"
 ROOM_INVALID = [
     ({"type": "join", "id": 1}, NAME_MSG, 1),
     ({"type": "join", "room": "", "id": 1}, NAME_MSG, 1),
@@ -517,6 +530,11 @@ ROOM_INVALID = [
     ({"type": "send", "room": "lobby", "to": "bob", "body": 1, "id": 2}, "give 'to' or 'room', not both", 2),
     ({"type": "send", "room": 5, "body": 1, "id": 2}, NAME_MSG, 2),
     ({"type": "send", "room": "lobby", "id": 2}, "'body' is required", 2),
+    ({"type": "send", "to": "bob", "body": 1, "key": "k" * 129, "id": 3}, KEY_MSG, 3),
+    ({"type": "send", "to": "bob", "body": 1, "key": "", "id": 3}, KEY_MSG, 3),
+    ({"type": "send", "room": "lobby", "body": 1, "key": 5, "id": 3}, KEY_MSG, 3),
+    ({"type": "send", "to": "bob", "body": 1, "key": "a\nb", "id": 3}, KEY_MSG, 3),
+    ({"type": "send", "to": "bob", "body": 1, "key": ["k"], "id": 3}, KEY_MSG, 3),
 ]
 
 

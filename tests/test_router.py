@@ -29,7 +29,7 @@ from tidings.routing.rooms import RoomRefused, RoomTable
 from tidings.routing.router import Offer, Routed, Router
 from tidings.routing.sessions import Refused, SessionTable
 from tidings.routing.watches import WatchRefused, WatchTable
-from tidings.store import InboxState, MemoryStore, NewMessage, StoredMessage
+from tidings.store import InboxState, MemoryStore, NewMessage, Progress, StoredMessage
 
 USERS = ["alice", "bob", "carol"]
 ROOMS = ["lobby", "games"]
@@ -240,9 +240,12 @@ class ReplayMachine(RuleBasedStateMachine):
     ``gate.live``), with the I/O split at every await of the real code: a read
     completes (a snapshot of the store) and is handled later, a page is sent one
     message at a time (the connection may wait for queue space in between).  Meanwhile
-    the store commits, the router routes in commit order, and the client resumes.
-    Whatever the interleaving, the client sees every seq after the replay's start
-    exactly once, in order.
+    the store commits, the router routes in commit order, and the client resumes, acks,
+    or reconnects as another device (or the same one) under either
+    ``new_device_replay`` policy.  Whatever the interleaving, the client sees every seq
+    after the replay's start exactly once, in order, and a connect without ``since``
+    starts at its device's saved cursor (a new device: 0, or the inbox's end under
+    ``"none"``, which is then saved as its cursor).
     """
 
     def __init__(self) -> None:
@@ -253,11 +256,13 @@ class ReplayMachine(RuleBasedStateMachine):
         self.unrouted: list[int] = []  # committed, not yet routed (in commit order)
         self.received: list[int] = []
         self.start = 0
+        self.device, self.policy = "default", "all"
+        self.cursors: dict[str, int] = {}  # model: the devices' saved cursors
         self.begin(0)
 
-    def begin(self, since: int) -> None:
+    def begin(self, since: int | None) -> None:
         """A replay (re)starts (connect or resume): a running one is abandoned."""
-        self.replay = Replay(self.gate, since, PAGE)
+        self.replay = Replay(self.gate, since, PAGE, self.policy)
         self.phase: str | None = "state"  # "state", "pages", None = live
         self.state: InboxState | None = None  # an inbox_state read, not yet handled
         self.snapshot: list[StoredMessage] | None = None  # a page read, not yet handled
@@ -267,7 +272,8 @@ class ReplayMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.phase == "state" and self.state is None)
     @rule()
     def state_read_begins(self) -> None:
-        self.state = done(self.store.inbox_state("bob"))
+        self.state = done(self.store.inbox_state("bob", self.device))
+        self.state_cursors = dict(self.cursors)  # the model when the state was read
 
     @precondition(lambda self: self.state is not None)
     @rule()
@@ -275,6 +281,12 @@ class ReplayMachine(RuleBasedStateMachine):
         state, self.state = self.state, None
         self.after = self.replay.begin(state)
         self.start = self.replay.start
+        assert state.new_device is (self.device not in self.state_cursors)
+        if self.replay.since is None:  # a connect: from the device's cursor
+            first = 0 if self.policy == "all" else state.last_seq
+            assert self.start == self.state_cursors.get(self.device, first)
+        if state.new_device:  # the connection registers it (Hub.register_device)
+            self.save_cursor(self.replay.cursor)
         self.received = []  # the client starts over from the replay's start
         self.phase = None if self.after is None else "pages"
 
@@ -325,7 +337,20 @@ class ReplayMachine(RuleBasedStateMachine):
 
     @rule(upto=st.integers(0, 30))
     def ack(self, upto: int) -> None:
-        done(self.store.save_cursors({"bob": upto}, {}))
+        self.save_cursor(upto)
+
+    def save_cursor(self, seq: int) -> None:
+        last = done(self.store.inbox_state("bob")).last_seq
+        self.cursors[self.device] = max(self.cursors.get(self.device, 0), min(seq, last))
+        done(self.store.save_progress(Progress(cursors={("bob", self.device): seq})))
+
+    @rule(device=st.sampled_from(["default", "phone", "laptop"]),
+          policy=st.sampled_from(["all", "none"]))
+    def reconnect(self, device: str, policy: str) -> None:
+        """The connection closes; a new one (a new gate) connects without ``since``."""
+        self.gate = InboxGate()
+        self.device, self.policy = device, policy
+        self.begin(None)
 
     @invariant()
     def no_gap_no_duplicate(self) -> None:

@@ -14,14 +14,14 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from redis_fixture import redis_cluster, redis_server, require_coredis  # noqa: F401
 from store_harness import Engine, ids, msg, outcomes
-from store_model import MAX_INBOX, OPS, check_against_model
+from store_model import KEY_WINDOW, MAX_INBOX, OPS, check_against_model
 
 require_coredis()
 import coredis  # noqa: E402
 
 from tidings.store import (  # noqa: E402
-    Appended, DuplicateMessage, InboxState, NewMessage, StoredMessage, StoreLimits,
-    StoreUnavailable,
+    Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Progress, StoredMessage,
+    StoreLimits, StoreUnavailable,
 )
 from tidings.store.records import MS_PER_DAY  # noqa: E402
 from tidings.store.redis import open_redis_store  # noqa: E402
@@ -98,7 +98,7 @@ async def test_max_inbox_trims_the_index_entries_too(redis_server):
     async with Engine("redis", server=redis_server).open(StoreLimits(max_inbox=3)) as s:
         await s.append([msg("a", "b") for _ in range(5)] + [msg("c", "b")])
         await s.append([msg("a", "b")])
-        assert await s.inbox_state("b") == InboxState(5, 7, 0)
+        assert await s.inbox_state("b") == InboxState(5, 7, 0, new_device=True)
         r = coredis.Redis.from_url(redis_server.url)
         async with r:
             assert await r.xlen("tidings:{b}:inbox") == 3
@@ -122,17 +122,57 @@ async def test_prune_applies_a_lowered_max_inbox_in_batches(redis_server, monkey
             await s.append(batch[k:k + 700])
     async with engine.open(StoreLimits(max_inbox=1)) as s:
         assert await s.prune(10**12, None) == 100 * 9 + 499
-        assert await s.inbox_state("big") == InboxState(500, 500, 0)
+        assert await s.inbox_state("big") == InboxState(500, 500, 0, new_device=True)
         assert len([u async for u in s.users()]) == 101
         assert await s.prune(10**12, None) == 0
 
 
 async def test_cursor_of_a_user_known_only_by_last_seen(redis_server):
     async with Engine("redis", server=redis_server).open() as s:
-        await s.save_cursors({}, {"a": 123})
-        await s.save_cursors({"a": 5}, {})
+        await s.save_progress(Progress(last_seen={"a": 123}))
+        await s.save_progress(Progress(cursors={("a", "default"): 5}))
         assert await s.inbox_state("a") == InboxState(1, 0, 0)
         assert await s.last_seen(["a"]) == {"a": 123}
+
+
+async def test_a_cursor_from_before_devices_is_the_default_device(redis_server):
+    """Old data: the user's cursor in its ``u`` hash is read as the default device's
+    until that device is saved; the other devices are new."""
+    async with Engine("redis", server=redis_server).open() as s:
+        await s.append([msg("a", "b") for _ in range(4)])
+        r = coredis.Redis.from_url(redis_server.url)
+        async with r:
+            await r.hset("tidings:{b}:u", {"cursor": "3"})
+        assert await s.inbox_state("b") == InboxState(1, 4, 3)
+        assert await s.inbox_state("b", "phone") == InboxState(1, 4, 0, new_device=True)
+        assert await s.devices("b") == {"default": DeviceState(3, 0)}
+        await s.save_progress(Progress(delivered={("b", "default"): 4}))
+        assert await s.devices("b") == {"default": DeviceState(3, 4)}
+        await s.save_progress(Progress(cursors={("b", "default"): 2}))  # never backwards
+        assert await s.inbox_state("b") == InboxState(1, 4, 3)
+        assert await s.acked_by_any_device([("b", 3), ("b", 4)]) == [True, False]
+
+
+async def test_the_message_index_and_the_keys_expire(redis_server):
+    """The msg_id -> recipient index (one hash per day of the id's clock) expires a day
+    after the retention; the keys hashes a day after the window (rooms: nobody prunes)."""
+    limits = StoreLimits(retention_days=2, key_window_ms=60_000)
+    day = int(time.time() * 1000) // MS_PER_DAY  # an expiry in the past would delete at once
+    msg_id = f"{day * MS_PER_DAY + 5:012x}000000abcdef"
+    async with Engine("redis", server=redis_server).open(limits) as s:
+        await s.append([msg("a", "b", msg_id=msg_id)._replace(key="k")])
+        assert (await s.message(msg_id)).recipient == "b"
+        assert await s.message(msg_id[:-1] + "0") is None
+        await s.claim_key("a", "\x1froom\x1flobby", "k", "m1", 1)
+        r = coredis.Redis.from_url(redis_server.url)
+        async with r:
+            index = f"tidings:{{ix:{day}:{msg_id[11]}}}"
+            assert await r.hget(index, msg_id) == b"b"
+            expires = await r.pexpiretime(index)  # coredis: a datetime
+            assert expires.timestamp() * 1000 == (day + 4) * MS_PER_DAY
+            for k in ("tidings:{b}:keys", "tidings:{b}:keyts", "tidings:{%s}:keys" % "\x1froom\x1flobby"):
+                ttl = await r.pttl(k)
+                assert MS_PER_DAY < ttl <= MS_PER_DAY + 60_000, k
 
 
 # ------------------------------------------------------------------ faults
@@ -146,7 +186,9 @@ async def test_unavailable_fast_and_recovers(redis_server):
         res = await s.append([msg("a", "b"), msg("a", "c")])
         assert [type(r.error) for r in res] == [StoreUnavailable] * 2
         for call in (s.read_inbox("b", 0, 10), s.history("a", "b", None, 10),
-                     s.inbox_state("b"), s.save_cursors({"b": 1}, {}), s.prune(0, 1)):
+                     s.inbox_state("b"), s.save_progress(Progress(cursors={("b", "x"): 1})),
+                     s.prune(0, 1), s.devices("b"), s.message("m"),
+                     s.claim_key("a", "b", "k", "m", 1)):
             with pytest.raises(StoreUnavailable):
                 await call
         assert time.monotonic() - t0 < 5
@@ -193,7 +235,7 @@ async def test_exceptions_from_the_body_are_not_wrapped(redis_server):
 async def test_aof_always_survives_kill_9(redis_server):
     async with Engine("redis", server=redis_server).open() as s:
         await s.append([msg("a", "b") for _ in range(50)])
-        await s.save_cursors({"b": 7}, {})
+        await s.save_progress(Progress(cursors={("b", "default"): 7}))
     redis_server.kill()
     redis_server.start()
     async with Engine("redis", server=redis_server).open() as s:
@@ -208,15 +250,15 @@ async def test_no_aof_restart_loses_everything(redis_server):
     redis_server.kill()
     redis_server.start()
     async with Engine("redis", server=redis_server).open() as s:
-        assert await s.inbox_state("b") == InboxState(1, 0, 0)
+        assert await s.inbox_state("b") == InboxState(1, 0, 0, new_device=True)
 
 
 # ------------------------------------------------------------------ Redis Cluster
 
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(ops=OPS, max_inbox=MAX_INBOX)
-def test_a_redis_cluster_answers_like_the_model(redis_cluster, ops, max_inbox):
+@given(ops=OPS, max_inbox=MAX_INBOX, key_window_ms=KEY_WINDOW)
+def test_a_redis_cluster_answers_like_the_model(redis_cluster, ops, max_inbox, key_window_ms):
     """tests/store_model.py against a 3-shard Redis Cluster (one append script per
     recipient, history merged across slots, prune over every primary)."""
     redis_cluster.flush()
@@ -226,7 +268,7 @@ def test_a_redis_cluster_answers_like_the_model(redis_cluster, ops, max_inbox):
                                 publish=False)
 
     trio.run(lambda: check_against_model(open_store, ops, max_inbox, searchable=False,
-                                         prune_deletes_hidden=False))
+                                         prune_deletes_hidden=False, key_window_ms=key_window_ms))
 
 
 async def test_retention_on_a_cluster_reaches_every_primary(redis_cluster):

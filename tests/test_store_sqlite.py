@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from store_harness import msg
 
-from tidings.store import InboxState, StoreLimits, StoreUnavailable
+from tidings.store import DeviceState, InboxState, StoreLimits, StoreUnavailable
 from tidings.store import sqlite as sqlite_mod
 from tidings.store import sqlite_db
 from tidings.store.sqlite import SqliteStore
@@ -52,7 +52,7 @@ def test_file_is_private_and_reopens(tmp_path):
     d.close()
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
     d = SqliteDatabase.open(str(path))
-    assert d.inbox_state("b") == InboxState(1, 2, 0)
+    assert d.inbox_state("b") == InboxState(1, 2, 0, new_device=True)
     d.close()
 
 
@@ -113,6 +113,27 @@ def test_version_1_database_is_migrated_with_its_rows_indexed(tmp_path):
     assert d.append_many([msg("a", "b", "new pizza")]) == [2]
     assert len(d.search("a", "pizza", 10, 0)[0]) == 2
     fts_integrity_check(d)
+    d.close()
+
+
+def test_version_2_cursors_become_the_default_devices(tmp_path):
+    """Migration 4: each user's cursor moves to its device "default" (delivered up to it),
+    so an upgraded daemon replays nothing twice and treats no old user as a new device."""
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path)
+    for sql in MIGRATIONS[0] + MIGRATIONS[1]:
+        conn.execute(sql)
+    conn.executemany("INSERT INTO users (user, last_seq, cursor, last_seen) VALUES (?, ?, ?, ?)",
+                     [("b", 3, 2, 99), ("c", 1, 0, None)])
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    d = SqliteDatabase.open(path)
+    assert d.devices("b") == {"default": DeviceState(2, 2)}
+    assert d.inbox_state("b") == InboxState(4, 3, 2)
+    assert d.inbox_state("c") == InboxState(2, 1, 0)
+    assert d.inbox_state("c", "phone") == InboxState(2, 1, 0, new_device=True)
+    assert d.last_seen(["b"]) == {"b": 99}
     d.close()
 
 
@@ -195,12 +216,12 @@ def test_max_inbox_hides_rows_that_prune_then_deletes(tmp_path):
     d = SqliteDatabase.open(tmp_path / "t.db", max_inbox=2)
     d.append_many([msg("a", "u", "word") for _ in range(5)] + [msg("u", "a", "word")])
     assert rows(d) == 6  # nothing deleted by the appends...
-    assert d.inbox_state("u") == InboxState(4, 5, 0)  # ...but hidden from every read
+    assert d.inbox_state("u") == InboxState(4, 5, 0, True)  # ...but hidden from every read
     assert [m.seq for m in d.read_inbox("u", 0, 10)] == [4, 5]
     assert len(d.history("a", "u", None, 10)[0]) == 3
     assert len(d.search("a", "word", 10, 0)[0]) == 3
     assert d.prune(0, None) == 3
-    assert rows(d) == 3 and d.inbox_state("u") == InboxState(4, 5, 0)
+    assert rows(d) == 3 and d.inbox_state("u") == InboxState(4, 5, 0, True)
     assert d.prune(0, None) == 0
     fts_integrity_check(d)
     d.close()
@@ -317,7 +338,7 @@ def test_seqs_continue_after_retention_removed_a_whole_inbox_and_a_restart(tmp_p
     d.close()
     d = SqliteDatabase.open(path)  # a fresh writer: nothing remembered in memory
     try:
-        assert d.inbox_state("b") == InboxState(4, 3, 0)
+        assert d.inbox_state("b") == InboxState(4, 3, 0, new_device=True)
         assert d.append_many([msg("a", "b")]) == [4]
     finally:
         d.close()

@@ -12,7 +12,7 @@ import trio
 from redis_fixture import redis_server  # noqa: F401  (requested by the engine fixture)
 from store_harness import ENGINES, Engine, msg
 
-from tidings.store import StoreUnavailable
+from tidings.store import Progress, StoreUnavailable
 from tidings.store.records import OutboxEntry, UndeliveredCheck, WebhookEvent
 
 BOTH = ("online", "offline")
@@ -189,8 +189,9 @@ async def test_undelivered_checks_are_due_at_their_time_and_settled_once(engine)
         assert await s.undelivered_due(100, 10) == checks[:2]
         assert await s.undelivered_due(101, 10) == checks
         assert await s.undelivered_due(101, 1) == checks[:1]
-        # bob acked seq 1 (the edge: seq == cursor is acked, cursor + 1 is not)
-        await s.save_cursors({"bob": 1}, {})
+        # bob's phone acked seq 1 (the edge: seq == cursor is acked, cursor + 1 is not);
+        # his laptop acked nothing: any one device's ack counts
+        await s.save_progress(Progress(cursors={("bob", "phone"): 1, ("bob", "laptop"): 0}))
         pairs = [(c.user, c.seq) for c in checks] + [("nobody", 1)]
         assert await s.acked_by_any_device(pairs) == [True, False, False, False]
         report = [None, WebhookEvent("u2", "undelivered", 100, "bob", "m-b2", "alice", 2),

@@ -15,7 +15,7 @@ import trio.testing
 
 from tidings.config import WebhooksConfig
 from tidings.routing.sessions import SessionTable
-from tidings.store import MemoryStore
+from tidings.store import MemoryStore, Progress
 from tidings.store.records import Appended, NewMessage, WebhookEvent
 from tidings.webhooks.recorder import WebhookRecorder
 from tidings.webhooks.sender import WebhookSender
@@ -186,7 +186,7 @@ async def test_undelivered_checks_become_events_unless_acked(clock):
         await nursery.start(sender.run)
         t0 = trio.current_time()
         await recorder.watch(msgs + msgs[:1], results + [Appended(None)])
-        await store.save_cursors({"carol": 1}, {})  # carol acked in time
+        await store.save_progress(Progress(cursors={("carol", "default"): 1}))  # acked in time
         await receiver.wait(1)
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()

@@ -5,13 +5,17 @@
  *   import { TidingsClient } from "/tidings.js";
  *   const c = new TidingsClient({ url: "wss://chat.example/ws", token, onMessage, onStatus });
  *   c.connect();
- *   const ack = await c.send("bob", { text: "hi" });   // the server's ack frame
+ *   const ack = await c.send("bob", { text: "hi" });   // the server's ack frame, once
  *   c.close();
  *
  * Contract
  * - `token`: a string, or a (possibly async) function returning one; it is called
  *   before every (re)connect, so an expiring token can be replaced.  `user` is sent
  *   as ?user= (only accepted by a daemon running with auth.mode = "insecure").
+ * - Device: the connection names a device (?device=): `device`, else the name kept
+ *   in localStorage under "tidings.device" (made once: "web-" + 8 hex digits), else a
+ *   fresh name per client.  The server keeps one ack cursor per device, so a phone and
+ *   a laptop of one user each get every message.  `device` / `unread` are the hello's.
  * - Reconnect: any close not asked for by close() schedules a reconnect after
  *   min(maxDelayMs, baseDelayMs * 2^attempt) with equal jitter (half fixed, half
  *   random); `attempt` resets when the server's hello arrives.
@@ -19,11 +23,15 @@
  *   for ?since=lastSeq, and a message with seq <= lastSeq is never delivered twice.
  * - Acks: delivered seqs are acknowledged in batches ({"type":"ack","seq":N} with the
  *   highest N) after ackDelayMs or every ackBatch messages, and when closing.
- * - send(to, body): a Promise resolved with the matching ack frame (by id), rejected
- *   with a TidingsError: the server's error code, or "disconnected" when the
- *   connection dropped before the ack (the message may or may not have been stored).
- *   A send issued while disconnected waits in an outbox and goes out after the
- *   next hello (it was never on the wire, so it cannot be duplicated).
+ * - send(to, body, {key}): a Promise resolved with the matching ack frame (by id),
+ *   rejected with a TidingsError carrying the server's error code.  Every send
+ *   carries an idempotency `key` (a fresh random one unless given).  A send issued
+ *   while disconnected waits in an outbox; a send whose ack did not arrive before the
+ *   connection dropped goes out again after the next hello with the same key and id:
+ *   the server stores a key once and answers a resend of a stored one with the
+ *   original ack plus "duplicate": true.  So each send is stored exactly once, however
+ *   the connection comes and goes.  Other requests (presence...) are rejected with
+ *   "disconnected" when the connection drops before their reply.
  * - Callbacks: onMessage(frame), onPresence(frame), onStatus(status, detail) with
  *   status "connecting" | "open" | "reconnecting" | "closed", onError(frame) for
  *   error frames that answer no pending request.  A throwing callback is reported
@@ -31,6 +39,39 @@
  * - Heartbeat: after heartbeatMs without any frame the client pings; no reply within
  *   heartbeatTimeoutMs closes the socket (and so reconnects).
  */
+
+const DEVICE_KEY = "tidings.device";
+
+function randomHex(bytes) {
+  const buf = new Uint8Array(bytes);
+  if (globalThis.crypto && globalThis.crypto.getRandomValues) globalThis.crypto.getRandomValues(buf);
+  else for (let i = 0; i < bytes; i++) buf[i] = Math.floor(Math.random() * 256);
+  return Array.from(buf, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** A fresh idempotency key (32 hex digits). */
+export function freshKey() {
+  return randomHex(16);
+}
+
+/** This browser's device name: kept in `storage` (localStorage), made once. */
+function storedDevice(storage) {
+  let store = storage;
+  try {
+    if (store === undefined) store = globalThis.localStorage;
+  } catch {
+    store = null; // localStorage may throw (sandboxed frames, privacy modes)
+  }
+  try {
+    const known = store && store.getItem(DEVICE_KEY);
+    if (known) return known;
+    const made = `web-${randomHex(4)}`;
+    if (store) store.setItem(DEVICE_KEY, made);
+    return made;
+  } catch {
+    return `web-${randomHex(4)}`;
+  }
+}
 
 export class TidingsError extends Error {
   constructor(code, message, frame = null) {
@@ -58,6 +99,8 @@ export class TidingsClient {
     this.status = "idle";
     this.user = null;
     this.conn = null;
+    this.device = options.device || storedDevice(options.storage);
+    this.unread = null;
     this.lastSeq = options.since || 0;
     this.attempt = 0;
     this.reconnects = 0;
@@ -92,13 +135,14 @@ export class TidingsClient {
     const ws = this._ws;
     this._ws = null;
     if (ws) ws.close(code, reason);
-    this._failPending("closed", "client closed", true);
+    this._failPending("closed", "client closed");
     this._setStatus("closed", { code });
   }
 
-  /** Send `body` to user `to`; resolves with the ack frame. */
+  /** Send `body` to user `to` exactly once (see the contract); resolves with the ack
+   * frame.  `extra` may carry a `key` (default: a fresh one) or an `id`. */
   send(to, body, extra = {}) {
-    return this.request({ type: "send", to, body, ...extra });
+    return this.request({ type: "send", to, body, ...extra, key: extra.key || freshKey() });
   }
 
   /** Ask for the presence of `users`; resolves with the presence frame. */
@@ -140,6 +184,7 @@ export class TidingsClient {
     if (typeof token === "function") token = await token();
     if (token) url.searchParams.set("token", token);
     if (this.options.user) url.searchParams.set("user", this.options.user);
+    if (this.device) url.searchParams.set("device", this.device);
     if (this.lastSeq > 0) url.searchParams.set("since", String(this.lastSeq));
     return url.toString();
   }
@@ -185,6 +230,8 @@ export class TidingsClient {
       case "hello":
         this.user = frame.user;
         this.conn = frame.conn;
+        if (frame.device) this.device = frame.device;
+        this.unread = frame.unread ?? null;
         this.attempt = 0;
         this._setStatus("open", { user: frame.user, conn: frame.conn, lastSeq: this.lastSeq });
         this._drainOutbox();
@@ -263,13 +310,12 @@ export class TidingsClient {
     this._beatTimer = this._beatDeadline = null;
   }
 
-  _failPending(code, message, all) {
+  _failPending(code, message) {
     for (const [id, waiter] of this._pending) {
-      if (!all && !waiter.sent) continue; // unsent frames wait in the outbox
       this._pending.delete(id);
       waiter.reject(new TidingsError(code, message, waiter.frame));
     }
-    if (all) this._outbox = [];
+    this._outbox = [];
   }
 
   _onClose(code, reason) {
@@ -277,8 +323,17 @@ export class TidingsClient {
     clearTimeout(this._ackTimer);
     this._ackTimer = null;
     this._ackedSeq = 0; // the server may have missed the last ack: resend it next time
-    this._failPending("disconnected", "connection lost before the reply; the request may or may not have been applied", false);
-    for (const [id, waiter] of this._pending) if (!waiter.sent && !this._outbox.includes(id)) this._outbox.push(id);
+    for (const [id, waiter] of this._pending) {
+      if (!waiter.sent) continue;
+      if (waiter.frame.type === "send" && waiter.frame.key) {
+        waiter.sent = false; // resent with the same key after the next hello
+        continue;
+      }
+      this._pending.delete(id);
+      waiter.reject(new TidingsError("disconnected", "connection lost before the reply; the request may or may not have been applied", waiter.frame));
+    }
+    // Everything still pending goes out after the next hello, in the order asked for.
+    this._outbox = [...this._pending.keys()];
     if (this._closing) return;
     this._scheduleReconnect({ code, reason });
   }

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tidings.config import ASYMMETRIC_ALGORITHMS, MIN_SECRET_BYTES, AuthConfig, Config
-from tidings.wire.protocol import valid_user_id
+from tidings.wire.protocol import MAX_DEVICE_LEN, valid_device, valid_user_id
 
 __all__ = [
     "AuthError", "Authenticator", "Identity", "KeyMaterialError", "KeySet", "PublicKey",
@@ -76,6 +76,8 @@ class Identity:
     exp: int | None  # epoch seconds; None = never expires (insecure mode)
     #: The token's ``rooms`` claim (names or glob patterns); None = config default.
     rooms: tuple[str, ...] | None = None
+    #: The token's ``device`` claim (the connection's device name); None = not named.
+    device: str | None = None
 
 
 # -- HS256 secrets ----------------------------------------------------------------------
@@ -361,13 +363,19 @@ class Authenticator:
         """Replace the identity provider's public keys (a new JWKS, a new PEM file)."""
         self._keys = keys
 
-    def mint(self, user: str, ttl_s: float, *, now: float | None = None) -> str:
+    def mint(self, user: str, ttl_s: float, *, now: float | None = None,
+             device: str | None = None) -> str:
+        """An HS256 token for ``user`` (with a ``device`` claim when given)."""
         if not valid_user_id(user):
             raise ValueError(f"not a valid user id: {user!r}")
+        if device is not None and not valid_device(device):
+            raise ValueError(f"not a valid device name: {device!r}")
         if not self._secrets:
             raise ValueError("no HS256 secret: tokens come from the identity provider")
         iat = int(now if now is not None else time.time())
-        claims = {"sub": user, "iat": iat, "exp": iat + int(ttl_s)}
+        claims: dict[str, Any] = {"sub": user, "iat": iat, "exp": iat + int(ttl_s)}
+        if device is not None:
+            claims["device"] = device
         return jwt.encode(claims, self._secrets[0], algorithm=ALGORITHM)
 
     def verify(self, token: str) -> Identity:
@@ -445,4 +453,7 @@ def _identity(claims: dict[str, Any]) -> Identity:
     rooms = claims.get("rooms")
     if rooms is not None and (not isinstance(rooms, list) or not all(isinstance(r, str) for r in rooms)):
         raise AuthError("token 'rooms' claim must be a list of strings")
-    return Identity(user, int(claims["exp"]), tuple(rooms) if rooms is not None else None)
+    device = claims.get("device")
+    if device is not None and not valid_device(device):
+        raise AuthError(f"token 'device' claim must be 1-{MAX_DEVICE_LEN} characters of A-Z a-z 0-9 _ . -")
+    return Identity(user, int(claims["exp"]), tuple(rooms) if rooms is not None else None, device)

@@ -46,11 +46,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from tidings.auth import Authenticator, load_secret
-    from tidings.wire.protocol import valid_user_id
+    from tidings.wire.protocol import MAX_DEVICE_LEN, valid_device, valid_user_id
 
     config = _load(args.config)
     if not valid_user_id(args.user):
         print(f"tidings: not a valid user id: {args.user!r}", file=sys.stderr)
+        return 2
+    if args.device is not None and not valid_device(args.device):
+        print(f"tidings: --device must be 1-{MAX_DEVICE_LEN} characters of A-Z a-z 0-9 _ . -",
+              file=sys.stderr)
         return 2
     if not config.auth.accepts_hs256():
         print(f"tidings: auth.algorithms = {config.auth.algorithms!r} has no \"HS256\": the daemon "
@@ -63,7 +67,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"tidings: cannot load the token secret: {exc}", file=sys.stderr)
         return 1
     ttl = args.ttl if args.ttl is not None else config.auth.token_ttl_s
-    print(Authenticator("jwt", [secret]).mint(args.user, ttl))
+    print(Authenticator("jwt", [secret]).mint(args.user, ttl, device=args.device))
     return 0
 
 
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user")
     p.add_argument("--config", metavar="FILE")
     p.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default auth.token_ttl_s)")
+    p.add_argument("--device", metavar="NAME", help="the token's device claim (the connection's device)")
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("send", help="send TEXT to USER through the server API")

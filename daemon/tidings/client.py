@@ -2,10 +2,14 @@
 
 Contract (see docs/protocol.md for the frames)::
 
-    async with open_client("ws://127.0.0.1:8765/ws", token=jwt) as c:
-        c.user, c.conn                       # from the server's "hello" frame
+    async with open_client("ws://127.0.0.1:8765/ws", token=jwt, device="laptop") as c:
+        c.user, c.conn, c.device, c.unread   # from the server's "hello" frame
         ack = await c.send("bob", {"text": "hi"})   # waits for the matching ack
         msg = await c.receive_message()      # next "message" frame
+
+    # exactly once across a lost connection: resend what was never acknowledged
+    async with open_client(url, token=jwt, device="laptop") as c2:
+        acks = await c2.resend(c.unacked)    # same keys: "duplicate": true if stored
 
 * ``open_client`` connects, then waits for the ``hello`` frame before yielding.
   A refused handshake (HTTP 401/404/429/503 ...) raises :class:`HandshakeRefused`;
@@ -27,11 +31,18 @@ Contract (see docs/protocol.md for the frames)::
   has been drained after a close. ``closed_code`` holds the close code.
 * Outgoing frames are JSON text frames (orjson). ``send_frame`` also accepts a
   ``str`` (sent as-is as text) or ``bytes`` (sent as a *binary* frame) for tests.
+* Devices and exactly-once sends: ``device=`` names the connection's device (its own
+  ack cursor and replay on the server).  ``send`` puts a fresh idempotency ``key`` on
+  every message (or the one given).  A send written but not answered (the connection
+  closed, or the wait timed out) stays in ``unacked`` (key -> frame); ``resend`` sends
+  such frames again, unchanged, on a new connection: the server stores each key once
+  and answers a resend of a stored one with its original ack and ``"duplicate": true``.
 """
 
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections import deque
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
@@ -85,11 +96,12 @@ class ConnectionClosedError(TidingsError):
 
 
 def build_url(url: str, *, token: str | None = None, user: str | None = None,
-              since: int | None = None) -> str:
-    """Add ``token=`` / ``user=`` (insecure mode) / ``since=`` to ``url``'s query."""
+              since: int | None = None, device: str | None = None) -> str:
+    """Add ``token=`` / ``user=`` (insecure mode) / ``since=`` / ``device=`` to ``url``'s
+    query."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    for key, value in (("token", token), ("user", user), ("since", since)):
+    for key, value in (("token", token), ("user", user), ("since", since), ("device", device)):
         if value is not None:
             query.append((key, str(value)))
     return urlunsplit(parts._replace(query=urlencode(query)))
@@ -116,6 +128,8 @@ class TidingsClient:
         self._closed = trio.Event()
         self._hello = trio.Event()
         self.hello: Frame | None = None
+        #: Sends written but not answered, by key (see the module docstring).
+        self.unacked: dict[str, Frame] = {}
 
     # -- state --------------------------------------------------------------
     @property
@@ -125,6 +139,15 @@ class TidingsClient:
     @property
     def conn(self) -> str | None:
         return self.hello.get("conn") if self.hello else None
+
+    @property
+    def device(self) -> str | None:
+        return self.hello.get("device") if self.hello else None
+
+    @property
+    def unread(self) -> int | None:
+        """Messages after this device's cursor when the connection opened."""
+        return self.hello.get("unread") if self.hello else None
 
     @property
     def closed_code(self) -> int | None:
@@ -211,11 +234,36 @@ class TidingsClient:
             raise ServerError(reply.get("code", ""), reply.get("message", ""), reply)
         return reply
 
-    async def send(self, to: str, body: Any, *, id: Any = None,
-                   timeout: float = DEFAULT_TIMEOUT) -> Frame:
-        """Send a message; return the ``ack`` (msg_id, seq, delivered)."""
-        return await self.request({"type": "send", "to": to, "body": body, "id": id},
-                                  timeout=timeout)
+    async def send(self, to: str, body: Any, *, id: Any = None, key: str | None = None,
+                   room: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Frame:
+        """Send a message to user ``to`` (or to ``room``) with idempotency ``key`` (a
+        fresh one when None); return the ``ack`` (msg_id, seq, delivered; duplicate
+        when the key was already stored).  Until answered, the frame is in
+        ``unacked``."""
+        frame = {"type": "send", "body": body, "id": id, "key": key or uuid.uuid4().hex}
+        frame.update({"room": room} if room is not None else {"to": to})
+        return await self._send_keyed(frame, timeout)
+
+    async def resend(self, frames: Mapping[str, Frame] | Iterable[Frame], *,
+                     timeout: float = DEFAULT_TIMEOUT) -> list[Frame]:
+        """Send again, in order and unchanged, sends another connection never got an
+        answer to (its ``unacked``); return their acks (``duplicate`` when stored the
+        first time)."""
+        items = list(frames.values()) if isinstance(frames, Mapping) else list(frames)
+        return [await self._send_keyed(dict(frame), timeout) for frame in items]
+
+    async def _send_keyed(self, frame: Frame, timeout: float) -> Frame:
+        key = frame["key"]
+        if frame.get("id") is None:
+            frame["id"] = f"c{next(self._ids)}"
+        self.unacked[key] = frame
+        try:
+            reply = await self.request(frame, timeout=timeout)
+        except ServerError:
+            del self.unacked[key]  # answered: not stored (the caller may send again)
+            raise
+        del self.unacked[key]
+        return reply
 
     async def ping(self, *, id: Any = None, timeout: float = DEFAULT_TIMEOUT) -> Frame:
         return await self.request({"type": "ping", "id": id}, timeout=timeout)
@@ -332,7 +380,7 @@ def _single(eg: BaseExceptionGroup) -> BaseException | None:
 
 @asynccontextmanager
 async def open_client(url: str, *, token: str | None = None, user: str | None = None,
-                      since: int | None = None,
+                      since: int | None = None, device: str | None = None,
                       headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                       ssl_context: Any = None, connect_timeout: float = DEFAULT_TIMEOUT,
                       close_timeout: float = 5.0, inbox_size: int = INBOX_SIZE,
@@ -340,7 +388,7 @@ async def open_client(url: str, *, token: str | None = None, user: str | None = 
     """Connect, wait for ``hello``, yield a :class:`TidingsClient`; close on exit."""
     items = headers.items() if isinstance(headers, Mapping) else (headers or ())
     extra = [(k.encode(), v.encode()) for k, v in items]
-    full_url = build_url(url, token=token, user=user, since=since)
+    full_url = build_url(url, token=token, user=user, since=since, device=device)
     try:
         async with open_websocket_url(full_url, ssl_context, extra_headers=extra,
                                       connect_timeout=connect_timeout,

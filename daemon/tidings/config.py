@@ -247,6 +247,11 @@ class StoreConfig:
     #: Bound of the writer's input queue; when full, senders wait (backpressure).
     queue: int = attrs.field(default=4096, validator=_positive)
     prune_interval_s: float = attrs.field(default=300.0, validator=_positive)
+    #: How long a send's idempotency `key` names its first message (0: keys are ignored).
+    idempotency_window_s: float = attrs.field(default=86400.0, validator=_non_negative)
+    #: Where a device seen for the first time starts: "all" (every retained message)
+    #: or "none" (only messages stored from now on).
+    new_device_replay: str = attrs.field(default="all", validator=_one_of("all", "none"))
 
 
 @attrs.frozen(kw_only=True)

@@ -45,7 +45,9 @@ test("connects with the token, resolves sends by id, rejects on error frames", a
   const early = c.send("bob", "queued before hello");
   ws.frame({ type: "hello", user: "alice", conn: "c1" });
   assert.equal(c.status, "open");
-  assert.deepEqual(ws.sent[0], { type: "send", to: "bob", body: "queued before hello", id: "c1" });
+  const { key, ...rest } = ws.sent[0];
+  assert.deepEqual(rest, { type: "send", to: "bob", body: "queued before hello", id: "c1" });
+  assert.match(key, /^[0-9a-f]{32}$/);
   ws.frame({ type: "ack", id: "c1", seq: 4, msg_id: "x", delivered: 1 });
   assert.equal((await early).seq, 4);
   const bad = c.send("bob", "x");
@@ -67,14 +69,20 @@ test("dedups by seq, batches acks, resumes with since= after a drop", async () =
   await tick(20);
   assert.deepEqual(ws.sent, [{ type: "ack", seq: 2 }]); // one batched ack
   const inflight = c.send("a", "in flight");
+  const sendFrame = ws.sent[ws.sent.length - 1];
+  const asked = c.presence(["x"]);
   ws.drop();
-  await assert.rejects(inflight, (e) => e.code === "disconnected");
+  await assert.rejects(asked, (e) => e.code === "disconnected");
   assert.equal(c.status, "reconnecting");
   await tick(60);
   ws = FakeSocket.last();
   assert.equal(FakeSocket.all.length, 2);
   assert.equal(ws.url.searchParams.get("since"), "2");
   ws.frame({ type: "hello", user: "b", conn: "c2" });
+  // the send whose ack was lost goes out again, same id and key; its ack settles it
+  assert.deepEqual(ws.sent.filter((f) => f.type === "send"), [sendFrame]);
+  ws.frame({ type: "ack", id: sendFrame.id, msg_id: "m9", seq: 9, delivered: 0, duplicate: true });
+  assert.equal((await inflight).duplicate, true);
   ws.frame(msg(2)); // replayed again by a racing server: not shown twice
   ws.frame(msg(3));
   assert.deepEqual(events.messages.map((m) => m.seq), [1, 2, 3]);
@@ -110,4 +118,56 @@ test("close() stops reconnecting and rejects what is pending", async () => {
   await assert.rejects(p, (e) => e.code === "closed");
   await tick(60);
   assert.equal(FakeSocket.all.length, 1);
+});
+
+test("every send has its own key; a resend keeps it; sends go out in order", async () => {
+  const { c } = client();
+  c.connect();
+  await tick();
+  let ws = FakeSocket.last();
+  ws.frame({ type: "hello", user: "a", conn: "c1" });
+  const first = c.send("b", 1);
+  const second = c.send("b", 2, { key: "mine" });
+  const keys = ws.sent.map((f) => f.key);
+  assert.equal(keys[1], "mine");
+  assert.notEqual(keys[0], keys[1]);
+  ws.drop();
+  const third = c.send("b", 3); // while disconnected: waits in the outbox
+  await tick(60);
+  ws = FakeSocket.last();
+  ws.frame({ type: "hello", user: "a", conn: "c2" });
+  assert.deepEqual(ws.sent.map((f) => [f.body, f.key]), [[1, keys[0]], [2, "mine"], [3, ws.sent[2].key]]);
+  ws.sent.forEach((f, i) => ws.frame({ type: "ack", id: f.id, seq: i + 1, msg_id: `m${i}`, delivered: 1 }));
+  assert.deepEqual((await Promise.all([first, second, third])).map((a) => a.seq), [1, 2, 3]);
+  c.close();
+});
+
+test("the device name: given, else kept in storage, and the hello's wins", async () => {
+  const store = new Map();
+  const storage = { getItem: (k) => store.get(k) ?? null, setItem: (k, v) => store.set(k, v) };
+  let { c } = client({ storage });
+  c.connect();
+  await tick();
+  const made = FakeSocket.last().url.searchParams.get("device");
+  assert.match(made, /^web-[0-9a-f]{8}$/);
+  assert.equal(store.get("tidings.device"), made);
+  c.close();
+  ({ c } = client({ storage }));
+  c.connect();
+  await tick();
+  assert.equal(FakeSocket.last().url.searchParams.get("device"), made); // kept
+  FakeSocket.last().frame({ type: "hello", user: "a", conn: "c1", device: "from-token", unread: 4 });
+  assert.deepEqual([c.device, c.unread], ["from-token", 4]);
+  c.close();
+  ({ c } = client({ device: "phone", storage }));
+  c.connect();
+  await tick();
+  assert.equal(FakeSocket.last().url.searchParams.get("device"), "phone");
+  c.close();
+  const broken = { getItem: () => { throw new Error("denied"); }, setItem: () => {} };
+  ({ c } = client({ storage: broken }));
+  c.connect();
+  await tick();
+  assert.match(FakeSocket.last().url.searchParams.get("device"), /^web-[0-9a-f]{8}$/);
+  c.close();
 });

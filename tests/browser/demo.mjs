@@ -3,12 +3,18 @@
 // daemon: this script prints one JSON object per line on stdout ({"event": ...}) and
 // waits for the test's commands ("killed", "restarted") on stdin.
 //
+// The kill -9 comes in the middle of sends: alice's page is sending BURST messages, 2 ms
+// apart, when the test kills the daemon (after 30 of them were acked), and the ack of
+// one more ("lost-ack-1", stored before the kill) never reached the client.  After the
+// restart the client resends every unacked send with its key: each is stored once.
+//
 //   node demo.mjs BASE_URL ALICE BOB [CHROMIUM]
 import readline from "node:readline";
 import { chromium } from "playwright-core";
 
 const [base, alice, bob, executablePath = "/usr/bin/chromium"] = process.argv.slice(2);
 const T = 20000;
+const BURST = 100;
 const say = (event, extra = {}) => console.log(JSON.stringify({ event, ...extra }));
 const commands = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 async function expectCommand(name) {
@@ -57,17 +63,40 @@ const seen = (page, text) =>
 const received = (page) =>
   page.$$eval("#messages li.in", (lis) => lis.map((li) => ({ text: li.dataset.text, seq: Number(li.dataset.seq), from: li.dataset.from })));
 
+let a = null;
 try {
-  const a = await openPage(alice);
+  a = await openPage(alice);
   const b = await openPage(bob);
   say("connected");
   for (const text of ["before-1", "before-2", "before-3"]) await sendAcked(a, bob, text);
   await sendAcked(b, alice, "reply-1");
   for (const text of ["before-1", "before-2", "before-3"]) await seen(b, text);
   await seen(a, "reply-1");
+  await a.evaluate(({ to, n }) => {
+    const c = window.tidings;
+    const run = (window.exactly = { acks: {}, errors: [], lostId: null, lostAckDropped: false, issued: 0 });
+    const onFrame = c._onFrame.bind(c);
+    c._onFrame = (data) => { // the ack of lost-ack-1 is lost, as if with its connection
+      const f = JSON.parse(data);
+      if (f.type === "ack" && f.id === run.lostId && !run.lostAckDropped) { run.lostAckDropped = true; return; }
+      onFrame(data);
+    };
+    const send = (text) => c.send(to, { text }).then(
+      (ack) => { run.acks[text] = ack; }, (err) => { run.errors.push(`${text}: ${err.code}`); });
+    send("lost-ack-1");
+    run.lostId = [...c._pending.keys()].pop();
+    const timer = setInterval(() => {
+      if (run.issued >= n) { clearInterval(timer); return; }
+      send(`burst-${run.issued++}`);
+    }, 2);
+  }, { to: bob, n: BURST });
+  await a.waitForFunction(() => window.exactly.lostAckDropped && Object.keys(window.exactly.acks).length >= 30,
+                          null, { timeout: T });
   say("ready_for_kill");
   await expectCommand("killed");
+  const ackedAtKill = await a.evaluate(() => Object.keys(window.exactly.acks).length);
   for (const p of [a, b]) await p.waitForSelector('#status:not([data-status="open"])', { timeout: T });
+  await a.waitForFunction((n) => window.exactly.issued >= n, BURST, { timeout: T });
   // Sent while the daemon is down: waits in the client's outbox, goes out after hello.
   await send(a, bob, "offline-1");
   say("ready_for_restart");
@@ -76,6 +105,7 @@ try {
   for (const p of [a, b]) await p.waitForSelector('#status[data-status="open"]', { timeout: T });
   const reconnectMs = Date.now() - t0;
   await a.waitForSelector('#messages li.out[data-text="offline-1"]', { timeout: T });
+  await a.waitForFunction((n) => Object.keys(window.exactly.acks).length === n + 1, BURST, { timeout: T });
   await sendAcked(a, bob, "after-1");
   await seen(b, "offline-1");
   await seen(b, "after-1");
@@ -86,11 +116,13 @@ try {
     reconnects: { alice: await a.evaluate(() => window.tidings.reconnects),
                   bob: await b.evaluate(() => window.tidings.reconnects) },
     reconnectMs,
+    exactly: { ...(await a.evaluate(() => window.exactly)), ackedAtKill },
     problems,
     consoleErrors,
   });
 } catch (err) {
-  say("failed", { error: String(err && err.stack || err), problems });
+  const exactly = a && await a.evaluate(() => window.exactly).catch(() => null);
+  say("failed", { error: String(err && err.stack || err), problems, exactly });
   process.exitCode = 1;
 } finally {
   await browser.close();

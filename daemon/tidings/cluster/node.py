@@ -27,7 +27,10 @@ Every node runs one :class:`Cluster` (``open_cluster``).  It does three things:
    and its users show offline within ``presence_ttl_s``.  A clean shutdown deletes
    them at once.  The same write carries ``tidings:{node:<id>}:stats`` (same TTL):
    the bytes ``stats_record()`` returns, when the server set it, for the operator's
-   page (``node_stats()`` reads every other live node's, and everyone's users).
+   page (``node_stats()`` reads every other live node's, and everyone's users), and
+   ``tidings:{node:<id>}:devices`` (hash user -> the comma-separated names of the
+   devices connected here, from ``devices_of(user)`` when the server set it), which
+   ``devices(users)`` joins over the live nodes.
 
 3. **Faults.**  Pub/sub is fire-and-forget: messages published while the subscription
    is down are not delivered live (they are stored).  When Redis is unreachable,
@@ -62,6 +65,7 @@ import trio
 from coredis.retry import NoRetryPolicy
 
 from tidings import log
+from tidings.cluster.devices import devices_key, devices_online, write_devices
 from tidings.routing.rooms import ROOM_KEY_PREFIX
 from tidings.store import StoredMessage, StoreUnavailable
 from tidings.store.redis import single_errors
@@ -151,6 +155,8 @@ class Cluster:
         self._presence_ok = False
         #: Set by the server: this node's statistics record, written with presence.
         self.stats_record: Callable[[], bytes] | None = None
+        #: Set by the server: the device names of a user's connections here.
+        self.devices_of: Callable[[str], list[str]] | None = None
         self._errors = log.LogOnce(interval=30.0)
         self._n = dict(received=0, dispatched=0, ignored=0, gaps=0, callback_errors=0,
                        sessions=0, disconnects=0, presence_writes=0, presence_failures=0)
@@ -255,6 +261,15 @@ class Cluster:
         except (Exception, trio.TooSlowError) as exc:
             raise ClusterUnavailable(f"presence: {_reason(exc)}") from None
         return counts
+
+    async def devices(self, users: Sequence[str]) -> dict[str, set[str]]:
+        """The names of the devices connected per user over all live nodes (this node's
+        from ``devices_of``).  Raises ClusterUnavailable when Redis cannot be asked."""
+        try:
+            with trio.fail_after(self._command_timeout):
+                return await devices_online(self._r, self.node_id, users, self.devices_of)
+        except (Exception, trio.TooSlowError) as exc:
+            raise ClusterUnavailable(f"devices: {_reason(exc)}") from None
 
     async def node_stats(self, count_users_up_to: int = 20_000
                          ) -> tuple[dict[str, bytes], dict[str, int] | None]:
@@ -499,6 +514,8 @@ class Cluster:
                 if counts:
                     pipe.hset(self._presence_key, counts)
                 pipe.pexpire(self._presence_key, ttl_ms)
+                if self.devices_of is not None:
+                    write_devices(pipe, self.node_id, self.devices_of, counts, full, dirty, ttl_ms)
                 pipe.set(self._alive_key, "1", px=ttl_ms)
                 if self.stats_record is not None:
                     pipe.set(stats_key(self.node_id), self.stats_record(), px=ttl_ms)
@@ -512,7 +529,8 @@ class Cluster:
         with trio.move_on_after(1.0) as scope:
             scope.shield = True
             try:
-                await self._r.delete([self._presence_key, self._alive_key, stats_key(self.node_id)])
+                await self._r.delete([self._presence_key, self._alive_key, stats_key(self.node_id),
+                                      devices_key(self.node_id)])
                 await self._r.srem(NODES_KEY, [self.node_id])
             except Exception:
                 pass

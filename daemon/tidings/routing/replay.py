@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-A connection replays its user's inbox on connect (after the ack cursor or ``?since=``),
-after ``resume`` and after a cluster resync.  Meanwhile the router keeps offering live
+A connection replays its user's inbox on connect (after its device's ack cursor or
+``?since=``), after ``resume`` and after a cluster resync.  A device seen for the first
+time has no cursor yet: ``Replay`` gives it one from ``store.new_device_replay`` (0 for
+``"all"``, the inbox's ``last_seq`` for ``"none"``), which the connection then saves.  Meanwhile the router keeps offering live
 messages; they must be neither lost nor sent twice.  Two objects hold every decision:
 
 * ``InboxGate`` (one per connection, for its whole life) answers the router's offers:
@@ -95,17 +97,22 @@ class Replay:
 
     Creating it puts the gate in replaying mode (live messages are absorbed from then
     on).  ``since``: replay after this seq (clamped to the inbox's last seq); None: after
-    the ack cursor.  A replay that is abandoned (cancelled by a newer one) needs nothing
-    undone: the next ``Replay`` on the same gate starts over.
+    the device's ack cursor (``cursor``, set by ``begin``; for a new device the one
+    ``new_device_replay`` gives it).  A replay that is abandoned (cancelled by a newer
+    one) needs nothing undone: the next ``Replay`` on the same gate starts over.
     """
 
-    __slots__ = ("_gate", "_n_read", "complete", "page", "since", "start")
+    __slots__ = ("_gate", "_n_read", "complete", "cursor", "new_device_replay", "page",
+                 "since", "start")
 
-    def __init__(self, gate: InboxGate, since: int | None, page: int) -> None:
+    def __init__(self, gate: InboxGate, since: int | None, page: int,
+                 new_device_replay: str = "all") -> None:
         gate.replaying = True
         self._gate = gate
         self.since = since
         self.page = page
+        self.new_device_replay = new_device_replay  # "all" or "none"
+        self.cursor = 0  # the device's cursor (set by begin)
         self.start = 0  # the effective start (set by begin)
         self.complete = True  # False when retention already dropped part of the gap
         self._n_read = 0
@@ -119,7 +126,10 @@ class Replay:
         """The inbox state was read: fix the start.  Returns the seq to read the first
         page after, or None when nothing is stored after the start and nothing live was
         absorbed meanwhile (caught up without a page read: the gate is live now)."""
-        start = state.cursor if self.since is None else min(self.since, state.last_seq)
+        self.cursor = state.cursor
+        if state.new_device and self.new_device_replay == "none":
+            self.cursor = state.last_seq  # only what is stored from now on
+        start = self.cursor if self.since is None else min(self.since, state.last_seq)
         self.start = start
         self.complete = state.first_seq <= start + 1
         self._gate.start(start)

@@ -17,7 +17,8 @@ Contract
   (``top_users_node`` names it; null when the list covers every node).
 * ``warnings`` and a user's ``connections`` are the answering node's.
 * ``user_info(hub, user)``: presence and last_seen (cluster-wide), unread count (stored
-  messages after the user's ack cursor), devices, and this node's connections with
+  messages after the ack cursor of the ``default`` device; ``unread_by_device``: every
+  registered device's), devices online, and this node's connections with
   their id, connect time and peer address.  Store or cluster failures raise
   ``StoreError`` (the API answers 503).
 Timestamps are unix milliseconds.  Never blocks except on the store and cluster reads.
@@ -35,7 +36,7 @@ import orjson
 
 from tidings import log
 from tidings.server.hub import Hub
-from tidings.store import StoreError
+from tidings.store import DEFAULT_DEVICE, StoreError
 
 __all__ = ["TOP_USERS", "node_name", "node_record", "peer_address", "stats", "user_info"]
 
@@ -162,7 +163,8 @@ def _number(value: Any) -> float | int:
 async def user_info(hub: Hub, user: str) -> dict[str, Any]:
     """The ``GET /api/users/{user}`` document."""
     presence = (await hub.presence((user,)))[user]
-    state = await hub.store.inbox_state(user)
+    state = await hub.inbox_state(user, DEFAULT_DEVICE)
+    unread_by_device = await hub.unread(user)
     node = node_name(hub)
     conns = sorted(hub.sessions.connections(user), key=lambda c: c.connected_at)
     return {
@@ -174,13 +176,13 @@ async def user_info(hub: Hub, user: str) -> dict[str, Any]:
         "unread": max(0, state.last_seq - state.cursor),
         "last_seq": state.last_seq,
         "cursor": state.cursor,
-        # Device names of the live connections (issue #12 gives devices their own state).
-        "devices": sorted({getattr(c, "device", "default") for c in conns}),
+        "unread_by_device": unread_by_device,
+        "devices": sorted({c.device for c in conns}),  # online here
         "connections": [
             {
                 "conn": c.conn_id,
                 "node": node,
-                "device": getattr(c, "device", "default"),
+                "device": c.device,
                 "since": int(c.connected_at * 1000),
                 "remote": c.remote,
                 "rooms": sorted(hub.rooms.rooms_of(c)),

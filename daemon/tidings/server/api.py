@@ -6,6 +6,8 @@
     GET  /api/presence?user=bob&user=carol                  -> 200 {"users": {...}}
     GET  /api/stats       counters, per node and in total    -> 200 (tidings.server.admin)
     GET  /api/users/{user}  presence, unread, connections    -> 200 (tidings.server.admin)
+    GET  /api/messages/{msg_id}   delivery status per device -> 200 / 404
+    GET  /api/users/{user}/unread unread count per device    -> 200 {"user","devices"}
     GET  /healthz   readiness (store, cluster, shutdown; server.health) -> 200 / 503
     GET  /metrics   Prometheus text format
     GET  /admin     the operator's page (static/admin.*; it asks for the API key)
@@ -19,7 +21,11 @@ supported.  Every response carries ``Content-Security-Policy: default-src 'self'
 ``nosniff``; a HEAD request is answered without the body.
 
 A send is stored before the 202, exactly as a WebSocket ``send`` is acked only once
-stored: the API waits for the hub's group commit.  If the store refuses, 503.
+stored: the API waits for the hub's group commit.  If the store refuses, 503.  An
+``Idempotency-Key`` header (1-128 printable characters) makes ``/api/send`` and
+``/api/broadcast`` idempotent exactly like a WebSocket send's ``key``: a request repeated
+within ``store.idempotency_window_s`` stores nothing and gets the first answer again with
+``"duplicate": true`` (per result, and at the top when every result is one).
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ from tidings.server import admin, health
 from tidings.server.demo import STATIC_DIR
 from tidings.server.hub import Hub
 from tidings.server.metrics import CONTENT_TYPE, Metrics
-from tidings.wire.protocol import MAX_PRESENCE_USERS, ProtocolError, encode_body, valid_user_id
+from tidings.wire.protocol import (
+    MAX_KEY_LEN, MAX_PRESENCE_USERS, ProtocolError, encode_body, valid_key, valid_user_id,
+)
 from tidings.service.workers import reuseport_listeners
 from tidings.store import StoreError
 
@@ -101,6 +109,10 @@ class _Stored:
 
     def on_stored(self, _ctx: None, msg_id: str, seq: int, delivered: int) -> None:
         self.result = {"msg_id": msg_id, "seq": seq, "delivered": delivered}
+        self.done.set()
+
+    def on_duplicate(self, _ctx: None, msg_id: str, seq: int, delivered: int) -> None:
+        self.result = {"msg_id": msg_id, "seq": seq, "delivered": delivered, "duplicate": True}
         self.done.set()
 
     def on_store_failed(self, _ctx: None) -> None:
@@ -180,10 +192,13 @@ class Api:
             if not parts.path.startswith("/api/"):
                 raise _Answer(404, f"no such endpoint {parts.path[:100]}")
             self._authorize(request)
+            devices = await self._devices_routes(request, parts.path)  # issue #12's block
+            if devices is not None:
+                return devices
             if route == (b"POST", "/api/send"):
-                return _json(202, await self._send(_object(body)))
+                return _json(202, await self._send(_object(body), _idempotency_key(request)))
             if route == (b"POST", "/api/broadcast"):
-                return _json(202, await self._broadcast(_object(body)))
+                return _json(202, await self._broadcast(_object(body), _idempotency_key(request)))
             if route == (b"POST", "/api/disconnect"):
                 return _json(200, self._disconnect(_object(body)))
             if route == (b"GET", "/api/presence"):
@@ -206,9 +221,9 @@ class Api:
         if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.key):
             raise _Answer(403, "wrong API key")
 
-    async def _store(self, sender: str, to: str, body: bytes) -> dict[str, Any]:
+    async def _store(self, sender: str, to: str, body: bytes, key: str | None) -> dict[str, Any]:
         waiter = _Stored()
-        await self.hub.send(waiter, sender, to, body, None)
+        await self.hub.send(waiter, sender, to, body, None, key)
         await waiter.done.wait()
         if waiter.result is None:
             raise _Answer(503, "message not stored; retry")
@@ -225,14 +240,14 @@ class Api:
         except ProtocolError as exc:
             raise _Answer(400, exc.message) from None
 
-    async def _send(self, data: dict[str, Any]) -> dict[str, Any]:
+    async def _send(self, data: dict[str, Any], key: str | None) -> dict[str, Any]:
         to = data.get("to")
         if not valid_user_id(to):
             raise _Answer(400, "'to' must be a user id")
         sender, body = self._message(data)
-        return await self._store(sender, to, body)
+        return await self._store(sender, to, body, key)
 
-    async def _broadcast(self, data: dict[str, Any]) -> dict[str, Any]:
+    async def _broadcast(self, data: dict[str, Any], key: str | None) -> dict[str, Any]:
         users = data.get("users")
         if not isinstance(users, list) or not 0 < len(users) <= MAX_BROADCAST or not all(
             valid_user_id(u) for u in users
@@ -242,7 +257,7 @@ class Api:
         waiters = []
         for user in users:  # queue all first: one group commit, not one per user
             waiter = _Stored()
-            await self.hub.send(waiter, sender, user, body, None)
+            await self.hub.send(waiter, sender, user, body, None, key)
             waiters.append((user, waiter))
         results = []
         for user, waiter in waiters:
@@ -251,6 +266,8 @@ class Api:
                 results.append({"user": user, "error": "unavailable"})
             else:
                 results.append({"user": user, **waiter.result})
+        if key is not None and all(r.get("duplicate") for r in results):
+            return {"results": results, "duplicate": True}
         return {"results": results}
 
     def _disconnect(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -286,6 +303,43 @@ class Api:
         return {"users": await self.hub.presence(tuple(users))}
 
 
+    # -- devices, delivery status, unread (issue #12): one block --------------------
+
+    async def _devices_routes(self, request: h11.Request,
+                              path: str) -> tuple[int, bytes, bytes] | None:
+        """``GET /api/messages/{msg_id}`` and ``GET /api/users/{user}/unread`` (path
+        segments percent-encoded); None for any other path."""
+        if path.startswith(MESSAGES_PREFIX):
+            name = "/api/messages/{msg_id}"
+            segments = [path[len(MESSAGES_PREFIX):]]
+        elif path.startswith(USERS_PREFIX) and path.endswith(UNREAD_SUFFIX):
+            name = "/api/users/{user}/unread"
+            segments = [path[len(USERS_PREFIX):-len(UNREAD_SUFFIX)]]
+        else:
+            return None
+        if request.method != b"GET":
+            raise _Answer(405, f"no {request.method.decode()} {name}")
+        try:
+            value = unquote(segments[0], errors="strict")
+        except UnicodeDecodeError:
+            value = ""
+        try:
+            if name == "/api/messages/{msg_id}":
+                if not 0 < len(value) <= MAX_KEY_LEN or "/" in segments[0]:
+                    raise _Answer(400, f"{name}: the path must end in a msg_id")
+                status = await self.hub.message_status(value)
+                if status is None:
+                    raise _Answer(404, f"no message {value!r} (unknown, or pruned)")
+                return _json(200, status)
+            if not valid_user_id(value) or "/" in segments[0]:
+                raise _Answer(400, f"{name}: {{user}} must be a (percent-encoded) user id")
+            return _json(200, {"user": value, "devices": await self.hub.unread(value)})
+        except StoreError as exc:
+            raise _Answer(503, f"store unavailable: {exc}") from None
+
+
+MESSAGES_PREFIX = "/api/messages/"
+UNREAD_SUFFIX = "/unread"
 _PATHS = {"/api/send", "/api/broadcast", "/api/disconnect", "/api/presence", "/api/stats"}
 
 
@@ -296,6 +350,22 @@ def _static(name: str, content_type: bytes) -> tuple[int, bytes, bytes]:
         return 200, content_type, (STATIC_DIR / name).read_bytes()
     except OSError:
         return _error(500, f"{name} is missing from {STATIC_DIR} (a broken install)")
+
+
+def _idempotency_key(request: h11.Request) -> str | None:
+    """The ``Idempotency-Key`` header (400 when not 1-128 printable characters)."""
+    values = [v for k, v in request.headers if k == b"idempotency-key"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _Answer(400, "Idempotency-Key given more than once")
+    try:
+        key = values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        key = ""
+    if not valid_key(key):
+        raise _Answer(400, f"Idempotency-Key must be 1-{MAX_KEY_LEN} printable characters")
+    return key
 
 
 def _object(body: bytes) -> dict[str, Any]:

@@ -57,7 +57,8 @@ class HubServices(Protocol):
 
     def leave(self, conn: Endpoint, room: str) -> None: ...
 
-    async def send_room(self, conn: Endpoint, room: str, body: bytes) -> tuple[str, int]: ...
+    async def send_room(self, conn: Endpoint, room: str, body: bytes,
+                        key: str | None = None) -> tuple[str, int, bool]: ...
 
     def watch(self, conn: Endpoint, users: tuple[str, ...], on: bool) -> dict[str, bool]: ...
 
@@ -99,8 +100,12 @@ async def handle_command(ctx: CommandContext, cmd: Command) -> None:
             ctx.reply("presence", id=fid, users=await ctx.hub.presence(cmd.users))
         elif type(cmd) is Send:  # to a room
             assert cmd.room is not None  # a send to a user is the hot path's
-            msg_id, delivered = await ctx.hub.send_room(ctx, cmd.room, cmd.body)
-            ctx.reply("ack", id=fid, msg_id=msg_id, room=cmd.room, delivered=delivered)
+            msg_id, delivered, duplicate = await ctx.hub.send_room(ctx, cmd.room, cmd.body, cmd.key)
+            if duplicate:
+                ctx.reply("ack", id=fid, msg_id=msg_id, room=cmd.room, delivered=delivered,
+                          duplicate=True)
+            else:
+                ctx.reply("ack", id=fid, msg_id=msg_id, room=cmd.room, delivered=delivered)
         elif type(cmd) is Join:
             recent = await ctx.hub.join(ctx, cmd.room, ctx.rooms_allowed)
             ctx.reply("joined", id=fid, room=cmd.room, recent=[message_obj(ctx, f) for f in recent])

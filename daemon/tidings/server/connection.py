@@ -54,7 +54,7 @@ from tidings.routing.router import Offer, Routed
 from tidings.server.commands import FrameId, handle_command
 from tidings.server.hub import Hub
 from tidings.server.outbound import CLOSE_TIMEOUT, RECEIVE_SIZE, Outbound, _Reply
-from tidings.store import Store, StoreError
+from tidings.store import DEFAULT_DEVICE, Store, StoreError
 from tidings.wire.frames import ClientPing, ForWsproto, pong_frame
 from tidings.wire.handshake import http_response
 from tidings.wire.limits import TokenBucket
@@ -114,9 +114,9 @@ class Connection(Outbound):
     outbound queue, the writer and the closing handshake are ``Outbound``'s."""
 
     __slots__ = (
-        "_bucket", "_clock", "_gate", "_registered", "_replay_scope", "_since", "auth", "exp",
-        "greeting", "hub", "last_activity", "pinged", "reply_binary", "rooms_allowed", "store",
-        "trailing", "connected_at", "remote",
+        "_bucket", "_clock", "_device_key", "_gate", "_registered", "_replay_scope", "_since",
+        "auth", "device", "exp", "greeting", "hello", "hub", "last_activity", "pinged",
+        "reply_binary", "rooms_allowed", "store", "trailing", "connected_at", "remote",
     )
 
     def __init__(
@@ -133,9 +133,11 @@ class Connection(Outbound):
         rooms: tuple[str, ...] | None = None,
         binary: bool = False,
         deflate: bool = False,
+        device: str = DEFAULT_DEVICE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``clock``: the monotonic clock of ``last_activity`` and the rate limit (the
+        """``device``: the device this connection reads for (its cursor, its replay).
+        ``clock``: the monotonic clock of ``last_activity`` and the rate limit (the
         housekeeper reads the same one; tests pass ``trio.current_time``)."""
         super().__init__(stream, ws, hub.config.limits, conn_id=conn_id, user=user,
                          binary=binary, deflate=deflate,
@@ -144,6 +146,8 @@ class Connection(Outbound):
         self.store: Store = hub.store
         self.auth = auth
         self.exp = exp
+        self.device = device
+        self._device_key = (user, device)
         self._clock = clock
         self.last_activity = clock()
         self.connected_at = time.time()  # for the operator's page (GET /api/users/...)
@@ -155,7 +159,8 @@ class Connection(Outbound):
         self._gate = InboxGate()  # replaying from creation: the first replay starts at once
         self._replay_scope: trio.CancelScope | None = None
         self._bucket: TokenBucket | None = None
-        self.greeting = b""  # the 101 + hello, set by the server, written by run()
+        self.greeting = b""  # the 101, set by the server, written by run() with the hello
+        self.hello: dict[str, Any] = {}  # the hello's fields, set by the server (+ unread)
         self.trailing = b""  # client bytes that came with the handshake, read first
         self._registered = True  # the server registers us right after construction
 
@@ -179,6 +184,10 @@ class Connection(Outbound):
         fid, binary = ctx
         enc = encode_msgpack if binary else encode
         self.reply_nowait(enc("ack", id=fid, msg_id=msg_id, seq=seq, delivered=delivered), binary)
+
+    def on_duplicate(self, ctx: SendContext, msg_id: str, seq: int, delivered: int) -> None:
+        """The send's key named an earlier message: its ack again, marked duplicate."""
+        self._answer(ctx, "ack", msg_id=msg_id, seq=seq, delivered=delivered, duplicate=True)
 
     def on_store_failed(self, ctx: SendContext) -> None:
         self._answer(ctx, "error", code="unavailable", message="message not stored; retry")
@@ -208,6 +217,10 @@ class Connection(Outbound):
         if self._replay_scope is not None:
             self._replay_scope.cancel()
         self._wake()
+
+    def _delivered(self, seq: int) -> None:
+        """Outbound's hook: messages up to ``seq`` were written to this device."""
+        self.hub.mark_delivered(self._device_key, seq)
 
     def _unregister(self) -> None:
         if self._registered:
@@ -244,16 +257,19 @@ class Connection(Outbound):
                     by=self._closed_by, code=code)
 
     async def _greet(self) -> bool:
-        """Write the 101 and ``hello`` (prepared by the server) and start the first
-        replay from the ack cursor (or ``?since=``).  When nothing is stored after that
-        point -- the usual case -- ``resumed`` goes out in the same write and neither a
+        """Write the 101 (prepared by the server) and ``hello`` (with the device's unread
+        count) and start the first replay from the device's ack cursor (or
+        ``?since=``).  A device seen for the first time gets its cursor from
+        ``store.new_device_replay``, saved by the hub.  When nothing is stored after the
+        start -- the usual case -- ``resumed`` goes out in the same write and neither a
         replay task nor a writer task is started.  A store failure answers HTTP 503
         instead (no WebSocket is opened) and returns False."""
         self._writer_running = True  # nothing else may write until the greeting is out
         try:
-            replay = Replay(self._gate, self._since, REPLAY_PAGE)
+            replay = Replay(self._gate, self._since, REPLAY_PAGE,
+                            self.hub.config.store.new_device_replay)
             try:
-                state = await self.store.inbox_state(self.user)
+                state = await self.hub.inbox_state(self.user, self.device)
             except StoreError as exc:
                 log.log("error", "replay_failed", error=str(exc), conn=self.conn_id)
                 self._close = (1011, "store unavailable")
@@ -261,7 +277,13 @@ class Connection(Outbound):
                 await self.stream.send_all(http_response(503, b"store unavailable; retry\n"))
                 return False
             after = replay.begin(state)
-            greeting, self.greeting = self.greeting, b""
+            if state.new_device:
+                self.hub.register_device(self.user, self.device, replay.cursor)
+            hello = dict(self.hello, device=self.device, unread=state.unread(replay.cursor))
+            opcode = BINARY if self._binary else TEXT
+            greeting = self.greeting + data_frame(
+                (encode_msgpack if self._binary else encode)("hello", **hello), opcode)
+            self.greeting, self.hello = b"", {}
             if after is None:
                 resumed = self._resumed(replay, None)
                 await self.stream.send_all(greeting + data_frame(resumed, BINARY if self._binary else TEXT))
@@ -362,15 +384,15 @@ class Connection(Outbound):
             self.error(fid, error.code, error.message)
             return
         if type(cmd) is Send and cmd.to is not None:
-            await self.hub.send(self, self.user, cmd.to, cmd.body, (cmd.id, binary))
+            await self.hub.send(self, self.user, cmd.to, cmd.body, (cmd.id, binary), cmd.key)
         elif type(cmd) is PingCmd:
             self.reply("pong", id=cmd.id)
         elif type(cmd) is Ack:
             if cmd.id is None:
-                self.hub.ack_cursor(self.user, cmd.seq)
+                self.hub.ack_cursor(self.user, self.device, cmd.seq)
                 self._give_credits(1)
             else:  # `acked` once the cursor is saved: a reconnect then starts after it
-                self.hub.ack_cursor(self.user, cmd.seq, self, (cmd.id, binary))
+                self.hub.ack_cursor(self.user, self.device, cmd.seq, self, (cmd.id, binary))
         else:
             await handle_command(self, cmd)
 

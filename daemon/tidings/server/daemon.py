@@ -46,7 +46,7 @@ from tidings.server.api import serve_api
 from tidings.server.hub import Hub
 from tidings.server.metrics import Metrics
 from tidings.service.lifecycle import Lifecycle, listener_address
-from tidings.wire.protocol import BINARY, data_frame, encode, encode_msgpack
+from tidings.wire.protocol import DEFAULT_DEVICE
 from tidings.routing.sessions import Refused
 from tidings.store import StoreError, open_store
 from tidings.service.workers import reuseport_listeners
@@ -78,6 +78,7 @@ async def open_cluster_on(
                      on_resync=hub.on_cluster_resync, cluster=cc.redis_cluster)
     )
     hub.cluster.stats_record = partial(node_record_json, hub)  # for GET /api/stats
+    hub.cluster.devices_of = hub.devices_online  # presence's devices, cluster-wide
 
 
 def make_authenticator(config: Config) -> Authenticator:
@@ -167,7 +168,7 @@ class Server:
             conn_id=f"c{self._node}-{next(self._ids):x}",
             user=identity.user, exp=identity.exp, since=upgrade.since,
             rooms=identity.rooms, binary=upgrade.binary, deflate=deflate is not None,
-            clock=self.clock,
+            device=identity.device or upgrade.device or DEFAULT_DEVICE, clock=self.clock,
         )
         conn.remote = peer_address(stream)
         try:
@@ -175,14 +176,12 @@ class Server:
         except Refused as exc:
             await self._refuse(stream, request, exc.status, exc.reason)
             return None
-        info = {"user": identity.user, "conn": conn.conn_id, "exp": identity.exp}
-        if upgrade.binary:  # (an uncompressed frame is valid under permessage-deflate)
-            hello = data_frame(encode_msgpack("hello", **info), BINARY)
-        else:
-            hello = data_frame(encode("hello", **info))
-        # Written by conn.run(), together with the first `resumed` when nothing is
-        # waiting in the inbox (one send, no replay task, no writer task).
-        conn.greeting = accept_response(upgrade.key, deflate[1] if deflate else None) + hello
+        # The hello (completed with the device's unread count once its inbox state is
+        # read) is written by conn.run() after the 101, together with the first `resumed`
+        # when nothing is waiting in the inbox (one send, no replay task, no writer task).
+        # An uncompressed frame is valid under permessage-deflate.
+        conn.hello = {"user": identity.user, "conn": conn.conn_id, "exp": identity.exp}
+        conn.greeting = accept_response(upgrade.key, deflate[1] if deflate else None)
         conn.trailing = trailing  # frames that came with the request: read first
         return conn
 

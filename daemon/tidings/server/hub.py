@@ -13,9 +13,17 @@ Contract
   in a cluster) says so per message (``Appended.receivers``): the message then reaches
   local connections through the cluster (``on_cluster_message``), like every other
   node's, so each user's messages arrive in seq order.
-* Acks of received messages (cursor moves) and ``last_seen`` updates are coalesced per
-  user and saved by the writer after its next batch; they never block a connection.  An
-  ack that asked for a reply hears ``on_cursor_saved`` once its cursor is saved.
+* Acks of received messages (cursor moves, per device) and ``last_seen`` updates are
+  coalesced and saved by the writer after its next batch; they never block a
+  connection.  An ack that asked for a reply hears ``on_cursor_saved`` once its cursor
+  is saved.  Delivered marks (the highest seq written to a connection of a device) and
+  the delivered counts of keyed sends are coalesced too, but wake nobody: they are
+  saved with the next cursor save, or within ``PROGRESS_FLUSH_S``.  The hub's reads
+  (``inbox_state``, ``unread``, ``message_status``) merge what is not saved yet, so
+  this node answers exactly; another node sees it once saved.
+* A send with an idempotency ``key`` whose key is still live (the store checks it
+  atomically with the append) is neither stored nor routed: the origin hears
+  ``on_duplicate`` with the original's msg_id, seq and first delivered count.
 * Store failures answer every affected origin (``on_store_failed``) and are logged
   once per interval with a count, never once per message.
 * Cancellation: a cancelled ``send`` either queued the message (it will be stored and
@@ -45,7 +53,9 @@ from tidings.routing.rooms import ROOM_KEY_PREFIX, RoomRefused, RoomTable, may_j
 from tidings.routing.router import Endpoint, Routed, Router
 from tidings.routing.watches import WatchTable
 from tidings.routing.sessions import SessionTable
-from tidings.store import NewMessage, Store, StoredMessage, StoreError
+from tidings.store import (
+    InboxState, NewMessage, Progress, Store, StoredMessage, StoreError,
+)
 
 if TYPE_CHECKING:
     from prometheus_client import Histogram
@@ -60,6 +70,8 @@ _WAKE = object()
 LATENCY_SAMPLE_EVERY = 8
 #: Store failures are logged at most once per this many seconds (with a count).
 STORE_FAILURE_LOG_INTERVAL_S = 10.0
+#: Delivered marks and first answers wait at most this long for a save of their own.
+PROGRESS_FLUSH_S = 1.0
 
 
 #: What an origin hands the hub with a request and gets back verbatim in the callback.
@@ -74,6 +86,10 @@ class Origin(Protocol[Ctx_contra]):
     verbatim.  The callbacks run in the hub's writer task and must never block."""
 
     def on_stored(self, ctx: Ctx_contra, msg_id: str, seq: int, delivered: int) -> None: ...
+
+    def on_duplicate(self, ctx: Ctx_contra, msg_id: str, seq: int, delivered: int) -> None:
+        """The send's key named an earlier message (``msg_id``, ``seq``, the first
+        answer's ``delivered``): nothing was stored or routed."""
 
     def on_store_failed(self, ctx: Ctx_contra) -> None: ...
 
@@ -141,9 +157,9 @@ class Hub:
         #: connection on this node and of each stored batch (never per message when off).
         self.webhooks: WebhookRecorder | None = None
         self._jobs_tx, self._jobs_rx = trio.open_memory_channel[Any](config.store.queue)
-        self._cursors: dict[str, int] = {}
+        self._progress = Progress()  # coalesced: saved by the writer (see the docstring)
+        self._flush_due = False  # the progress flush timer fired: save even marks alone
         self._cursor_waiters: list[tuple[CursorOrigin[Any], Any, int]] = []
-        self._last_seen: dict[str, int] = {}
         self._stored = 0
         self._store_errors = 0
         self.rate_limited = 0  # counted by connections
@@ -186,7 +202,7 @@ class Hub:
             self._presence_event(conn.user, False)
             if self.webhooks is not None and self.webhooks.tracks_presence:
                 self.webhooks.disconnected(conn.user)
-            self._last_seen[conn.user] = int(time.time() * 1000)
+            self._progress.last_seen[conn.user] = int(time.time() * 1000)
             self._wake_writer()
 
     def _presence_event(self, user: str, online: bool) -> None:
@@ -212,16 +228,31 @@ class Hub:
         if self.rooms.leave(conn, room) and self.cluster is not None:
             self.cluster.release(ROOM_KEY_PREFIX + room)
 
-    async def send_room(self, conn: Endpoint, room: str, body: bytes) -> tuple[str, int]:
+    async def send_room(self, conn: Endpoint, room: str, body: bytes,
+                        key: str | None = None) -> tuple[str, int, bool]:
         """Offer a room message to every connection in the room now; ``(msg_id,
-        delivered)``.  Room messages are not stored; the sender must have joined.  In a
-        cluster it is published on the room's channel and ``delivered`` counts nodes."""
+        delivered, duplicate)``.  Room messages are not stored; the sender must have
+        joined.  In a cluster it is published on the room's channel and ``delivered``
+        counts nodes.  With ``key``: a key still live names an earlier room message,
+        answered instead (``duplicate``); the key is claimed in the store before the
+        message goes out, so a crash in between loses that room message (room messages
+        are at most once).  Raises StoreError when the key cannot be claimed."""
         if room not in self.rooms.rooms_of(conn):
             raise RoomRefused("forbidden", f"join {room!r} before sending to it")
         msg_id, ts = self.ids.next()
+        target = ROOM_KEY_PREFIX + room
+        if key is not None:
+            original = await self.store.claim_key(conn.user, target, key, msg_id, ts)
+            if original is not None:
+                kid = (conn.user, target, key)
+                return original.msg_id, self._progress.answers.get(kid, original.delivered), True
         if self.cluster is not None:  # comes back through on_cluster_message, like users
-            return msg_id, await self.cluster.publish(ROOM_KEY_PREFIX + room, msg_id, conn.user, ts, body)
-        return msg_id, self._route_room(room, msg_id, conn.user, body, ts)
+            delivered = await self.cluster.publish(target, msg_id, conn.user, ts, body)
+        else:
+            delivered = self._route_room(room, msg_id, conn.user, body, ts)
+        if key is not None:
+            self._progress.answers[(conn.user, target, key)] = delivered
+        return msg_id, delivered, False
 
     def _route_room(self, room: str, msg_id: str, sender: str, body: bytes, ts: int) -> int:
         fields = message_fields(msg_id, None, sender, None, body, ts, room=room)
@@ -246,9 +277,11 @@ class Hub:
 
     # -- sends -----------------------------------------------------------------------
 
-    async def send(self, origin: Origin[Ctx], sender: str, to: str, body: bytes, ctx: Ctx) -> None:
+    async def send(self, origin: Origin[Ctx], sender: str, to: str, body: bytes, ctx: Ctx,
+                   key: str | None = None) -> None:
         """Store then route a message; then call ``origin.on_stored(ctx, msg_id, seq,
-        delivered)`` -- or ``origin.on_store_failed(ctx)`` if the store refused it.
+        delivered)`` -- or ``origin.on_duplicate(...)`` when ``key`` named an earlier
+        message, or ``origin.on_store_failed(ctx)`` if the store refused it.
 
         Blocks (and yields) only while the writer's queue is full.  A connection origin must hold a
         reply credit for the ack (or error) this produces; the callbacks never block.
@@ -257,7 +290,7 @@ class Hub:
             origin.on_store_failed(ctx)  # Redis is unreachable: never ack what is not stored
             return
         msg_id, ts = self.ids.next()
-        job = _Job(NewMessage(msg_id, sender, to, body, ts), origin, ctx)
+        job = _Job(NewMessage(msg_id, sender, to, body, ts, key), origin, ctx)
         try:  # no schedule point while the queue has room: one task switch less per message
             self._jobs_tx.send_nowait(job)
         except trio.WouldBlock:
@@ -279,16 +312,35 @@ class Hub:
 
     # -- coalesced writes ------------------------------------------------------------
 
-    def ack_cursor(self, user: str, seq: int, origin: CursorOrigin[Ctx] | None = None,
-                   ctx: Ctx | None = None) -> None:
-        """Move ``user``'s acknowledged cursor to ``seq`` (coalesced; never blocks).
-        With ``origin``, it hears ``on_cursor_saved(ctx, seq)`` once the cursor is
-        saved (or ``on_cursor_failed(ctx)``)."""
-        if seq > self._cursors.get(user, -1):
-            self._cursors[user] = seq
+    def ack_cursor(self, user: str, device: str, seq: int,
+                   origin: CursorOrigin[Ctx] | None = None, ctx: Ctx | None = None) -> None:
+        """Move the acknowledged cursor of ``user``'s ``device`` to ``seq`` (coalesced;
+        never blocks); what a device acked was delivered to it.  With ``origin``, it
+        hears ``on_cursor_saved(ctx, seq)`` once the cursor is saved (or
+        ``on_cursor_failed(ctx)``)."""
+        key = (user, device)
+        cursors = self._progress.cursors
+        if seq > cursors.get(key, -1):
+            cursors[key] = seq
+        self.mark_delivered(key, seq)
         if origin is not None:
             self._cursor_waiters.append((origin, ctx, seq))
         self._wake_writer()
+
+    def register_device(self, user: str, device: str, cursor: int) -> None:
+        """A device seen for the first time starts at ``cursor`` (saved soon)."""
+        key = (user, device)
+        cursors = self._progress.cursors
+        if cursor > cursors.get(key, -1):
+            cursors[key] = cursor
+        self._wake_writer()
+
+    def mark_delivered(self, device: tuple[str, str], seq: int) -> None:
+        """Messages up to ``seq`` were written to a connection of ``device`` ((user,
+        device)): coalesced, saved with the next save (at most PROGRESS_FLUSH_S later)."""
+        marks = self._progress.delivered
+        if seq > marks.get(device, 0):
+            marks[device] = seq
 
     def _wake_writer(self) -> None:
         try:
@@ -303,9 +355,18 @@ class Hub:
         ``close_intake`` and drained."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.store.run)
+            nursery.start_soon(self._flush_timer)
             task_status.started()
             await self._writer()
             nursery.cancel_scope.cancel()
+
+    async def _flush_timer(self) -> None:
+        """Every PROGRESS_FLUSH_S: have the writer save marks nobody woke it for."""
+        while True:
+            await trio.sleep(PROGRESS_FLUSH_S)
+            if self._progress.delivered or self._progress.answers:
+                self._flush_due = True
+                self._wake_writer()
 
     def close_intake(self) -> None:
         self._jobs_tx.close()
@@ -324,12 +385,19 @@ class Hub:
                     jobs.append(job)
             if jobs:
                 await self._append(jobs)
-            if self._cursors or self._last_seen or self._cursor_waiters:
-                await self._save_cursors()
-        if self._cursors or self._last_seen or self._cursor_waiters:
-            await self._save_cursors()
+            if self._save_due():
+                await self._save_progress()
+        if self._progress or self._cursor_waiters:
+            await self._save_progress()
         if self.webhooks is not None:  # users who left and messages stored at shutdown
             await self.webhooks.flush()
+
+    def _save_due(self) -> bool:
+        """Cursors and last_seen are saved after every batch; delivered marks and first
+        answers ride along, or go alone when the flush timer says so."""
+        p = self._progress
+        return bool(p.cursors or p.last_seen or self._cursor_waiters
+                    or (self._flush_due and (p.delivered or p.answers)))
 
     async def _append(self, jobs: list[_Job[Any]]) -> None:
         """Store a batch; route and answer each message in order."""
@@ -346,24 +414,32 @@ class Hub:
                 failed, n_failed = result.error, n_failed + 1
                 job.origin.on_store_failed(job.ctx)
                 continue
-            self._stored += 1
             m = job.message
+            if result.original is not None:  # the key named an earlier message
+                first = result.original
+                kid = (m.sender, m.recipient, m.key)
+                job.origin.on_duplicate(job.ctx, first.msg_id, result.seq,
+                                        self._progress.answers.get(kid, first.delivered))
+                continue
+            self._stored += 1
             if result.receivers is None:  # ours to route; else it comes back via the cluster
                 delivered = self._route(m.msg_id, result.seq, m.sender, m.recipient, m.body, m.ts)
                 self._observe_latency(time.monotonic() - job.accepted)
             else:
                 delivered = result.receivers
+            if m.key is not None:  # a duplicate answers what this answer says
+                self._progress.answers[(m.sender, m.recipient, m.key)] = delivered
             job.origin.on_stored(job.ctx, m.msg_id, result.seq, delivered)
         if failed is not None:
             self._failed(n_failed, failed, "append")
 
-    async def _save_cursors(self) -> None:
-        cursors, seen, waiters = self._cursors, self._last_seen, self._cursor_waiters
-        self._cursors, self._last_seen, self._cursor_waiters = {}, {}, []
+    async def _save_progress(self) -> None:
+        progress, waiters = self._progress, self._cursor_waiters
+        self._progress, self._cursor_waiters, self._flush_due = Progress(), [], False
         try:
-            await self.store.save_cursors(cursors, seen)
+            await self.store.save_progress(progress)
         except StoreError as exc:
-            self._failed(len(cursors) + len(seen), exc, "cursors")
+            self._failed(len(progress.cursors) + len(progress.last_seen), exc, "cursors")
             for origin, ctx, _seq in waiters:
                 origin.on_cursor_failed(ctx)
             return
@@ -397,20 +473,72 @@ class Hub:
     # -- reads -----------------------------------------------------------------------
 
     async def presence(self, users: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-        """Online state, connection count and last_seen; cluster-wide in a cluster."""
+        """Online state, connection count, devices online and last_seen; cluster-wide in
+        a cluster."""
         seen = await self.store.last_seen(list(users))
-        counts = None
+        counts = devices = None
         if self.cluster is not None:  # raises ClusterUnavailable, a StoreUnavailable
             counts = await self.cluster.presence(list(users))
+            devices = await self.cluster.devices(list(users))
         out = {}
         for user in users:
             count = counts.get(user, 0) if counts is not None else self.sessions.count(user)
             out[user] = {
                 "online": count > 0,
                 "connections": count,
-                "last_seen": self._last_seen.get(user, seen.get(user)),
+                "devices": sorted(devices[user]) if devices is not None else self.devices_online(user),
+                "last_seen": self._progress.last_seen.get(user, seen.get(user)),
             }
         return out
+
+    def devices_online(self, user: str) -> list[str]:
+        """Names of the devices with a connection on this node, sorted."""
+        return sorted({conn.device for conn in self.sessions.connections(user)})
+
+    async def inbox_state(self, user: str, device: str) -> InboxState:
+        """The store's state of ``device``'s inbox, with its cursor not saved yet."""
+        state = await self.store.inbox_state(user, device)
+        pending = self._progress.cursors.get((user, device))
+        if pending is None:
+            return state
+        cursor = max(state.cursor, min(pending, state.last_seq))
+        return InboxState(state.first_seq, state.last_seq, cursor)
+
+    async def unread(self, user: str) -> dict[str, int]:
+        """Per registered device, the retained messages after its cursor."""
+        state = await self.store.inbox_state(user)
+        out = {}
+        for device, (cursor, _) in (await self.store.devices(user)).items():
+            out[device] = state.unread(self._cursor(user, device, cursor, state.last_seq))
+        for (u, device), pending in self._progress.cursors.items():  # registered just now
+            if u == user and device not in out:
+                out[device] = state.unread(min(pending, state.last_seq))
+        return dict(sorted(out.items()))
+
+    async def message_status(self, msg_id: str) -> dict[str, Any] | None:
+        """A stored message and, per device of its recipient, whether it was written to
+        a connection of that device (``delivered``) and acknowledged (``acked``); None
+        for an unknown or pruned message."""
+        m = await self.store.message(msg_id)
+        if m is None:
+            return None
+        devices = await self.store.devices(m.recipient)
+        names = set(devices) | {d for (u, d) in self._progress.cursors if u == m.recipient}
+        status = {}
+        for name in sorted(names):
+            cursor, delivered = devices.get(name, (0, 0))
+            pending = self._progress.delivered.get((m.recipient, name), 0)
+            status[name] = {
+                "delivered": max(delivered, pending) >= m.seq,
+                "acked": self._cursor(m.recipient, name, cursor, m.seq) >= m.seq,
+            }
+        return {"msg_id": m.msg_id, "from": m.sender, "to": m.recipient, "seq": m.seq,
+                "ts": m.ts, "devices": status}
+
+    def _cursor(self, user: str, device: str, saved: int, cap: int) -> int:
+        """A saved cursor moved by what is not saved yet (capped like a save would)."""
+        pending = self._progress.cursors.get((user, device))
+        return saved if pending is None else max(saved, min(pending, cap))
 
     def statistics(self) -> HubStatistics:
         s, r = self.sessions.statistics(), self.router.statistics()

@@ -21,14 +21,15 @@ from typing import Any
 from tidings.store.base import Store, StoreLimits
 from tidings.store.memory import MemoryStore
 from tidings.store.records import (
-    Appended, BadQuery, DuplicateMessage, InboxState, NewMessage, StoredMessage, StoreError,
-    StoreUnavailable, UnknownMessage, Unsupported,
+    DEFAULT_DEVICE, Appended, BadQuery, DeviceState, DuplicateMessage, InboxState, NewMessage,
+    Original, Progress, StoredMessage, StoreError, StoreUnavailable, UnknownMessage, Unsupported,
 )
 
 __all__ = [
-    "Appended", "BadQuery", "DuplicateMessage", "InboxState", "MemoryStore", "NewMessage",
-    "Store", "StoreError", "StoreLimits", "StoreUnavailable", "StoredMessage",
-    "UnknownMessage", "Unsupported", "limits_of", "open_store",
+    "DEFAULT_DEVICE", "Appended", "BadQuery", "DeviceState", "DuplicateMessage", "InboxState",
+    "MemoryStore", "NewMessage", "Original", "Progress", "Store", "StoreError", "StoreLimits",
+    "StoreUnavailable", "StoredMessage", "UnknownMessage", "Unsupported", "limits_of",
+    "open_store",
 ]
 
 
@@ -36,7 +37,8 @@ def limits_of(config: Any) -> StoreLimits:
     """The ``[store]`` settings every engine applies."""
     sc = config.store
     return StoreLimits(max_inbox=sc.max_inbox, retention_days=sc.retention_days or None,
-                       prune_interval_s=sc.prune_interval_s)
+                       prune_interval_s=sc.prune_interval_s,
+                       key_window_ms=int(sc.idempotency_window_s * 1000))
 
 
 @contextlib.asynccontextmanager

@@ -6,6 +6,10 @@ anything, so each call is atomic with respect to other trio tasks and no lock is
 needed.  ``max_inbox`` is applied at append time: the oldest messages of an inbox are
 deleted as soon as an append pushes them out.
 
+Idempotency keys live in one dict in insertion order, which is ``ts`` order when ``ts``
+never decreases (the hub's clock): ``prune`` forgets expired keys from its front; a key
+stored again moves to its end.
+
 Webhooks: the outbox, the presence sets and the undelivered checks are plain dicts in
 this process, so they are lost with it (``store.backend = "memory"`` promises no
 durability); the lease is always this process's.
@@ -19,15 +23,15 @@ same for plain ASCII text.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import attrs
 
 from tidings.store.records import (
-    Appended, DuplicateMessage, InboxState, NewMessage, OutboxEntry, StoredMessage,
-    StoreUnavailable, UndeliveredCheck, UnknownMessage, WebhookEvent, check_page,
-    new_event_id, prune_cutoff_ms,
+    DEFAULT_DEVICE, Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Original,
+    OutboxEntry, Progress, StoredMessage, StoreUnavailable, UndeliveredCheck, UnknownMessage,
+    WebhookEvent, check_page, key_is_live, new_event_id, prune_cutoff_ms,
 )
 from tidings.store.search import indexed_text, parse_query, phrase_hits, tokenize
 
@@ -49,9 +53,13 @@ def _seq_of(row: _Row) -> int:
 @attrs.define
 class _User:
     last_seq: int = 0
-    cursor: int = 0
     last_seen: int | None = None
     inbox: list[_Row] = attrs.Factory(list)  # ascending, contiguous seqs
+    devices: dict[str, list[int]] = attrs.Factory(dict)  # device -> [cursor, delivered]
+
+
+#: (sender, recipient or room key, key) -> [msg_id, seq, ts, delivered]
+_KeyId = tuple[str, str, str]
 
 
 class MemoryStore:
@@ -62,7 +70,9 @@ class MemoryStore:
 
     def __init__(self, limits: Any = None) -> None:
         self._max_inbox: int | None = limits.max_inbox if limits is not None else None
+        self._window_ms: int = limits.key_window_ms if limits is not None else 86_400_000
         self._limits = limits
+        self._keys: dict[_KeyId, list[Any]] = {}
         self._users: dict[str, _User] = {}
         self._by_id: dict[str, _Row] = {}
         # (sorted pair of users) -> msg_ids ascending
@@ -96,18 +106,49 @@ class MemoryStore:
     # -- writes --------------------------------------------------------------------------
 
     async def append(self, msgs: Sequence[NewMessage]) -> list[Appended]:
-        """Store each message; a duplicate msg_id is refused alone.  Never raises: on a
-        closed store every message gets StoreUnavailable."""
+        """Store each message; a live key answers its original, then a duplicate msg_id
+        is refused alone.  Never raises: on a closed store every message gets
+        StoreUnavailable."""
         if self._closed:
             error = StoreUnavailable("memory store is closed")
             return [Appended(None, error) for _ in msgs]
         out = []
         for m in msgs:
+            if m.key is not None and self._window_ms:  # the key first, then the msg_id
+                kid = (m.sender, m.recipient, m.key)
+                original = self._live_key(kid, m.ts)
+                if original is not None:
+                    out.append(Appended(original.seq, original=original))
+                    continue
             if m.msg_id in self._by_id:
                 out.append(Appended(None, DuplicateMessage(f"duplicate msg_id {m.msg_id!r}")))
                 continue
-            out.append(Appended(self._append_one(m)))
+            seq = self._append_one(m)
+            if m.key is not None and self._window_ms:
+                self._keys[(m.sender, m.recipient, m.key)] = [m.msg_id, seq, m.ts, 0]
+            out.append(Appended(seq))
         return out
+
+    def _live_key(self, kid: _KeyId, ts: int) -> Original | None:
+        """The original a key names at ``ts``; an expired key is forgotten."""
+        record = self._keys.get(kid)
+        if record is None:
+            return None
+        if key_is_live(record[2], ts, self._window_ms):
+            return Original(record[0], record[1], record[3])
+        del self._keys[kid]  # stored again below: at the end of the dict (ts order)
+        return None
+
+    async def claim_key(self, sender: str, target: str, key: str, msg_id: str,
+                        ts: int) -> Original | None:
+        self._check_open()
+        if not self._window_ms:
+            return None
+        kid = (sender, target, key)
+        original = self._live_key(kid, ts)
+        if original is None:
+            self._keys[kid] = [msg_id, None, ts, 0]
+        return original
 
     def _append_one(self, m: NewMessage) -> int:
         user = self._user(m.recipient)
@@ -124,14 +165,21 @@ class MemoryStore:
             self._drop_prefix(user, len(user.inbox) - self._max_inbox)
         return user.last_seq
 
-    async def save_cursors(self, cursors: Mapping[str, int], last_seen: Mapping[str, int]) -> None:
+    async def save_progress(self, progress: Progress) -> None:
         self._check_open()
-        for name, seq in cursors.items():
-            u = self._users.get(name)
-            if u is not None:
-                u.cursor = max(u.cursor, min(seq, u.last_seq))
-        for name, ts in last_seen.items():
+        for marks, field in ((progress.cursors, 0), (progress.delivered, 1)):
+            for (name, device), seq in marks.items():
+                u = self._user(name)
+                state = u.devices.get(device)
+                if state is None:
+                    state = u.devices[device] = [0, 0]
+                state[field] = max(state[field], min(seq, u.last_seq))
+        for name, ts in progress.last_seen.items():
             self._user(name).last_seen = ts
+        for kid, delivered in progress.answers.items():
+            record = self._keys.get(kid)
+            if record is not None:
+                record[3] = delivered
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -145,11 +193,26 @@ class MemoryStore:
         i = bisect.bisect_right(u.inbox, after_seq, key=_seq_of)
         return [_stored(row) for row in u.inbox[i:i + limit]]
 
-    async def inbox_state(self, user: str) -> InboxState:
+    async def inbox_state(self, user: str, device: str = DEFAULT_DEVICE) -> InboxState:
         self._check_open()
         u = self._users.get(user) or _User()
         first = u.inbox[0][_SEQ] if u.inbox else u.last_seq + 1
-        return InboxState(first, u.last_seq, u.cursor)
+        state = u.devices.get(device)
+        if state is None:
+            return InboxState(first, u.last_seq, 0, new_device=True)
+        return InboxState(first, u.last_seq, state[0])
+
+    async def devices(self, user: str) -> dict[str, DeviceState]:
+        self._check_open()
+        u = self._users.get(user)
+        if u is None:
+            return {}
+        return {name: DeviceState(*state) for name, state in u.devices.items()}
+
+    async def message(self, msg_id: str) -> StoredMessage | None:
+        self._check_open()
+        row = self._by_id.get(msg_id)
+        return None if row is None else _stored(row)
 
     async def history(self, user: str, peer: str, before_msg_id: str | None,
                       limit: int) -> tuple[list[StoredMessage], bool]:
@@ -199,6 +262,7 @@ class MemoryStore:
         """Delete, per recipient, every message up to the newest one older than the
         retention (ts < now - retention); returns the count deleted."""
         self._check_open()
+        self._forget_keys(now_ms)
         cutoff = prune_cutoff_ms(now_ms, retention_days)
         if cutoff is None:
             return 0
@@ -208,6 +272,15 @@ class MemoryStore:
             n = bisect.bisect_right(u.inbox, cut, key=_seq_of)
             deleted += self._drop_prefix(u, n)
         return deleted
+
+    def _forget_keys(self, now_ms: int) -> None:
+        """Forget the keys expired at ``now_ms`` from the front of the dict (ts order)."""
+        keys = self._keys
+        while keys:
+            kid = next(iter(keys))
+            if key_is_live(keys[kid][2], now_ms, self._window_ms):
+                return
+            del keys[kid]
 
     # -- webhooks: the outbox --------------------------------------------------------------
 
@@ -312,7 +385,8 @@ class MemoryStore:
 
     async def acked_by_any_device(self, pairs: Sequence[tuple[str, int]]) -> list[bool]:
         self._check_open()
-        return [user in self._users and self._users[user].cursor >= seq for user, seq in pairs]
+        return [any(cursor >= seq for cursor, _ in self._users[user].devices.values())
+                if user in self._users else False for user, seq in pairs]
 
     async def undelivered_settle(self, checks: Sequence[UndeliveredCheck],
                                  events: Sequence[WebhookEvent | None]) -> int:

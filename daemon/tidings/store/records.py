@@ -24,6 +24,27 @@ Every message is also visible to its sender through ``history`` (both directions
 conversation, paged by ``msg_id``, which the hub makes lexicographically increasing
 with time) and ``search``.  A user only ever sees messages they sent or received.
 
+Devices
+-------
+A user reads their inbox from one or more *devices* (``DEFAULT_DEVICE`` unless a
+connection names one).  Each device ``(user, device)`` has its own ack ``cursor`` and its
+``delivered`` mark (the highest seq written to one of its connections).  Saving either
+(:class:`Progress`) registers the device; both only move forward and are capped at the
+user's ``last_seq``: ``new = max(old, min(seq, last_seq))``, with ``old = 0`` for a
+device seen for the first time.  ``inbox_state(user, device)`` says whether the device is
+new (never saved), so the caller can pick its first cursor.
+
+Idempotency keys
+----------------
+A :class:`NewMessage` may carry a ``key`` (chosen by the client).  Its scope is
+``(sender, recipient, key)``: a second message with the same triple whose ``ts`` is less
+than ``StoreLimits.key_window_ms`` after the first one's is not stored: the append answers
+the first one's :class:`Original` instead (``Appended.original``), atomically with the
+append.  Past the window the key is free again (the new message is stored and remembered
+in its place; ``prune`` forgets expired keys).  ``claim_key`` does the same for messages
+that are not stored (room messages; the recipient is then the room's key).  The delivered
+count of the first answer is saved later with the hub's progress (``Progress.answers``).
+
 Errors say what happened, never how the engine spells it: every failure an engine
 raises on purpose is a :class:`StoreError`.
 
@@ -41,10 +62,13 @@ from typing import NamedTuple
 
 import attrs
 
+from tidings.wire.protocol import DEFAULT_DEVICE
+
 __all__ = [
-    "MS_PER_DAY", "Appended", "BadQuery", "DuplicateMessage", "InboxState", "NewMessage",
-    "OutboxEntry", "StoreError", "StoreUnavailable", "StoredMessage", "UndeliveredCheck",
-    "UnknownMessage", "Unsupported", "WebhookEvent", "check_page", "new_event_id",
+    "DEFAULT_DEVICE", "MS_PER_DAY", "Appended", "BadQuery", "DeviceState", "DuplicateMessage",
+    "InboxState", "NewMessage", "Original", "OutboxEntry", "Progress", "StoreError",
+    "StoreUnavailable", "StoredMessage", "UndeliveredCheck", "UnknownMessage", "Unsupported",
+    "WebhookEvent", "check_page", "key_is_live", "new_event_id",
     "prune_cutoff_ms",
 ]
 
@@ -94,6 +118,22 @@ class NewMessage(NamedTuple):
     recipient: str
     body: bytes
     ts: int
+    key: str | None = None  # the sender's idempotency key (see the module docstring)
+
+
+class Original(NamedTuple):
+    """What an idempotency key remembers of the first message sent with it: its
+    ``msg_id``, its ``seq`` (None for a room message) and the ``delivered`` count of the
+    first answer (0 until the hub saved it)."""
+    msg_id: str
+    seq: int | None
+    delivered: int
+
+
+class DeviceState(NamedTuple):
+    """A device's ack ``cursor`` and ``delivered`` mark (see the module docstring)."""
+    cursor: int
+    delivered: int
 
 
 class StoredMessage(NamedTuple):
@@ -109,15 +149,39 @@ class StoredMessage(NamedTuple):
 @attrs.frozen
 class InboxState:
     """``first_seq``: lowest visible seq (``last_seq + 1`` if the inbox is empty);
-    ``last_seq``: highest seq ever assigned (0 if never); ``cursor``: acked seq."""
+    ``last_seq``: highest seq ever assigned (0 if never); ``cursor``: the device's acked
+    seq (0 for a new device); ``new_device``: the device was never saved."""
     first_seq: int
     last_seq: int
     cursor: int
+    new_device: bool = False
+
+    def unread(self, cursor: int | None = None) -> int:
+        """Visible messages after ``cursor`` (default: the device's)."""
+        after = self.cursor if cursor is None else cursor
+        return max(0, self.last_seq - max(after, self.first_seq - 1))
+
+
+@attrs.define
+class Progress:
+    """What the hub saves in one go, coalesced per key since its last save:
+    ``cursors`` and ``delivered`` per ``(user, device)`` (registering the device),
+    ``last_seen`` per user, and ``answers``: the delivered count of the first answer
+    to a keyed send, per ``(sender, recipient, key)`` (ignored for an unknown key)."""
+    cursors: dict[tuple[str, str], int] = attrs.Factory(dict)
+    delivered: dict[tuple[str, str], int] = attrs.Factory(dict)
+    last_seen: dict[str, int] = attrs.Factory(dict)
+    answers: dict[tuple[str, str, str], int] = attrs.Factory(dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.cursors or self.delivered or self.last_seen or self.answers)
 
 
 @attrs.frozen
 class Appended:
-    """The outcome of one message of an append: its inbox ``seq``, or ``error``.
+    """The outcome of one message of an append: its inbox ``seq``, or ``error``, or
+    ``original``: its key was already used (nothing was stored; ``seq`` is the
+    original's).
 
     ``receivers``: None when the engine does not publish (the hub routes the message to
     local connections itself); else the number of cluster nodes the engine's atomic
@@ -125,10 +189,15 @@ class Appended:
     seq: int | None
     error: StoreError | None = None
     receivers: int | None = None
+    original: Original | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def duplicate(self) -> bool:
+        return self.original is not None
 
 
 class WebhookEvent(NamedTuple):
@@ -175,6 +244,11 @@ def check_page(limit: int, offset: int = 0) -> None:
     """Raise ValueError for a negative page size or offset (a bug of the caller)."""
     if limit < 0 or offset < 0:
         raise ValueError("limit and offset must be >= 0")
+
+
+def key_is_live(first_ts: int, ts: int, window_ms: int) -> bool:
+    """A key first used at ``first_ts`` still names that message at ``ts``."""
+    return ts - first_ts < window_ms
 
 
 def prune_cutoff_ms(now_ms: int, retention_days: float | None) -> int | None:

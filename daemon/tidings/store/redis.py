@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import coredis
@@ -50,7 +50,6 @@ from tidings.store.maintenance import prune_periodically
 from tidings.store.records import (
     Appended,
     DuplicateMessage,
-    InboxState,
     NewMessage,
     StoreError,
     StoredMessage,
@@ -59,14 +58,15 @@ from tidings.store.records import (
     Unsupported,
     prune_cutoff_ms,
 )
+from tidings.store.redis_devices import (
+    KEY_TTL_EXTRA_MS, RedisDevices, key_field, parse_original,
+)
 from tidings.store.redis_webhooks import RedisWebhooks
 from tidings.store.redis_lua import (
     APPEND_LUA,
-    CURSOR_LUA,
     HISTORY_LUA,
     KEY_PREFIX,
     PRUNE_LUA,
-    STATE_LUA,
     envelope_header,
     key as _k,
     untag,
@@ -110,9 +110,10 @@ def _entry_to_message(user: str, entry: Any) -> StoredMessage:
     )
 
 
-class RedisStore(RedisWebhooks):
+class RedisStore(RedisDevices, RedisWebhooks):
     """Async store on Redis (standalone or Redis Cluster).  See the module docstring;
-    the webhook methods are :mod:`tidings.store.redis_webhooks`'s.
+    the device, idempotency key and lookup methods are :mod:`tidings.store.redis_devices`'s,
+    the webhook methods :mod:`tidings.store.redis_webhooks`'s.
 
     Create with :func:`open_redis_store`; all methods are coroutines and may raise
     ``StoreUnavailable``.  Safe to call from many trio tasks at once.
@@ -125,6 +126,7 @@ class RedisStore(RedisWebhooks):
         self._r = client
         self._limits = limits
         self.max_inbox = limits.max_inbox
+        self.key_window_ms = limits.key_window_ms
         self.node_id = node_id
         #: "PUBLISH" (standalone), "SPUBLISH" (Redis Cluster, sharded) or "" (no publish).
         self.publish = publish
@@ -132,11 +134,10 @@ class RedisStore(RedisWebhooks):
         self.cluster = cluster
         self._closed = False
         self._append = client.register_script(APPEND_LUA)
-        self._state = client.register_script(STATE_LUA)
-        self._cursor = client.register_script(CURSOR_LUA)
         self._history = client.register_script(HISTORY_LUA)
         self._prune = client.register_script(PRUNE_LUA)
-        self._scripts = (self._append, self._state, self._cursor, self._history, self._prune,
+        self._scripts = (self._append, self._history, self._prune,
+                         *self._register_device_scripts(client),
                          *self._register_webhook_scripts(client))
 
     # -- plumbing --------------------------------------------------------------------
@@ -183,7 +184,9 @@ class RedisStore(RedisWebhooks):
         # standalone: one script call for the whole batch; cluster: one per recipient
         calls = [list(groups.items())] if not self.cluster else [[g] for g in groups.items()]
         results: list[Appended | None] = [None] * len(msgs)
-        head = [-1 if self.max_inbox is None else max(self.max_inbox, 0), self.publish]
+        window = self.key_window_ms
+        head = [-1 if self.max_inbox is None else max(self.max_inbox, 0), self.publish,
+                window, window + KEY_TTL_EXTRA_MS]
         requests = []
         try:
             async with self._r.pipeline(transaction=False, raise_on_error=False) as pipe:
@@ -195,10 +198,13 @@ class RedisStore(RedisWebhooks):
                         for i in idx:
                             m = msgs[i]
                             header = envelope_header(m) if self.publish else b""
-                            args += [m.msg_id, m.sender, m.body, m.ts, header]
+                            kf = "" if m.key is None else key_field(m.sender, m.key)
+                            args += [m.msg_id, m.sender, m.body, m.ts, header, kf]
                         order += idx
                     keys = [_k(call[0][0], "u")]
                     requests.append((order, self._append(keys, args, client=pipe)))
+                self._index_writes(pipe, [(m.msg_id, m.recipient) for m in msgs],
+                                   self._limits.retention_days)
         except _TRANSIENT as exc:
             err = _unavailable(exc, "append")
             return [Appended(None, err) for _ in msgs]
@@ -211,28 +217,18 @@ class RedisStore(RedisWebhooks):
                     results[i] = Appended(None, err)
                 continue
             for j, i in enumerate(idx):
-                seq = int(reply[2 * j])
+                seq = int(reply[3 * j])
+                if seq == -2:  # a live key: its original
+                    original = parse_original(reply[3 * j + 2])
+                    results[i] = Appended(original.seq, original=original)
+                    continue
                 if seq < 0:
                     results[i] = Appended(None, DuplicateMessage(
                         f"duplicate msg_id {msgs[i].msg_id!r} for {msgs[i].recipient!r}"))
                     continue
-                results[i] = Appended(seq, None, int(reply[2 * j + 1]) if self.publish else None)
+                results[i] = Appended(seq, None, int(reply[3 * j + 1]) if self.publish else None)
         return [r if r is not None else Appended(None, StoreUnavailable("lost"))
                 for r in results]
-
-    async def save_cursors(self, cursors: Mapping[str, int], last_seen: Mapping[str, int]) -> None:
-        """Cursors (``max(old, min(seq, last_seq))``, one script each) and last_seen,
-        pipelined in one round trip."""
-        self._check_open()
-        if not cursors and not last_seen:
-            return
-        with self._errors("save_cursors"):
-            async with self._r.pipeline(transaction=False) as pipe:
-                requests = [self._cursor([_k(u, "u")], [int(seq)], client=pipe)
-                            for u, seq in cursors.items()]
-                requests += [pipe.hset(_k(u, "u"), {"seen": int(ts)}) for u, ts in last_seen.items()]
-            for request in requests:
-                await request
 
     # -- reads -----------------------------------------------------------------------
 
@@ -247,12 +243,6 @@ class RedisStore(RedisWebhooks):
         with self._errors("read_inbox"):
             entries = await self._r.xrange(_k(user, "inbox"), start, "+", count=limit)
         return [_entry_to_message(user, e) for e in entries]
-
-    async def inbox_state(self, user: str) -> InboxState:
-        with self._errors("inbox_state"):
-            first, last, cursor = await self._state([_k(user, "u"), _k(user, "inbox")], [])
-        first, last, cursor = int(first), int(last), int(cursor)
-        return InboxState(first if first >= 0 else last + 1, last, cursor)
 
     async def history(self, user: str, peer: str, before_msg_id: str | None,
                       limit: int) -> tuple[list[StoredMessage], bool]:
@@ -321,6 +311,7 @@ class RedisStore(RedisWebhooks):
                     pending = []
             if pending:
                 deleted += await self._prune_users(pending, cutoff_arg, keep_arg)
+            await self.forget_keys(now_ms)
         return deleted
 
     async def _prune_users(self, users: list[str], cutoff: str, keep: str) -> int:
@@ -340,6 +331,9 @@ class RedisStore(RedisWebhooks):
                     again.append(user)
             users = again
         return deleted
+
+    def _entry(self, user: str, entry: Any) -> StoredMessage:
+        return _entry_to_message(user, entry)
 
     async def run(self, *, task_status: Any = None) -> None:
         """Prune by retention every ``prune_interval_s`` until cancelled (``max_inbox``

@@ -12,6 +12,7 @@ keeps all of one user's keys in one Redis Cluster slot)::
     tidings:{T}:from:<S>     zset    msg_ids of the messages S sent to T (all scores 0:
                                      lexicographic order = msg_id order)
     tidings:{T}:ch           pub/sub channel of T (see tidings.cluster)
+    tidings:{T}:dev, :keys, :keyts   devices and idempotency keys (tidings.store.redis_devices)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import orjson
 from tidings.store.records import NewMessage, StoredMessage
 
 __all__ = [
-    "APPEND_LUA", "CURSOR_LUA", "HISTORY_LUA", "KEY_PREFIX", "PRUNE_LUA", "STATE_LUA",
+    "APPEND_LUA", "HISTORY_LUA", "KEY_PREFIX", "PRUNE_LUA",
     "channel_for", "decode_envelope", "envelope_header", "key", "untag", "user_from_channel",
     "user_tag",
 ]
@@ -87,28 +88,46 @@ def decode_envelope(user: str, data: bytes) -> StoredMessage:
 # --------------------------------------------------------------------- Lua scripts
 
 # KEYS: only for routing (Redis Cluster: the `u` key of the single recipient).
-# ARGV: max_inbox (-1 = no limit), publish command ("" = none), then one group per
-# recipient: tag, count, and 5 args per message: msg_id, sender, body, ts, header.
+# ARGV: max_inbox (-1 = no limit), publish command ("" = none), the idempotency window
+# (ms, 0 = keys off), the keys' TTL (ms), then one group per recipient: tag, count, and
+# 6 args per message: msg_id, sender, body, ts, header, key field ("" = no key).
 # Every key is derived from the tag, so a standalone server runs a whole batch of many
 # recipients in one call; on a cluster each call carries one recipient (one slot).
-# Returns {seq1, receivers1, seq2, receivers2, ...} in argument order; seq -1 marks a
-# msg_id this recipient already has (that message alone is not stored).
+# Returns {seq1, receivers1, first1, seq2, ...} in argument order: first is "" or, for a
+# live key, its stored value (see tidings.store.redis_devices; that message is not
+# stored; seq -2); seq -1 marks a msg_id this recipient already has (not stored either).
+# A key is checked first, then the msg_id.
 APPEND_LUA = r"""
 local max_inbox, pub = tonumber(ARGV[1]), ARGV[2]
+local window, key_ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local out = {}
-local i = 3
+local i = 5
 while i <= #ARGV do
   local tag, n, first = ARGV[i], tonumber(ARGV[i + 1]), i + 2
-  i = first + n * 5
+  i = first + n * 6
   local base = 'tidings:{' .. tag .. '}:'
   local u, inbox, ids, from, channel =
     base .. 'u', base .. 'inbox', base .. 'ids', base .. 'from:', base .. 'ch'
+  local keys, keyts = base .. 'keys', base .. 'keyts'
   for k = 0, n - 1 do
-    local b = first + k * 5
+    local b = first + k * 6
     local id, sender, body, ts = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-    if redis.call('HEXISTS', ids, id) == 1 then
+    local kf = ARGV[b + 5]
+    local live = nil
+    if kf ~= '' and window > 0 then
+      local v = redis.call('HGET', keys, kf)
+      if v and tonumber(ts) - tonumber(string.match(v, '^[^\n]*\n[^\n]*\n(%d+)')) < window then
+        live = v
+      end
+    end
+    if live then
+      out[#out + 1] = -2
+      out[#out + 1] = 0
+      out[#out + 1] = live
+    elseif redis.call('HEXISTS', ids, id) == 1 then
       out[#out + 1] = -1
       out[#out + 1] = 0
+      out[#out + 1] = ''
     else
       local seq = redis.call('HINCRBY', u, 'seq', 1)
       local s = string.format('%d', seq)
@@ -119,8 +138,15 @@ while i <= #ARGV do
       if pub ~= '' then
         receivers = redis.call(pub, channel, s .. '\n' .. ARGV[b + 4] .. '\n' .. body)
       end
+      if kf ~= '' and window > 0 then
+        redis.call('HSET', keys, kf, id .. '\n' .. s .. '\n' .. ts .. '\n0')
+        redis.call('ZADD', keyts, ts, kf)
+        redis.call('PEXPIRE', keys, key_ttl)
+        redis.call('PEXPIRE', keyts, key_ttl)
+      end
       out[#out + 1] = seq
       out[#out + 1] = receivers
+      out[#out + 1] = ''
     end
   end
   if max_inbox >= 0 then
@@ -146,31 +172,6 @@ while i <= #ARGV do
   end
 end
 return out
-"""
-
-# KEYS: u, inbox.  Returns {first_seq or -1, last_seq, cursor}.
-STATE_LUA = r"""
-local v = redis.call('HMGET', KEYS[1], 'seq', 'cursor')
-local last = tonumber(v[1]) or 0
-local cursor = tonumber(v[2]) or 0
-local first = -1
-local e = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-if #e > 0 then first = tonumber(string.match(e[1][1], '^(%d+)')) end
-return {first, last, cursor}
-"""
-
-# KEYS: u.  ARGV: seq.  cursor = max(cursor, min(seq, last_seq)); unknown user -> 0.
-CURSOR_LUA = r"""
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local v = redis.call('HMGET', KEYS[1], 'seq', 'cursor')
-local last = tonumber(v[1]) or 0
-local cursor = tonumber(v[2]) or 0
-local want = math.min(tonumber(ARGV[1]), last)
-if want > cursor then
-  cursor = want
-  redis.call('HSET', KEYS[1], 'cursor', string.format('%d', cursor))
-end
-return cursor
 """
 
 # KEYS: from-zset, ids, inbox.  ARGV: before ("" = newest), n.

@@ -299,14 +299,7 @@ class RedisWebhooks:
             out.append(UndeliveredCheck(int(score), user, seq, msg_id, sender))
         return out
 
-    async def acked_by_any_device(self, pairs: Sequence[tuple[str, int]]) -> list[bool]:
-        if not pairs:
-            return []
-        with self._errors("acked_by_any_device"):
-            async with self._r.pipeline(transaction=False) as pipe:
-                requests = [pipe.hget(key(user, "u"), "cursor") for user, _ in pairs]
-            cursors = [await r for r in requests]
-        return [int(c or 0) >= seq for c, (_, seq) in zip(cursors, pairs)]
+    # acked_by_any_device: tidings.store.redis_devices (every device's cursor)
 
     async def undelivered_settle(self, checks: Sequence[UndeliveredCheck],
                                  events: Sequence[WebhookEvent | None]) -> int:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -44,8 +44,8 @@ from tidings import log
 from tidings.store.base import StoreLimits
 from tidings.store.maintenance import prune_periodically
 from tidings.store.records import (
-    Appended, DuplicateMessage, InboxState, NewMessage, OutboxEntry, StoredMessage, StoreError,
-    UndeliveredCheck, WebhookEvent,
+    DEFAULT_DEVICE, Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Original,
+    OutboxEntry, Progress, StoredMessage, StoreError, UndeliveredCheck, WebhookEvent,
 )
 from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
 
@@ -77,7 +77,9 @@ class SqliteStore:
         """Open (creating and migrating) the database at ``path``; its directory must
         exist.  Raises StoreUnavailable naming the path and the reason."""
         limits = limits or StoreLimits()
-        return cls(SqliteDatabase.open(path, max_inbox=limits.max_inbox), limits)
+        db = SqliteDatabase.open(path, max_inbox=limits.max_inbox,
+                                 key_window_ms=limits.key_window_ms)
+        return cls(db, limits)
 
     async def _writable(self) -> None:
         while self._held is not None:
@@ -99,7 +101,8 @@ class SqliteStore:
 
     def _append_chunk(self, msgs: Sequence[NewMessage]) -> list[Appended]:
         try:
-            return [Appended(seq) for seq in self.db.append_many(msgs)]
+            return [Appended(r) if type(r) is int else Appended(r.seq, original=r)
+                    for r in self.db.append_many(msgs)]
         except DuplicateMessage:
             if len(msgs) > 1:
                 return [r for m in msgs for r in self._append_chunk([m])]
@@ -107,17 +110,28 @@ class SqliteStore:
         except StoreError as exc:
             return [Appended(None, exc) for _ in msgs]
 
-    async def save_cursors(self, cursors: Mapping[str, int], last_seen: Mapping[str, int]) -> None:
+    async def claim_key(self, sender: str, target: str, key: str, msg_id: str,
+                        ts: int) -> Original | None:
         await self._writable()
-        self.db.save_cursors(cursors, last_seen)
+        return self.db.claim_key(sender, target, key, msg_id, ts)
+
+    async def save_progress(self, progress: Progress) -> None:
+        await self._writable()
+        self.db.save_progress(progress)
 
     # -- reads (worker thread) -----------------------------------------------------------
 
     async def read_inbox(self, user: str, after_seq: int, limit: int) -> list[StoredMessage]:
         return await self._read(self.db.read_inbox, user, after_seq, limit)
 
-    async def inbox_state(self, user: str) -> InboxState:
-        return await self._read(self.db.inbox_state, user)
+    async def inbox_state(self, user: str, device: str = DEFAULT_DEVICE) -> InboxState:
+        return await self._read(self.db.inbox_state, user, device)
+
+    async def devices(self, user: str) -> dict[str, DeviceState]:
+        return await self._read(self.db.devices, user)
+
+    async def message(self, msg_id: str) -> StoredMessage | None:
+        return await self._read(self.db.message, msg_id)
 
     async def history(self, user: str, peer: str, before_msg_id: str | None,
                       limit: int) -> tuple[list[StoredMessage], bool]:
@@ -192,6 +206,11 @@ class SqliteStore:
             await trio.sleep(0)
 
     async def prune(self, now_ms: int, retention_days: float | None) -> int:
+        while True:  # expired idempotency keys, PRUNE_CHUNK per transaction
+            await self._writable()
+            if self.db.forget_keys(now_ms, PRUNE_CHUNK) < PRUNE_CHUNK:
+                break
+            await trio.sleep(0)
         await self._index_all()  # the index must hold every row a step deletes
         pending = await self._read(self.db.prune_plan, now_ms, retention_days)
         deleted = 0

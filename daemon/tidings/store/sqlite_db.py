@@ -21,13 +21,16 @@ it from trio (threads, maintenance); this module never imports trio.
   transaction. Not with triggers: SQLite 3.40's FTS5 flushes its pending terms
   at every statement savepoint, so a per-row trigger writes one index segment
   per message (measured 6k rows/s against ~50k+ this way).
-* ``users``: per user the ack ``cursor``, ``last_seen``, and ``last_seq`` as of the
+* ``users``: per user ``last_seen``, and ``last_seq`` as of the
   last prune of that inbox.  The highest seq ever assigned to a user is
   ``MAX(users.last_seq, MAX(messages.seq))`` (``_LAST_SEQ_OF``): appends do not write
   ``users`` at all (measured: scattered updates of the users B-tree were a large part
   of a group commit's pages); ``prune_step`` saves ``last_seq`` before it deletes, so
   seqs are never reused.  The writer keeps the last seq of recent recipients and the
   next row id in memory (``_last``, ``_next_id``), updated only after a commit.
+* ``devices`` (per device cursors and delivered marks) and ``send_keys`` (idempotency
+  keys, checked and written in the append transaction of a keyed message): see
+  :mod:`tidings.store.sqlite_schema`, which also holds MIGRATIONS and ``_LAST_SEQ_OF``.
 * ``webhook_*``: what webhooks keep (:mod:`tidings.store.sqlite_webhooks`).
 
 Concurrency: two connections opened with ``check_same_thread=False``, each
@@ -60,16 +63,21 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import orjson
 
 from tidings.store.records import (
-    BadQuery, DuplicateMessage, InboxState, NewMessage, StoredMessage, StoreUnavailable,
-    UnknownMessage, check_page, prune_cutoff_ms,
+    DEFAULT_DEVICE, BadQuery, DeviceState, DuplicateMessage, InboxState, NewMessage, Original,
+    Progress, StoredMessage, StoreUnavailable, UnknownMessage, check_page, key_is_live,
+    prune_cutoff_ms,
 )
 from tidings.store.search import parse_query
-from tidings.store.sqlite_webhooks import WEBHOOK_SCHEMA, WebhookTables
+from tidings.store.sqlite_schema import (
+    _LAST_SEQ_OF, MIGRATIONS, find_key, forget_keys, read_devices, remember_key, save_progress,
+)
+from tidings.store.sqlite_webhooks import WebhookTables
 
 __all__ = ["MIGRATIONS", "PRUNE_BATCH", "SqliteDatabase"]
 
@@ -81,50 +89,6 @@ WRITER_CACHE_KIB = 16384
 AUTOCHECKPOINT_PAGES = 65536
 PAGE_BYTES = 4096
 _I64 = 2**63 - 1
-
-_BODY = "CAST(body AS TEXT)"
-MIGRATIONS: list[tuple[str, ...]] = [
-    # 1: initial schema
-    (
-        f"""CREATE TABLE messages (
-            id INTEGER PRIMARY KEY,
-            msg_id TEXT NOT NULL UNIQUE,
-            recipient TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            sender TEXT NOT NULL,
-            conv TEXT NOT NULL,
-            body BLOB NOT NULL,
-            ts INTEGER NOT NULL,
-            text TEXT GENERATED ALWAYS AS (CASE
-                WHEN NOT json_valid({_BODY}) THEN {_BODY}
-                WHEN json_type({_BODY}) = 'text' THEN json_extract({_BODY}, '$')
-                ELSE {_BODY} END) VIRTUAL,
-            owners TEXT GENERATED ALWAYS AS
-                ('u' || hex(sender) || ' u' || hex(recipient)) VIRTUAL
-        )""",
-        "CREATE UNIQUE INDEX messages_inbox ON messages (recipient, seq)",
-        "CREATE INDEX messages_conv ON messages (conv, msg_id)",
-        "CREATE INDEX messages_ts ON messages (ts)",
-        """CREATE TABLE users (
-            user TEXT PRIMARY KEY,
-            last_seq INTEGER NOT NULL DEFAULT 0,
-            cursor INTEGER NOT NULL DEFAULT 0,
-            last_seen INTEGER
-        ) WITHOUT ROWID""",
-        """CREATE VIRTUAL TABLE messages_fts USING fts5 (
-            text, owners, content='messages', content_rowid='id',
-            tokenize='unicode61 remove_diacritics 2')""",
-    ),
-    # 2: full-text indexing moves out of the append transaction (index_pending); the
-    #    high-water mark says which rows are indexed (all of them at migration time).
-    (
-        """CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID""",
-        """INSERT INTO meta (key, value)
-           SELECT 'fts_indexed_id', COALESCE(MAX(id), 0) FROM messages""",
-    ),
-    # 3: webhooks: the outbox, presence per node, undelivered checks (sqlite_webhooks)
-    WEBHOOK_SCHEMA,
-]
 
 _COLS = "m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts"
 _IN_PAIR = "((+m.sender = :u AND +m.recipient = :p) OR (+m.sender = :p AND +m.recipient = :u))"
@@ -138,16 +102,10 @@ _SQL_FTS_DEL = ("INSERT INTO messages_fts (messages_fts, rowid, text, owners) "
                 "SELECT 'delete', id, text, owners FROM messages "
                 "WHERE id IN (SELECT value FROM json_each(?))")
 _SQL_DEL = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))"
-#: The highest seq ever assigned to the user ``{u}`` (an SQL expression).
-_LAST_SEQ_OF = ("MAX(COALESCE((SELECT last_seq FROM users WHERE user = {u}), 0), "
-                "COALESCE((SELECT MAX(seq) FROM messages WHERE recipient = {u}), 0))")
 _SQL_LAST_SEQS = (f"SELECT value, {_LAST_SEQ_OF.format(u='value')} FROM json_each(?)")
 _SQL_KEEP_LAST_SEQ = (f"INSERT INTO users (user, last_seq) SELECT :u, {_LAST_SEQ_OF.format(u=':u')} "
                       "WHERE true ON CONFLICT (user) DO UPDATE SET "
                       "last_seq = MAX(last_seq, excluded.last_seq)")
-_SQL_MOVE_CURSOR = (f"INSERT INTO users (user, cursor) SELECT :u, MAX(0, MIN(:seq, last)) FROM "
-                    f"(SELECT {_LAST_SEQ_OF.format(u=':u')} AS last) WHERE last > 0 "
-                    "ON CONFLICT (user) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)")
 #: The writer's memory of recipients' last seqs is dropped past this many users.
 LAST_SEQ_CACHE = 100_000
 
@@ -172,12 +130,16 @@ class SqliteDatabase(WebhookTables):
 
     ``max_inbox``: reads see at most the newest ``max_inbox`` messages of each inbox
     (rows pushed out are hidden at once and deleted by the next ``prune``), so every
-    engine shows the same thing without a delete in the append transaction."""
+    engine shows the same thing without a delete in the append transaction.
+    ``key_window_ms``: how long an idempotency key names its first message (0: keys
+    are ignored)."""
 
     def __init__(self, path: str, writer: sqlite3.Connection,
-                 reader: sqlite3.Connection, max_inbox: int | None = None) -> None:
+                 reader: sqlite3.Connection, max_inbox: int | None = None,
+                 key_window_ms: int = 86_400_000) -> None:
         self.path = path
         self.max_inbox = max_inbox
+        self.key_window_ms = key_window_ms
         self._writer: sqlite3.Connection | None = writer
         self._last: dict[str, int] = {}  # recipient -> last seq, as committed (writer only)
         self._next_id: int | None = None  # the last row id used, once known
@@ -190,7 +152,8 @@ class SqliteDatabase(WebhookTables):
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], max_inbox: int | None = None) -> SqliteDatabase:
+    def open(cls, path: str | os.PathLike[str], max_inbox: int | None = None,
+             key_window_ms: int = 86_400_000) -> SqliteDatabase:
         """Open (creating the file, mode 0600, if needed) and migrate the store.
 
         The directory must already exist. Raises StoreUnavailable, naming the path
@@ -221,7 +184,7 @@ class SqliteDatabase(WebhookTables):
             if isinstance(e, sqlite3.Error):
                 raise StoreUnavailable(f"cannot open store {path}: {e}") from e
             raise
-        return cls(path, writer, reader, max_inbox)
+        return cls(path, writer, reader, max_inbox, key_window_ms)
 
     @staticmethod
     def _connect(path: str) -> sqlite3.Connection:
@@ -281,10 +244,10 @@ class SqliteDatabase(WebhookTables):
 
     # ------------------------------------------------------------ messages
 
-    def append_many(self, msgs: Sequence[NewMessage]) -> list[int]:
+    def append_many(self, msgs: Sequence[NewMessage]) -> list[int | Original]:
         """Store all of ``msgs`` in one transaction (durable on return) and return
-        each one's new inbox seq. Any duplicate msg_id -> DuplicateMessage, nothing
-        stored."""
+        each one's new inbox seq, or the Original its live idempotency key names (that
+        one is not stored).  Any duplicate msg_id -> DuplicateMessage, nothing stored."""
         if not msgs:
             return []
         known = self._last
@@ -298,21 +261,57 @@ class SqliteDatabase(WebhookTables):
                 # Row ids above everything ever indexed: after a prune removed the newest
                 # rows, SQLite would hand their ids out again, below the index high-water.
                 (row_id,) = c.execute(_SQL_NEXT_ID).fetchone()
-            rows, seqs = [], []
+            rows: list[tuple[Any, ...]] = []
+            seqs: list[int | Original] = []
+            keyed: dict[tuple[str, str, str], tuple[Original, int]] = {}  # this batch's
+            window = self.key_window_ms
             for m in msgs:
                 r = m.recipient
+                if m.key is not None and window:
+                    original = self._original(c, keyed, m)
+                    if original is not None:
+                        seqs.append(original)
+                        continue
                 seq = (last[r] if r in last else known[r]) + 1
                 last[r] = seq
                 seqs.append(seq)
                 row_id += 1
                 rows.append((row_id, m.msg_id, m.recipient, seq, m.sender,
                              _conv(m.sender, m.recipient), m.body, m.ts))
+                if m.key is not None and window:
+                    keyed[(m.sender, r, m.key)] = (Original(m.msg_id, seq, 0), m.ts)
             c.executemany(_SQL_INSERT, rows)
+            for (sender, target, key), (original, ts) in keyed.items():
+                remember_key(c, sender, target, key, original.msg_id, original.seq, ts)
         if len(known) + len(last) > LAST_SEQ_CACHE:
             known.clear()
         known.update(last)  # committed: now the truth
         self._next_id = row_id
         return seqs
+
+    def _original(self, c: sqlite3.Connection,
+                  keyed: dict[tuple[str, str, str], tuple[Original, int]],
+                  m: NewMessage) -> Original | None:
+        """Inside append_many: the original ``m``'s live key names (an earlier message
+        of this batch, else a stored key), or None."""
+        assert m.key is not None
+        kid = (m.sender, m.recipient, m.key)
+        first = keyed.get(kid)
+        if first is not None:
+            return first[0] if key_is_live(first[1], m.ts, self.key_window_ms) else None
+        return find_key(c, *kid, m.ts, self.key_window_ms)
+
+    def claim_key(self, sender: str, target: str, key: str, msg_id: str,
+                  ts: int) -> Original | None:
+        """The original a live key names (nothing written), else remember the key for
+        ``msg_id`` (a message that is not stored: seq NULL) and return None."""
+        if not self.key_window_ms:
+            return None
+        with self._write() as c:
+            original = find_key(c, sender, target, key, ts, self.key_window_ms)
+            if original is None:
+                remember_key(c, sender, target, key, msg_id, None, ts)
+        return original
 
     def index_pending(self, max_rows: int = 20000) -> int:
         """Add up to ``max_rows`` stored-but-unindexed messages to the full-text index,
@@ -346,27 +345,42 @@ class SqliteDatabase(WebhookTables):
                              (user, _i64(after_seq), _i64(limit))).fetchall()
         return [StoredMessage(*r) for r in rows]
 
-    def inbox_state(self, user: str) -> InboxState:
+    def inbox_state(self, user: str, device: str = DEFAULT_DEVICE) -> InboxState:
         with self._read() as c:
             last_seq, cursor, first = c.execute(
                 f"SELECT {_LAST_SEQ_OF.format(u=':u')}, "
-                "COALESCE((SELECT cursor FROM users WHERE user = :u), 0), "
-                "(SELECT MIN(seq) FROM messages WHERE recipient = :u)", {"u": user}).fetchone()
+                "(SELECT cursor FROM devices WHERE user = :u AND device = :d), "
+                "(SELECT MIN(seq) FROM messages WHERE recipient = :u)",
+                {"u": user, "d": device}).fetchone()
         first = last_seq + 1 if first is None else first
         if self.max_inbox is not None:
             first = max(first, last_seq - self.max_inbox + 1)
-        return InboxState(first, last_seq, cursor)
+        return InboxState(first, last_seq, cursor or 0, new_device=cursor is None)
 
-    def save_cursors(self, cursors: Mapping[str, int], last_seen: Mapping[str, int]) -> None:
-        """In one transaction: each cursor = max(old, min(seq, last_seq)) (unknown users
-        have nothing to ack) and each user's last_seen."""
-        if not cursors and not last_seen:
+    def devices(self, user: str) -> dict[str, DeviceState]:
+        with self._read() as c:
+            return read_devices(c, user)
+
+    def message(self, msg_id: str) -> StoredMessage | None:
+        """The visible message ``msg_id`` (None: unknown, pruned or hidden)."""
+        with self._read() as c:
+            row = c.execute(f"SELECT {_COLS} FROM messages m WHERE msg_id = :id {self._visible()}",
+                            {"id": msg_id, "k": self.max_inbox}).fetchone()
+        return None if row is None else StoredMessage(*row)
+
+    def save_progress(self, progress: Progress) -> None:
+        """In one transaction: device cursors and delivered marks (``max(old, min(seq,
+        last_seq))``, registering new devices), last_seen and first answers."""
+        if not progress:
             return
         with self._write() as c:
-            c.executemany(_SQL_MOVE_CURSOR, [{"u": u, "seq": _i64(seq)} for u, seq in cursors.items()])
-            c.executemany("INSERT INTO users (user, last_seen) VALUES (?, ?) ON CONFLICT (user) "
-                          "DO UPDATE SET last_seen = excluded.last_seen",
-                          [(u, _i64(ts)) for u, ts in last_seen.items()])
+            save_progress(c, progress)
+
+    def forget_keys(self, now_ms: int, budget: int) -> int:
+        """Forget up to ``budget`` idempotency keys expired at ``now_ms`` in one
+        transaction; return how many (fewer than ``budget``: none are left)."""
+        with self._write() as c:
+            return forget_keys(c, now_ms, self.key_window_ms, budget)
 
     def history(self, user: str, peer: str, before_msg_id: str | None,
                 limit: int) -> tuple[list[StoredMessage], bool]:
@@ -429,9 +443,11 @@ class SqliteDatabase(WebhookTables):
     def prune(self, now_ms: int, retention_days: float | None) -> int:
         """Delete, per recipient, every message up to the newest one older than the
         retention (ts < now - retention) and all but the newest ``max_inbox`` (which
-        reads already hide); always an inbox prefix, so seqs stay contiguous.  Indexes
-        pending rows first, then deletes in transactions of at most PRUNE_BATCH rows.
+        reads already hide); always an inbox prefix, so seqs stay contiguous.  Forgets
+        expired idempotency keys and indexes pending rows first, then deletes in transactions of at most PRUNE_BATCH rows.
         Returns the number deleted.  (The engine runs the same steps with pauses.)"""
+        while self.forget_keys(now_ms, PRUNE_BATCH) == PRUNE_BATCH:
+            pass
         while self.index_pending():  # the index must hold every row it deletes
             pass
         pending = self.prune_plan(now_ms, retention_days)

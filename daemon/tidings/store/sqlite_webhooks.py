@@ -185,7 +185,8 @@ class WebhookTables:
         users = list(dict.fromkeys(u for u, _ in pairs))
         with self._read() as c:
             cursors: dict[Any, int] = dict(c.execute(
-                "SELECT user, cursor FROM users WHERE user IN (SELECT value FROM json_each(?))",
+                "SELECT user, MAX(cursor) FROM devices "
+                "WHERE user IN (SELECT value FROM json_each(?)) GROUP BY user",
                 (orjson.dumps(users),)))
         return [cursors.get(user, 0) >= seq for user, seq in pairs]
 

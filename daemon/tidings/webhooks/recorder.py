@@ -105,7 +105,8 @@ class WebhookRecorder:
         Never raises a store error: failed checks are retried by ``run``."""
         due = self._now_ms() + self.after_ms
         checks = [UndeliveredCheck(due, m.recipient, r.seq, m.msg_id, m.sender)
-                  for m, r in zip(messages, results) if r.seq is not None]
+                  for m, r in zip(messages, results)
+                  if r.seq is not None and r.original is None]  # a duplicate: not stored
         if not checks:
             return
         try:

@@ -17,6 +17,8 @@ import h11
 from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import generate_accept_token
 
+from tidings.wire.protocol import MAX_DEVICE_LEN, valid_device
+
 __all__ = ["HttpError", "Upgrade", "accept_response", "check_upgrade", "http_response", "origin_allowed"]
 
 _REASONS = {
@@ -53,6 +55,7 @@ class Upgrade:
     user: str | None  # ?user= (insecure mode only)
     since: int | None
     binary: bool  # ?encoding=msgpack: pushed frames are MessagePack binary frames
+    device: str | None  # ?device=NAME (a token's ``device`` claim wins over it)
     extensions: list[str]  # Sec-WebSocket-Extensions offers, e.g. permessage-deflate
 
 
@@ -118,6 +121,9 @@ def check_upgrade(request: h11.Request, path: str, allowed_origins: Sequence[str
         if not (since_text.isascii() and since_text.isdigit()) or len(since_text) > 15:
             raise HttpError(400, "?since= must be a non-negative integer")
         since = int(since_text)
+    device = _one(query, "device")
+    if device is not None and not valid_device(device):
+        raise HttpError(400, f"?device= must be 1-{MAX_DEVICE_LEN} characters of A-Z a-z 0-9 _ . -")
     encoding = _one(query, "encoding") or "json"
     if encoding not in ("json", "msgpack"):
         raise HttpError(400, "?encoding= must be json or msgpack")
@@ -129,7 +135,7 @@ def check_upgrade(request: h11.Request, path: str, allowed_origins: Sequence[str
         if part.strip()
     ]
     return Upgrade(key=key, token=token or None, user=_one(query, "user"), since=since,
-                   binary=encoding == "msgpack", extensions=offers)
+                   binary=encoding == "msgpack", device=device, extensions=offers)
 
 
 def _one(query: dict[str, list[str]], name: str) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import struct
 import time
 from typing import Any
@@ -24,7 +25,10 @@ import msgpack
 import orjson
 
 __all__ = [
+    "DEFAULT_DEVICE",
+    "MAX_DEVICE_LEN",
     "MAX_ID_LEN",
+    "MAX_KEY_LEN",
     "MAX_USER_LEN",
     "Ack",
     "History",
@@ -40,11 +44,20 @@ __all__ = [
     "encode",
     "message_frame",
     "parse_client_frame",
+    "valid_device",
+    "valid_key",
     "valid_user_id",
 ]
 
 MAX_USER_LEN = 128
 MAX_ID_LEN = 128
+#: An idempotency ``key`` of a send: 1-128 printable characters chosen by the client.
+MAX_KEY_LEN = 128
+#: A device name: 1-64 characters of ``[A-Za-z0-9_.-]``; connections without one are
+#: the user's ``default`` device.
+MAX_DEVICE_LEN = 64
+DEFAULT_DEVICE = "default"
+_DEVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,%d}" % MAX_DEVICE_LEN)
 MAX_PRESENCE_USERS = 100
 MAX_QUERY_LEN = 512
 
@@ -72,6 +85,16 @@ def valid_user_id(user: Any) -> bool:
     )
 
 
+def valid_device(name: Any) -> bool:
+    """A device name is 1-64 characters of ``[A-Za-z0-9_.-]``."""
+    return isinstance(name, str) and _DEVICE_RE.fullmatch(name) is not None
+
+
+def valid_key(key: Any) -> bool:
+    """An idempotency key is a string of 1-128 printable characters."""
+    return isinstance(key, str) and 0 < len(key) <= MAX_KEY_LEN and key.isprintable()
+
+
 # -- client commands ---------------------------------------------------------------------
 
 
@@ -81,6 +104,7 @@ class Send:
     to: str | None  # a user, or None when ``room`` is set
     body: bytes  # the stored body: JSON, or BINARY_BODY + raw bytes (msgpack mode)
     room: str | None = None
+    key: str | None = None  # idempotency key: a resend with the same key is a duplicate
 
 
 @attrs.frozen(slots=True)
@@ -213,11 +237,14 @@ def _int(frame: dict[str, Any], key: str, fid: Any, *, required: bool, minimum: 
 def _send(frame: dict[str, Any], fid: Any) -> Send:
     if "body" not in frame:
         raise ProtocolError("bad_request", "'body' is required", fid)
+    key = frame.get("key")
+    if key is not None and not valid_key(key):
+        raise ProtocolError("bad_request", f"'key' must be 1-{MAX_KEY_LEN} printable characters", fid)
     if "room" in frame:
         if "to" in frame:
             raise ProtocolError("bad_request", "give 'to' or 'room', not both", fid)
-        return Send(fid, None, encode_body(frame["body"], fid), _name(frame, "room", fid))
-    return Send(fid, _user(frame, "to", fid), encode_body(frame["body"], fid))
+        return Send(fid, None, encode_body(frame["body"], fid), _name(frame, "room", fid), key)
+    return Send(fid, _user(frame, "to", fid), encode_body(frame["body"], fid), None, key)
 
 
 def _name(frame: dict[str, Any], key: str, fid: Any) -> str:
