@@ -10,6 +10,8 @@ The redis store is opened without publishing, so every engine answers
 
 from __future__ import annotations
 
+import pytest
+
 import contextlib
 import itertools
 from collections.abc import AsyncIterator
@@ -101,3 +103,13 @@ class Engine:
         if self.name == "redis":
             self.server.stop()
             self.server.start()
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, tmp_path) -> Engine:
+    if request.param == "redis":
+        from redis_fixture import require_coredis
+
+        require_coredis()
+        return Engine("redis", server=request.getfixturevalue("redis_server"))
+    return Engine(request.param, path=tmp_path / "t.db")

@@ -15,7 +15,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from redis_fixture import redis_server  # noqa: F401  (requested by the engine fixture)
-from store_harness import ENGINES, Engine, ids, msg, outcomes
+from store_harness import ENGINES, Engine, engine, ids, msg, outcomes  # noqa: F401  (engine: a fixture)
 from store_model import KEY_WINDOW, MAX_INBOX, OPS, check_against_model
 
 from tidings.store import (
@@ -28,14 +28,6 @@ from tidings.store.search import parse_query
 DAY = MS_PER_DAY
 
 
-@pytest.fixture(params=ENGINES)
-def engine(request, tmp_path) -> Engine:
-    if request.param == "redis":
-        from redis_fixture import require_coredis
-
-        require_coredis()
-        return Engine("redis", server=request.getfixturevalue("redis_server"))
-    return Engine(request.param, path=tmp_path / "t.db")
 
 
 # ------------------------------------------------------------------ append / inbox

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import trio
 from redis_fixture import redis_server  # noqa: F401  (requested by the engine fixture)
-from store_harness import ENGINES, Engine, msg
+from store_harness import Engine, engine, msg  # noqa: F401  (engine: a fixture)
 
 from tidings.store import Progress, StoreUnavailable
 from tidings.store.records import OutboxEntry, UndeliveredCheck, WebhookEvent
@@ -18,14 +18,6 @@ from tidings.store.records import OutboxEntry, UndeliveredCheck, WebhookEvent
 BOTH = ("online", "offline")
 
 
-@pytest.fixture(params=ENGINES)
-def engine(request, tmp_path) -> Engine:
-    if request.param == "redis":
-        from redis_fixture import require_coredis
-
-        require_coredis()
-        return Engine("redis", server=request.getfixturevalue("redis_server"))
-    return Engine(request.param, path=tmp_path / "t.db")
 
 
 def ev(n: int, user: str = "u", kind: str = "online") -> WebhookEvent:
