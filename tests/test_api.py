@@ -142,8 +142,10 @@ def test_healthz_is_the_same_check_on_both_ports(daemon):
     """One /healthz: the WebSocket port answers what the API port answers (failures
     and shutdown are tested in process, tests/test_health.py)."""
     status, body = api(daemon, "GET", "/healthz", key=None)
-    assert (status, body) == (200, {"status": "ok", "store": "ok", "cluster": None,
-                                    "connections": 0, "shutting_down": False})
+    assert (status, body) == (200, {"status": "ok", "node": socket.gethostname(), "store": "ok",
+                                    "cluster": None, "connections": 0, "shutting_down": False})
+    # /metrics names the node too
+    assert metrics(daemon)[f"tidings_node_info{{node={socket.gethostname()}}}"] == 1
     conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
     conn.request("GET", "/healthz")
     resp = conn.getresponse()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import trio
@@ -20,6 +21,7 @@ class _Link:
 
     def __init__(self, healthy: bool) -> None:
         self.healthy = healthy
+        self.node_id = "node-7"
 
 
 async def _get(stream: trio.abc.Stream) -> tuple[int, str, dict]:
@@ -68,7 +70,8 @@ async def test_healthz_checks_store_cluster_and_shutdown_on_both_ports(autojump_
                 h.server.shutting_down = True
             got_status, got = await healthz_on_both_ports(h)
     assert got_status == status
-    assert got == {"connections": 0, "shutting_down": False, **body}
+    node = "node-7" if fault == "cluster" else socket.gethostname()  # who answered
+    assert got == {"connections": 0, "shutting_down": False, "node": node, **body}
 
 
 async def test_healthz_with_a_healthy_cluster_link(autojump_clock):
@@ -78,7 +81,7 @@ async def test_healthz_with_a_healthy_cluster_link(autojump_clock):
             h.hub.cluster = _Link(healthy=True)  # type: ignore[assignment]
             status, body = await healthz_on_both_ports(h)
             h.hub.cluster = None  # (bob's close would release his channel)
-    assert (status, body) == (200, {"status": "ok", "store": "ok", "cluster": "ok",
+    assert (status, body) == (200, {"status": "ok", "node": "node-7", "store": "ok", "cluster": "ok",
                                     "connections": 1, "shutting_down": False})
 
 

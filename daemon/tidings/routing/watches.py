@@ -70,6 +70,10 @@ class WatchTable:
     def forget(self, endpoint: Endpoint) -> None:
         self.unwatch(endpoint, list(self._watched_by.get(endpoint.conn_id, ())))
 
+    def watched_users(self) -> list[str]:
+        """Every user some endpoint watches (a snapshot)."""
+        return list(self._watchers)
+
     def watchers(self, user: str) -> tuple[Endpoint, ...]:
         watchers = self._watchers.get(user)
         return tuple(watchers.values()) if watchers else ()

@@ -2,7 +2,7 @@
 
     POST /api/send        {"to", "body", "from"?}         -> 202 {"msg_id","seq","delivered"}
     POST /api/broadcast   {"users": [...], "body", "from"?} -> 202 {"results": [...]}
-    POST /api/disconnect  {"user", "conn"?}                 -> 200 {"closed": N}  (1008)
+    POST /api/disconnect  {"user", "conn"?}                 -> 200 {"closed": N}  (1008; every node)
     GET  /api/presence?user=bob&user=carol                  -> 200 {"users": {...}}
     GET  /api/stats       counters, per node and in total    -> 200 (tidings.server.admin)
     GET  /api/users/{user}  presence, unread, connections    -> 200 (tidings.server.admin)
@@ -200,7 +200,7 @@ class Api:
             if route == (b"POST", "/api/broadcast"):
                 return _json(202, await self._broadcast(_object(body), _idempotency_key(request)))
             if route == (b"POST", "/api/disconnect"):
-                return _json(200, self._disconnect(_object(body)))
+                return _json(200, await self._disconnect(_object(body)))
             if route == (b"GET", "/api/presence"):
                 return _json(200, await self._presence(parts.query))
             if route == (b"GET", "/api/stats"):
@@ -270,19 +270,30 @@ class Api:
             return {"results": results, "duplicate": True}
         return {"results": results}
 
-    def _disconnect(self, data: dict[str, Any]) -> dict[str, Any]:
-        """All of the user's connections on this node, or only ``conn`` (an id from
-        ``GET /api/users/{user}``; 0 closed when it is gone or another node's)."""
+    async def _disconnect(self, data: dict[str, Any]) -> dict[str, Any]:
+        """All of the user's connections, or only ``conn`` (an id from ``GET
+        /api/users/{user}``; 0 closed when it is gone), on every node of a cluster:
+        the other nodes are asked through the control channel and their answers are
+        awaited (``nodes`` answered, ``silent``: live nodes that did not answer in time)."""
         user, only = data.get("user"), data.get("conn")
         if not valid_user_id(user):
             raise _Answer(400, "'user' must be a user id")
         if only is not None and not isinstance(only, str):
             raise _Answer(400, "'conn' must be a connection id")
-        conns = [c for c in self.hub.sessions.connections(user) if only is None or c.conn_id == only]
-        for conn in conns:
-            conn.kill(1008, "disconnected by the server API")
-        log.log("info", "api_disconnect", user=user, conn=only, connections=len(conns))
-        return {"closed": len(conns)}
+        closed = self.hub.disconnect_local(user, only)
+        out: dict[str, Any] = {"closed": closed}
+        if self.hub.control is not None:
+            try:
+                result = await self.hub.control.disconnect(user, only)
+            except StoreError as exc:
+                log.log("warning", "api_disconnect", user=user, conn=only, connections=closed,
+                        error=str(exc))
+                raise _Answer(503, f"closed {closed} connection(s) on this node; the other "
+                                   f"nodes were not reached ({exc}); retry") from None
+            out = {"closed": closed + result.closed, "nodes": 1 + len(result.answered),
+                   "silent": list(result.silent)}
+        log.log("info", "api_disconnect", user=user, conn=only, connections=out["closed"])
+        return out
 
     async def _user(self, quoted: str) -> dict[str, Any]:
         try:

@@ -60,7 +60,7 @@ class HubServices(Protocol):
     async def send_room(self, conn: Endpoint, room: str, body: bytes,
                         key: str | None = None) -> tuple[str, int, bool]: ...
 
-    def watch(self, conn: Endpoint, users: tuple[str, ...], on: bool) -> dict[str, bool]: ...
+    async def watch(self, conn: Endpoint, users: tuple[str, ...], on: bool) -> dict[str, bool]: ...
 
 
 class CommandContext(Endpoint, Protocol):
@@ -113,7 +113,7 @@ async def handle_command(ctx: CommandContext, cmd: Command) -> None:
             ctx.hub.leave(ctx, cmd.room)
             ctx.reply("left", id=fid, room=cmd.room)
         elif type(cmd) is Watch:
-            online = ctx.hub.watch(ctx, cmd.users, cmd.watch)
+            online = await ctx.hub.watch(ctx, cmd.users, cmd.watch)
             ctx.reply("watching" if cmd.watch else "unwatched", id=fid, users=online)
         else:  # pragma: no cover - send to a user, ping and ack are the connection's
             raise AssertionError(f"unhandled command {cmd!r}")

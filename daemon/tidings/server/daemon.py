@@ -41,7 +41,7 @@ from tidings.wire.handshake import (
     http_response,
     negotiate_deflate,
 )
-from tidings.server.admin import node_record_json, peer_address
+from tidings.server.admin import node_name, node_record_json, peer_address
 from tidings.server.api import serve_api
 from tidings.server.hub import Hub
 from tidings.server.metrics import Metrics
@@ -72,13 +72,23 @@ async def open_cluster_on(
         return
     from tidings.cluster import open_cluster
 
+    from tidings.cluster.control import open_control
+
     cc = config.cluster
+    node_id = cc.resolved_node_id(worker)
     hub.cluster = await stack.enter_async_context(
-        open_cluster(cc.redis_url, cc.resolved_node_id(worker), cc.presence_ttl_s, hub.on_cluster_message,
+        open_cluster(cc.redis_url, node_id, cc.presence_ttl_s, hub.on_cluster_message,
                      on_resync=hub.on_cluster_resync, cluster=cc.redis_cluster)
     )
     hub.cluster.stats_record = partial(node_record_json, hub)  # for GET /api/stats
     hub.cluster.devices_of = hub.devices_online  # presence's devices, cluster-wide
+    # Presence events and POST /api/disconnect for every node (exits first: withdraws).
+    hub.control = await stack.enter_async_context(
+        open_control(cc.redis_url, node_id, cc.presence_ttl_s,
+                     on_presence=hub.on_control_presence, is_watched=hub.watched,
+                     watched_users=hub.watches.watched_users, on_disconnect=hub.disconnect_local,
+                     cluster=cc.redis_cluster)
+    )
 
 
 def make_authenticator(config: Config) -> Authenticator:
@@ -303,6 +313,7 @@ async def serve(
             raise StartupError(f"cannot load the webhook secret: {exc}") from None
         metrics = Metrics()
         metrics.hub = hub
+        metrics.node = node_name(hub)
         hub.latency = metrics.latency
         server = Server(config, hub, auth)
         server.metrics = metrics

@@ -5,8 +5,10 @@
 clustered) is up, and no shutdown has begun -- else 503.  The body says which part
 failed::
 
-    {"status": "ok" | "unavailable", "store": "ok" | "unavailable",
+    {"status": "ok" | "unavailable", "node": "<node id>", "store": "ok" | "unavailable",
      "cluster": null | "ok" | "unavailable", "connections": N, "shutting_down": bool}
+
+``node`` says who answered: the cluster node id, or the host name of a single node.
 
 A failed store read is logged once a minute (``event=health_check_failed``).  The check
 never raises: a store that hangs counts as unavailable after the timeout.
@@ -19,6 +21,7 @@ from typing import Any
 import trio
 
 from tidings import log
+from tidings.server.admin import node_name
 from tidings.server.hub import Hub
 
 __all__ = ["HEALTH_TIMEOUT", "check"]
@@ -45,6 +48,7 @@ async def check(hub: Hub, shutting_down: bool) -> tuple[int, dict[str, Any]]:
     ok = store_ok and cluster_ok and not shutting_down
     return (200 if ok else 503), {
         "status": "ok" if ok else "unavailable",
+        "node": node_name(hub),
         "store": "ok" if store_ok else "unavailable",
         "cluster": None if cluster is None else ("ok" if cluster_ok else "unavailable"),
         "connections": len(hub.sessions),

@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
     from tidings.cluster import Cluster
     from tidings.webhooks.recorder import WebhookRecorder
+    from tidings.cluster.control import Control
 
 __all__ = ["CursorOrigin", "Hub", "HubStatistics", "Member", "Origin"]
 
@@ -156,6 +157,8 @@ class Hub:
         #: Set by the server while ``webhooks.url`` is on: told of users' first and last
         #: connection on this node and of each stored batch (never per message when off).
         self.webhooks: WebhookRecorder | None = None
+        #: Set with ``cluster``: presence events and server commands for every node.
+        self.control: Control | None = None
         self._jobs_tx, self._jobs_rx = trio.open_memory_channel[Any](config.store.queue)
         self._progress = Progress()  # coalesced: saved by the writer (see the docstring)
         self._flush_due = False  # the progress flush timer fired: save even marks alone
@@ -179,7 +182,7 @@ class Hub:
         async with self.lock:
             self.sessions.add(conn)
             if self.sessions.count(conn.user) == 1:
-                self._presence_event(conn.user, True)
+                self._first_or_last(conn.user, True)
                 if self.webhooks is not None and self.webhooks.tracks_presence:
                     self.webhooks.connected(conn.user)
             if self.cluster is not None:
@@ -199,11 +202,35 @@ class Hub:
         if self.cluster is not None:
             self.cluster.release(conn.user)
         if self.sessions.count(conn.user) == 0:
-            self._presence_event(conn.user, False)
+            self._first_or_last(conn.user, False)
             if self.webhooks is not None and self.webhooks.tracks_presence:
                 self.webhooks.disconnected(conn.user)
             self._progress.last_seen[conn.user] = int(time.time() * 1000)
             self._wake_writer()
+
+    def _first_or_last(self, user: str, online: bool) -> None:
+        """``user``'s first local connection opened or last one closed: watchers hear
+        it at once on a single node; in a cluster the control plane decides whether it
+        was the first/last on ANY node and tells every node's watchers."""
+        if self.control is not None:
+            self.control.local_presence(user, online)
+        else:
+            self._presence_event(user, online)
+
+    def on_control_presence(self, user: str, online: bool) -> None:
+        """The control plane: ``user`` came online / went offline cluster-wide."""
+        self._presence_event(user, online)
+
+    def watched(self, user: str) -> bool:
+        return bool(self.watches.watchers(user))
+
+    def disconnect_local(self, user: str, conn: str | None = None) -> int:
+        """Close ``user``'s connections on this node (only ``conn`` when given) with
+        1008; how many."""
+        conns = [c for c in self.sessions.connections(user) if conn is None or c.conn_id == conn]
+        for c in conns:
+            c.kill(1008, "disconnected by the server API")
+        return len(conns)
 
     def _presence_event(self, user: str, online: bool) -> None:
         watchers = self.watches.watchers(user)
@@ -260,13 +287,22 @@ class Hub:
         self.rooms.remember(room, fields)
         return result.delivered
 
-    def watch(self, conn: Endpoint, users: tuple[str, ...], on: bool) -> dict[str, bool]:
-        """(Un)watch users' presence; return who of them is online now.  Raises
-        WatchRefused (nothing changed) over the per-connection bound."""
+    async def watch(self, conn: Endpoint, users: tuple[str, ...], on: bool) -> dict[str, bool]:
+        """(Un)watch users' presence; return who of them is online now (on any node in
+        a cluster; this node's view while Redis cannot be asked).  Raises WatchRefused
+        (nothing changed) over the per-connection bound."""
         if on:
             self.watches.watch(conn, users)
         else:
             self.watches.unwatch(conn, users)
+        if self.control is not None:
+            try:
+                return await self.control.watch_state(users)
+            except StoreError:  # ClusterUnavailable: corrected by the next state read
+                local = {user: self.sessions.count(user) > 0 for user in users}
+                for user, online in local.items():
+                    self.control.assume(user, online)
+                return local
         return {user: self.sessions.count(user) > 0 for user in users}
 
     def _log_slow(self, conn: Endpoint) -> None:

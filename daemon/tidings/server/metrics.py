@@ -3,7 +3,10 @@
 Gauges and counters are read from the hub's and server's ``statistics()`` at scrape time
 by a custom collector (nothing extra on the hot path); the send->deliver latency is a
 real ``Histogram`` observed for one routed inbox message in eight (hub.py).  ``render()`` returns the
-text exposition format for ``GET /metrics``.  Never imports trio.
+text exposition format for ``GET /metrics``.  ``tidings_node_info{node=...}`` says which node
+answered (``Metrics.node``, set by the daemon); in a cluster ``tidings_cluster_users_online``
+counts users online on any node (read by the control plane every ``presence_ttl_s / 3``).
+Never imports trio.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class Metrics:
         self.refusals: Counter[str] = Counter()
         self.hub: Any = None
         self.webhooks: Any = None  # tidings.webhooks.sender.WebhookSender when webhooks are on
+        #: The node id (cluster) or host name that answers, for ``tidings_node_info``.
+        self.node = ""
         self.registry.register(_Collector(self))
 
     def refused(self, status: int) -> None:
@@ -82,8 +87,19 @@ class _Collector:
                 ("tidings_webhooks_dead", "Webhook events dropped after webhooks.max_attempts.", w.dead),
             ):
                 yield CounterMetricFamily(name, doc, value=value)
+        if self._m.node:
+            info = GaugeMetricFamily("tidings_node_info", "The node that answered this scrape.",
+                                     labels=["node"])
+            info.add_metric([self._m.node], 1)
+            yield info
         if hub is None:
             return
+        control = getattr(hub, "control", None)
+        if control is not None and control.online_users is not None:
+            yield GaugeMetricFamily(
+                "tidings_cluster_users_online",
+                "Users with at least one connection on any node of the cluster.",
+                value=control.online_users)
         s = hub.statistics()
         for name, doc, value in (
             ("tidings_connections", "Open WebSocket connections.", s.connections),
