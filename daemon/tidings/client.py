@@ -42,6 +42,7 @@ Contract (see docs/protocol.md for the frames)::
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
 from collections import deque
 from contextlib import asynccontextmanager
@@ -385,33 +386,41 @@ async def open_client(url: str, *, token: str | None = None, user: str | None = 
                       ssl_context: Any = None, connect_timeout: float = DEFAULT_TIMEOUT,
                       close_timeout: float = 5.0, inbox_size: int = INBOX_SIZE,
                       max_message_size: int = 2**22) -> AsyncIterator[TidingsClient]:
-    """Connect, wait for ``hello``, yield a :class:`TidingsClient`; close on exit."""
+    """Connect, wait for ``hello``, yield a :class:`TidingsClient`; close on exit.
+
+    Opening (TCP, the upgrade and ``hello``) takes at most ``connect_timeout`` in all,
+    also against a server that accepts TCP but never answers (a stopped process):
+    trio-websocket 0.12.2's own ``connect_timeout`` then waits for its reader task
+    forever, so a cancel scope of ours bounds the whole opening."""
     items = headers.items() if isinstance(headers, Mapping) else (headers or ())
     extra = [(k.encode(), v.encode()) for k, v in items]
     full_url = build_url(url, token=token, user=user, since=since, device=device)
-    try:
-        async with open_websocket_url(full_url, ssl_context, extra_headers=extra,
-                                      connect_timeout=connect_timeout,
-                                      disconnect_timeout=close_timeout,
-                                      max_message_size=max_message_size) as ws:
-            client = TidingsClient(ws, inbox_size)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(client._reader)
-                    with trio.fail_after(connect_timeout):
+    with trio.CancelScope(deadline=trio.current_time() + connect_timeout) as opening:
+        try:
+            async with open_websocket_url(full_url, ssl_context, extra_headers=extra,
+                                          connect_timeout=connect_timeout,
+                                          disconnect_timeout=close_timeout,
+                                          max_message_size=max_message_size) as ws:
+                client = TidingsClient(ws, inbox_size)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(client._reader)
                         await client._hello.wait()
-                    if client.hello is None:
-                        raise client._closed_error()
-                    try:
-                        yield client
-                    finally:
-                        await client.close(timeout=close_timeout)
-                        nursery.cancel_scope.cancel()
-            except BaseExceptionGroup as eg:
-                inner = _single(eg)
-                if inner is None:
-                    raise
-                raise inner from None
-    except ConnectionRejected as exc:
-        body = (exc.body or b"").decode("utf-8", "replace").strip()
-        raise HandshakeRefused(exc.status_code, body, exc.headers) from None
+                        if client.hello is None:
+                            raise client._closed_error()
+                        opening.deadline = math.inf  # open: the caller's time from here
+                        try:
+                            yield client
+                        finally:
+                            await client.close(timeout=close_timeout)
+                            nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as eg:
+                    inner = _single(eg)
+                    if inner is None:
+                        raise
+                    raise inner from None
+        except ConnectionRejected as exc:
+            body = (exc.body or b"").decode("utf-8", "replace").strip()
+            raise HandshakeRefused(exc.status_code, body, exc.headers) from None
+    if opening.cancelled_caught:
+        raise trio.TooSlowError(f"no hello from {url} within {connect_timeout:g} s")
