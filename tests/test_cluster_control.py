@@ -21,7 +21,7 @@ import coredis  # noqa: E402
 from coredis.retry import NoRetryPolicy  # noqa: E402
 
 from tidings.cluster.control import Control, open_control  # noqa: E402
-from tidings.cluster.control_keys import (  # noqa: E402
+from tidings.cluster.control_lua import (  # noqa: E402
     CHANNEL, MEMBERS_KEY, ONLINE_COUNT_KEY, member_key, online_key,
 )
 from tidings.cluster.node import ClusterUnavailable  # noqa: E402
@@ -217,6 +217,21 @@ async def test_a_member_that_lost_its_lease_rejoins_without_a_flap(redis_server)
         assert fields == {"v", ca.member}
         await trio.sleep(0.3)
         assert a.events == [("bob", True)]
+        assert ca.statistics().rejoins == 1
+
+
+async def test_a_member_without_a_lease_cannot_add_a_user(redis_server):
+    """Its lease expired (it may have been swept already): the script refuses the add,
+    so a swept member never leaves a field behind; the node rejoins and writes it."""
+    a = Node("A")
+    async with raw(redis_server.url) as r, control(redis_server.url, a, ttl=30.0) as ca:
+        await joined(ca)  # (ttl 30: no tick renews the lease during the test)
+        old = ca.member
+        await r.delete([member_key(old, "alive")])
+        ca.local_presence("bob", True)
+        await until(lambda: _true(a.events == [("bob", True)]), what="bob online")
+        fields = {k.decode() for k in await r.hkeys(online_key("bob"))}
+        assert ca.member != old and fields == {"v", ca.member}
         assert ca.statistics().rejoins == 1
 
 

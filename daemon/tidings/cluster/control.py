@@ -5,14 +5,16 @@ Theory of operation
 Every node runs one :class:`Control` (``open_control``) next to its
 :class:`~tidings.cluster.node.Cluster`, on its own Redis connections and off the
 message path (it sees connections come and go, never messages).  Keys, events and
-scripts: :mod:`tidings.cluster.control_keys`.
+scripts: :mod:`tidings.cluster.control_lua`.
 
 **Membership.**  A node process joins as a *member* ``<node id>/<nonce>`` with a lease
 (``alive``, TTL ``presence_ttl_s``, renewed every ``presence_ttl_s / 3``).  After any
 Redis fault -- a failed command, or a renewal that finds the lease gone (the node was
 stopped, or Redis lost it) -- the node joins again as a NEW member: it writes every user
 it holds under the new id first, then retires the old member.  So a fault never leaves a
-half-known state behind: what a member wrote is either fully rewritten or swept.
+half-known state behind: what a member wrote is either fully rewritten or swept.  A
+swept member never writes again: on a standalone server the script refuses an add whose
+lease is gone; on a Redis Cluster the lease is renewed (when due) before any write.
 
 **First and last connection, cluster-wide.**  The hub reports when a user's first local
 connection opens and last one closes (``local_presence``; never blocks).  One writer
@@ -61,23 +63,17 @@ from typing import Any
 import attrs
 import coredis
 import coredis.exceptions
-import orjson
 import trio
 from coredis.retry import NoRetryPolicy
 
 from tidings import log
-from tidings.cluster.control_keys import (
-    CHANNEL, MEMBERS_KEY, ONLINE_COUNT_KEY, PRESENCE_LUA, STATE_LUA, decode_event,
-    member_key, new_member_id, node_of, online_key,
-)
+from tidings.cluster.control_lua import CHANNEL, KnownStates, decode_event, new_member_id, node_of
+from tidings.cluster.members import BATCH, LeaseLost, MemberStore
 from tidings.cluster.node import ClusterUnavailable
 from tidings.store.redis import single_errors
 
 __all__ = ["Control", "ControlStatistics", "DisconnectResult", "open_control"]
 
-#: Users per pipelined round trip (writes, sweeps, state reads) and per event.
-BATCH = 256
-SWEEP_LOCK_MS = 30_000
 _ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError, trio.TooSlowError)
 
 
@@ -142,8 +138,7 @@ class Control:
         self._command_timeout = command_timeout
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
-        self._presence = client.register_script(PRESENCE_LUA)
-        self._state = client.register_script(STATE_LUA)
+        self._store = MemberStore(client, ttl_s=presence_ttl_s, sharded=sharded)
         self.member = ""                 # "" until the first join succeeds
         self._joined = False             # the current member's writes are trusted
         self._retired: list[tuple[str, set[str]]] = []  # old members to clean up
@@ -153,15 +148,14 @@ class Control:
         self._wake = trio.Event()
         self._refresh_watched = False
         self._tick_now = False
-        self._known: dict[str, tuple[int, bool]] = {}  # watched user -> (version, online)
+        self._known = KnownStates()  # what this node's watchers were told
         self._waiting: dict[str, _Waiter] = {}         # disconnect requests
         self._answers: list[dict[str, Any]] = []       # disconnect answers to publish
         self._subscribed = False
         self._writer_ok = False
         self.online_users: int | None = None
         self._errors = log.LogOnce(interval=30.0)
-        self._n = dict(published=0, received=0, transitions=0, applied=0, rejoins=0,
-                       swept=0, failures=0)
+        self._n = dict(received=0, applied=0, rejoins=0, swept=0, failures=0)
 
     # -- public API ------------------------------------------------------------------
 
@@ -187,14 +181,14 @@ class Control:
         users = list(dict.fromkeys(users))
         try:
             with trio.fail_after(self._command_timeout):
-                states = await self._read_states(users)
+                states = await self._store.states(users)
         except _ERRORS as exc:
             raise ClusterUnavailable(f"presence state: {_reason(exc)}") from None
         out = {}
         for user, (online, version) in zip(users, states):
             self._apply(user, online, version)
-            known = self._known.get(user)
-            out[user] = known[1] if known is not None else online
+            known = self._known.online(user)
+            out[user] = online if known is None else known
         return out
 
     async def disconnect(self, user: str, conn: str | None) -> DisconnectResult:
@@ -207,9 +201,10 @@ class Control:
         try:
             try:
                 with trio.fail_after(self._command_timeout):
-                    waiter.expected = await self._live_members() - {self.member}
-                    await self._publish({"kind": "disconnect", "from": self.member,
-                                         "req": req, "user": user, "conn": conn})
+                    members = await self._store.members()
+                    waiter.expected = {m for m, alive in members.items() if alive} - {self.member}
+                    await self._store.publish({"kind": "disconnect", "from": self.member,
+                                               "req": req, "user": user, "conn": conn})
             except _ERRORS as exc:
                 raise ClusterUnavailable(f"disconnect: {_reason(exc)}") from None
             waiter.check()
@@ -225,27 +220,19 @@ class Control:
 
     def statistics(self) -> ControlStatistics:
         return ControlStatistics(member=self.member, healthy=self.healthy,
-                                 online_users=self.online_users, **self._n)
+                                 online_users=self.online_users, published=self._store.published,
+                                 transitions=self._store.transitions, **self._n)
 
     # -- receiving -------------------------------------------------------------------
 
     def assume(self, user: str, online: bool) -> None:
         """Watchers of ``user`` were told ``online`` without asking Redis (it was
         unreachable): the first state read afterwards corrects them if it differs."""
-        self._known.setdefault(user, (0, online))
+        self._known.assume(user, online)
 
     def _apply(self, user: str, online: bool, version: int, *, event: bool = False) -> None:
-        """A state of ``user`` at ``version`` (from an ``event``, or read): keep it if
-        newer, and tell the watchers when it changes what they were told.  A read
-        state of a user with no known state is only recorded (the watcher's
-        ``watching`` reply carries it)."""
-        if not self.is_watched(user):
-            return
-        known = self._known.get(user)
-        if known is not None and (version < known[0] or (version == known[0] and online == known[1])):
-            return
-        self._known[user] = (version, online)
-        if (known is None and event) or (known is not None and known[1] != online):
+        """A state of ``user`` from an ``event`` or a read (``KnownStates.apply``)."""
+        if self.is_watched(user) and self._known.apply(user, online, version, event=event):
             self._n["applied"] += 1
             self._call(self.on_presence, user, online)
 
@@ -338,9 +325,15 @@ class Control:
             try:  # (a hung Redis: each command times out after command_timeout)
                 if not self._joined:
                     await self._join()
+                if self._tick_now or trio.current_time() >= next_tick:
+                    # first: a node that slept past its lease learns it before writing
+                    self._tick_now = True
+                    await self._tick()
+                    self._tick_now = False
+                    next_tick = trio.current_time() + interval
                 await self._flush()
                 while self._answers:
-                    await self._publish(self._answers[0])
+                    await self._store.publish(self._answers[0])
                     self._answers.pop(0)
                 if self._refresh_watched:
                     self._refresh_watched = False
@@ -349,10 +342,6 @@ class Control:
                     except BaseException:
                         self._refresh_watched = True
                         raise
-                if self._tick_now or trio.current_time() >= next_tick:
-                    self._tick_now = False
-                    await self._tick()
-                    next_tick = trio.current_time() + interval
                 self._writer_ok = True
                 backoff = self._backoff_min
             except (Exception, trio.TooSlowError) as exc:
@@ -380,20 +369,18 @@ class Control:
         """Join as a new member: lease, membership, every held user; then clean up
         retired members (whose users not held any more go offline)."""
         member = new_member_id(self.node_id, os.urandom(4).hex())
-        ttl_ms = max(1, int(self.presence_ttl_s * 1000))
-        await self._r.set(member_key(member, "alive"), "1", px=ttl_ms)
-        await self._r.sadd(MEMBERS_KEY, [member])
+        await self._store.join(member)
         if self.member:
             self._n["rejoins"] += 1
             log.log("info", "cluster_control_rejoined", node=self.node_id, member=member)
         self.member = member
         held = set(self._held)
         self._dirty.difference_update(held)
-        await self._write(sorted(held), (), publish_all=True)
+        await self._write(sorted(held), (), all_states=True)
         self._joined = True
         while self._retired:
             old, users = self._retired[-1]
-            await self._sweep(old, users)
+            await self._store.publish_changes(self.member, await self._store.sweep(old, users))
             self._retired.pop()
 
     async def _flush(self) -> None:
@@ -403,131 +390,44 @@ class Control:
             adds = [u for u in batch if u in self._held and u not in self._written]
             removes = [u for u in batch if u not in self._held and u in self._written]
             try:
-                await self._write(adds, removes, publish_all=False)
+                await self._write(adds, removes, all_states=False)
             except BaseException:
                 self._dirty.update(pending[i:])
                 raise
 
-    async def _write(self, adds: Sequence[str], removes: Sequence[str], *, publish_all: bool) -> None:
-        """Run the presence script for ``adds`` and ``removes`` under this member (the
-        users set is a superset of the hashes' fields at every step) and publish the
-        transitions (every resulting state with ``publish_all``)."""
-        users_key = member_key(self.member, "users")
-        for i in range(0, len(adds), BATCH):
-            await self._r.sadd(users_key, adds[i:i + BATCH])
-        calls = [(u, True) for u in adds] + [(u, False) for u in removes]
-        changes = await self._run_presence(self.member, calls, publish_all)
+    async def _write(self, adds: Sequence[str], removes: Sequence[str], *, all_states: bool) -> None:
+        """Write under this member and publish what changed (every state: all_states)."""
+        changes = await self._store.write(self.member, adds, removes, all_states=all_states)
         self._written.update(adds)
         self._written.difference_update(removes)
-        for i in range(0, len(removes), BATCH):
-            await self._r.srem(users_key, removes[i:i + BATCH])
-        await self._publish_changes(changes)
-
-    async def _run_presence(self, member: str, calls: Sequence[tuple[str, bool]],
-                            publish_all: bool) -> list[list[Any]]:
-        changes: list[list[Any]] = []
-        delta = 0
-        for i in range(0, len(calls), BATCH):
-            chunk = calls[i:i + BATCH]
-            async with self._r.pipeline(transaction=False) as pipe:
-                requests = [self._presence(self._presence_keys(user), [member, "1" if add else "0"],
-                                           client=pipe) for user, add in chunk]
-            for (user, _add), request in zip(chunk, requests):
-                online, version, changed = await request
-                if int(changed):
-                    self._n["transitions"] += 1
-                    delta += 1 if int(online) else -1
-                if int(changed) or publish_all:
-                    changes.append([user, int(online), int(version)])
-        if self._sharded and delta:
-            await self._r.incrby(ONLINE_COUNT_KEY, delta)
-        return changes
-
-    def _presence_keys(self, user: str) -> list[str]:
-        if self._sharded:  # one slot per script on a Redis Cluster: counted afterwards
-            return [online_key(user)]
-        return [online_key(user), ONLINE_COUNT_KEY]
-
-    async def _sweep(self, member: str, extra: Iterable[str] = ()) -> None:
-        """Remove ``member`` (dead or retired) from every user's hash; publish states."""
-        users_key = member_key(member, "users")
-        users = set(extra)
-        async for u in self._r.sscan_iter(users_key, count=1000):
-            users.add(_s(u))
-        changes = await self._run_presence(member, [(u, False) for u in sorted(users)], True)
-        await self._r.delete([users_key, member_key(member, "alive")])
-        await self._r.srem(MEMBERS_KEY, [member])
-        await self._publish_changes(changes)
+        await self._store.publish_changes(self.member, changes)
 
     async def _tick(self) -> None:
         """Renew the lease (rejoin when it was lost), sweep dead members, read the
         gauge, forget states nobody here watches."""
-        ttl_ms = max(1, int(self.presence_ttl_s * 1000))
-        renewed = await self._r.set(member_key(self.member, "alive"), "1", px=ttl_ms,
-                                    condition=coredis.PureToken.XX)
-        if not renewed:
-            self._note_error("lease", RuntimeError(f"lease of {self.member} was lost"))
+        if not await self._store.renew(self.member):
+            self._note_error("lease", LeaseLost(f"the lease of {self.member} was lost"))
             self._retire_current()
             await self._join()
-        members = sorted(_s(m) for m in await self._r.smembers(MEMBERS_KEY))
-        others = [m for m in members if m != self.member and all(m != r for r, _ in self._retired)]
-        if others:
-            async with self._r.pipeline(transaction=False) as pipe:
-                alive = [(m, pipe.exists([member_key(m, "alive")])) for m in others]
-            dead = [m for m, request in alive if not await request]
-            for m in dead:
-                if await self._r.set(member_key(m, "sweep"), self.member, px=SWEEP_LOCK_MS,
-                                     condition=coredis.PureToken.NX):
-                    await self._sweep(m)
-                    await self._r.delete([member_key(m, "sweep")])
-                    self._n["swept"] += 1
-                    log.log("info", "cluster_member_swept", node=self.node_id, member=m)
-        count = await self._r.get(ONLINE_COUNT_KEY)
-        self.online_users = max(0, int(count)) if count is not None else 0
-        for user in [u for u in self._known if not self.is_watched(u)]:
-            del self._known[user]
+        retired = {m for m, _ in self._retired}
+        for m, alive in sorted((await self._store.members()).items()):
+            if alive or m == self.member or m in retired:
+                continue
+            if await self._store.lock_sweep(m, self.member):
+                await self._store.publish_changes(self.member, await self._store.sweep(m))
+                await self._store.unlock_sweep(m)
+                self._n["swept"] += 1
+                log.log("info", "cluster_member_swept", node=self.node_id, member=m)
+        self.online_users = await self._store.online_users()
+        for user in self._known.users():
+            if not self.is_watched(user):
+                self._known.forget(user)
 
     async def _refresh(self) -> None:
         """Re-read every watched user's state (after the subscription was down)."""
-        users = sorted(set(self.watched_users()) | self._known.keys())
-        for i in range(0, len(users), BATCH):
-            chunk = users[i:i + BATCH]
-            for user, (online, version) in zip(chunk, await self._read_states(chunk)):
-                self._apply(user, online, version)
-
-    async def _read_states(self, users: Sequence[str]) -> list[tuple[bool, int]]:
-        if not users:
-            return []
-        async with self._r.pipeline(transaction=False) as pipe:
-            requests = [self._state([online_key(u)], [], client=pipe) for u in users]
-        out = []
-        for request in requests:
-            online, version = await request
-            out.append((bool(int(online)), int(version)))
-        return out
-
-    async def _live_members(self) -> set[str]:
-        members = [_s(m) for m in await self._r.smembers(MEMBERS_KEY)]
-        if not members:
-            return set()
-        async with self._r.pipeline(transaction=False) as pipe:
-            alive = [(m, pipe.exists([member_key(m, "alive")])) for m in members]
-        return {m for m, request in alive if await request}
-
-    # -- publishing ------------------------------------------------------------------
-
-    async def _publish_changes(self, changes: list[list[Any]]) -> None:
-        for i in range(0, len(changes), BATCH):
-            await self._publish({"kind": "presence", "from": self.member,
-                                 "changes": changes[i:i + BATCH]})
-
-    async def _publish(self, event: dict[str, Any]) -> None:
-        data = orjson.dumps(event)
-        if self._sharded:
-            await self._r.spublish(CHANNEL, data)
-        else:
-            await self._r.publish(CHANNEL, data)
-        self._n["published"] += 1
+        users = sorted(set(self.watched_users()) | set(self._known.users()))
+        for user, (online, version) in zip(users, await self._store.states(users)):
+            self._apply(user, online, version)
 
     async def _withdraw(self) -> None:
         """Best effort on clean shutdown: this node's users leave at once."""
@@ -535,17 +435,14 @@ class Control:
             scope.shield = True
             try:
                 if self.member:
-                    await self._sweep(self.member, self._written)
+                    changes = await self._store.sweep(self.member, self._written)
+                    await self._store.publish_changes(self.member, changes)
             except _ERRORS:
                 pass
 
     def _note_error(self, what: str, exc: BaseException) -> None:
         self._errors.log("warning", "cluster_control_error", key=what, node=self.node_id,
                          error=f"{what}: {_reason(exc)}")
-
-
-def _s(v: Any) -> str:
-    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,5 +1,6 @@
-"""The control plane's Redis layout: keys, the channel, the events and the Lua scripts.
-Sans-IO (strings and bytes); :mod:`tidings.cluster.control` runs them.
+"""The control plane's Redis layout: keys, the channel, the events, the rule that
+orders presence states, and the Lua scripts.  Sans-IO (strings and bytes);
+:mod:`tidings.cluster.control` runs them.
 
 Keys (``T`` = a user id escaped by ``user_tag``; ``M`` = a member id, one per node
 process and incarnation: ``<node id>/<random hex>``)::
@@ -40,7 +41,7 @@ import orjson
 from tidings.store.redis_lua import KEY_PREFIX, key, user_tag
 
 __all__ = [
-    "CHANNEL", "MEMBERS_KEY", "ONLINE_COUNT_KEY", "PRESENCE_LUA", "STATE_LUA",
+    "CHANNEL", "MEMBERS_KEY", "ONLINE_COUNT_KEY", "PRESENCE_LUA", "STATE_LUA", "KnownStates",
     "decode_event", "member_key", "new_member_id", "node_of", "online_key",
 ]
 
@@ -78,11 +79,46 @@ def decode_event(data: bytes | str) -> dict[str, Any] | None:
     return event
 
 
-# KEYS[1] = tidings:{T}:online; KEYS[2] (optional) = the users-online counter, passed
-# on a standalone server only (a script may touch one slot of a Redis Cluster).
-# ARGV[1] = member, ARGV[2] = "1" (M holds T) or "0" (M no longer does).
-# Returns {online 0|1, version, changed 0|1}: T's state after the call, its version
-# (as a string), and whether this call made T come online / go offline cluster-wide.
+class KnownStates:
+    """What a node's watchers were told about each watched user: ``(version, online)``.
+
+    ``apply`` takes a state from an event or a read and returns True when the watchers
+    must hear it: it is newer than what they know (or the same version with the other
+    state, which only crossed events can produce) and it changes what they were told.
+    A read state of a user they know nothing about is only recorded: their ``watching``
+    reply carries it.  ``assume`` records what they were told without a version."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[int, bool]] = {}
+
+    def apply(self, user: str, online: bool, version: int, *, event: bool) -> bool:
+        known = self._known.get(user)
+        if known is not None and (version < known[0] or (version == known[0] and online == known[1])):
+            return False
+        self._known[user] = (version, online)
+        return (known is None and event) or (known is not None and known[1] != online)
+
+    def assume(self, user: str, online: bool) -> None:
+        self._known.setdefault(user, (0, online))
+
+    def online(self, user: str) -> bool | None:
+        known = self._known.get(user)
+        return None if known is None else known[1]
+
+    def users(self) -> list[str]:
+        return list(self._known)
+
+    def forget(self, user: str) -> None:
+        self._known.pop(user, None)
+
+
+# KEYS[1] = tidings:{T}:online; on a standalone server only (a script may touch one
+# slot of a Redis Cluster) also KEYS[2] = the users-online counter and KEYS[3] = the
+# member's lease.  ARGV[1] = member, ARGV[2] = "1" (M holds T) or "0" (M no longer does).
+# Returns {online 0|1, version, changed 0|1}: T's state after the call, its version (a
+# string), and whether this call made T come online / go offline cluster-wide; or
+# {-1, 0, 0} for an add whose lease (KEYS[3]) is gone: the member must rejoin (a swept
+# member never writes again, so it cannot leave a field behind).
 PRESENCE_LUA = r"""
 local k, member, add = KEYS[1], ARGV[1], ARGV[2] == '1'
 local function now()
@@ -91,6 +127,9 @@ local function now()
 end
 local exists = redis.call('EXISTS', k) == 1
 if add then
+  if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 0 then
+    return {-1, 0, 0}
+  end
   if not exists then
     local v = now()
     redis.call('HSET', k, 'v', v, member, '1')
