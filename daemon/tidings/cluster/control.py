@@ -308,7 +308,7 @@ class Control:
             backoff = min(backoff * 2, self._backoff_max)
 
     def _pubsub(self) -> Any:
-        kwargs = dict(ignore_subscribe_messages=True, retry_policy=NoRetryPolicy(),
+        kwargs = dict(ignore_subscribe_messages=False, retry_policy=NoRetryPolicy(),
                       subscription_timeout=self._command_timeout,
                       max_idle_seconds=max(1.0, self.presence_ttl_s / 3))
         if self._sharded:
@@ -376,7 +376,12 @@ class Control:
         self.member = member
         held = set(self._held)
         self._dirty.difference_update(held)
-        await self._write(sorted(held), (), all_states=True)
+        try:
+            await self._write(sorted(held), (), all_states=True)
+        except BaseException:  # half joined: retired like any member after a fault
+            self._joined = True
+            self._retire_current()
+            raise
         self._joined = True
         while self._retired:
             old, users = self._retired[-1]
