@@ -9,8 +9,9 @@ Setup: one redis-server (AOF, appendfsync everysec) and ``--nodes`` daemons on i
 (presence_ttl_s ``--ttl``).  Every user has 1-3 devices; a device is one WebSocket at a
 time, to a random node, that reconnects at random (and whenever a node stops answering
 its pings) with ``?since=<last seq it processed>``, and sometimes sends an in-band
-``resume`` with that seq.  (When the server's ``hello`` carries a ``device`` field the
-device also gives ``?device=NAME``.)  Senders send at ``--rate`` messages/s, from a
+``resume`` with that seq.  When the server's ``hello`` carries a ``device`` field the
+device also gives ``?device=NAME``, and half of its reconnects give no ``since``: they
+rely on the device's own ack cursor (acked every 1.5 s, so a few duplicates).  Senders send at ``--rate`` messages/s, from a
 random connected device to a random other user.  Faults, at fixed fractions of the run:
 
     15%  kill -9 node 1, start it again 2 s later (same port)
@@ -277,17 +278,21 @@ class Soak:
     async def probe_devices(self) -> None:
         """Does this server know devices (``hello.device``)?  Then use ?device=."""
         user = next(iter(self.devices))
-        async with open_client(self.nodes[0].url + "?device=probe", token=token(user)) as c:
+        async with open_client(self.nodes[0].url, token=token(user), device="d0") as c:
             self.device_param = "device" in (c.hello or {})
 
     # a device's life
     async def device_loop(self, dev: Device) -> None:
         while True:
             node = self.rng.choice(self.nodes)
-            url = node.url + (f"?device={dev.name}" if self.device_param else "")
+            device = dev.name if self.device_param else None
+            # With devices, half the reconnects rely on the device's own ack cursor
+            # (at most dev.last: what it skips again is counted as duplicates).
+            since = None if device is not None and self.rng.random() < 0.5 else dev.last
+            self.count["connects with the device cursor" if since is None else "connects with since"] += 1
             dev.state = f"connecting to {node.name}"
             try:
-                async with open_client(url, token=token(dev.user), since=dev.last,
+                async with open_client(node.url, token=token(dev.user), since=since, device=device,
                                        connect_timeout=3, close_timeout=2) as c:
                     dev.connects += 1
                     dev.client = c

@@ -61,8 +61,8 @@ if TYPE_CHECKING:
     from prometheus_client import Histogram
 
     from tidings.cluster import Cluster
-    from tidings.webhooks.recorder import WebhookRecorder
     from tidings.cluster.control import Control
+    from tidings.webhooks.recorder import WebhookRecorder
 
 __all__ = ["CursorOrigin", "Hub", "HubStatistics", "Member", "Origin"]
 
