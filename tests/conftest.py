@@ -96,11 +96,18 @@ def write_toml(path: Path, config: dict[str, Any]) -> Path:
 
 
 def merge_config(base: dict, *overlays: dict | None) -> dict:
+    """``base`` with each overlay's sections merged in; a ``None`` value removes that key
+    (e.g. the HS256 secret of a daemon that only takes an identity provider's tokens)."""
     out = copy.deepcopy(base)
     for overlay in overlays:
         for section, table in (overlay or {}).items():
             if isinstance(table, dict):
-                out.setdefault(section, {}).update(table)
+                merged = out.setdefault(section, {})
+                for key, value in table.items():
+                    if value is None:
+                        merged.pop(key, None)
+                    else:
+                        merged[key] = value
             else:
                 out[section] = table
     return out

@@ -21,7 +21,7 @@ import time
 import jwt
 import pytest
 
-from conftest import CRASH_RE, TEST_SECRET, Daemon, default_config, merge_config, write_toml
+from conftest import TEST_SECRET, Daemon, default_config, merge_config, write_toml
 from test_auth import hs256_with, jwk, pem, private
 from tidings.client import HandshakeRefused, open_client
 
@@ -77,33 +77,6 @@ def jwks():
     server.stop()
 
 
-@pytest.fixture
-def make_daemon(tmp_path):
-    """``make_daemon(**sections) -> Daemon`` like conftest's start_daemon; a ``None`` value
-    removes a default key (the HS256 secret of an identity-provider-only daemon)."""
-    made: list[Daemon] = []
-
-    def make(**sections) -> Daemon:
-        n = len(made) + 1
-        state = tmp_path / f"idp{n}-state"
-        state.mkdir()
-        config = merge_config(default_config(state), sections)
-        for table in config.values():
-            for key in [k for k, v in table.items() if v is None]:
-                del table[key]
-        d = Daemon(config, tmp_path / f"idp{n}.toml")
-        made.append(d)
-        return d.start()
-
-    yield make
-    crashes = []
-    for i, d in enumerate(made, 1):
-        d.kill()
-        print(f"----- daemon {i} (exit {d.returncode}) log -----\n{d.log_text()}")
-        crashes += [line for line in d.logs if CRASH_RE.search(line)]
-    assert not crashes, crashes
-
-
 def idp_token(key: str, alg: str, kid: str | None, user: str, **claims) -> str:
     now = int(time.time())
     body = {"sub": user, "iat": now, "exp": now + 600, "iss": ISS, "aud": AUD, **claims}
@@ -133,8 +106,8 @@ def rewrite(d: Daemon, **sections) -> int:
 # -- JWKS ------------------------------------------------------------------------------------
 
 
-async def test_jwks_tokens_accepted_and_bad_ones_refused(make_daemon, jwks, uniq):
-    d = make_daemon(auth={"secret": None, "algorithms": ["RS256", "ES256"], "jwks_url": jwks.url,
+async def test_jwks_tokens_accepted_and_bad_ones_refused(start_daemon, jwks, uniq):
+    d = start_daemon(auth={"secret": None, "algorithms": ["RS256", "ES256"], "jwks_url": jwks.url,
                           "issuer": ISS, "audience": AUD})
     assert re.search(r"event=jwks_refreshed .*reason=start keys=2 kids=r1,e1", d.log_text())
     alice = uniq("alice")
@@ -158,8 +131,8 @@ async def test_jwks_tokens_accepted_and_bad_ones_refused(make_daemon, jwks, uniq
     assert not (d.config_path.parent / "idp1-state" / "secret").exists()  # no HS256: no secret made
 
 
-async def test_key_rotation_is_picked_up_on_an_unknown_kid(make_daemon, jwks, uniq):
-    d = make_daemon(auth={"algorithms": ["HS256", "RS256"], "jwks_url": jwks.url, "jwks_refresh_s": 0.2})
+async def test_key_rotation_is_picked_up_on_an_unknown_kid(start_daemon, jwks, uniq):
+    d = start_daemon(auth={"algorithms": ["HS256", "RS256"], "jwks_url": jwks.url, "jwks_refresh_s": 0.2})
     alice = uniq("alice")
     jwks.serve(r1="rsa-a", r2="rsa-b")  # the IdP publishes a new key and signs with it at once
     rotated = idp_token("rsa-b", "RS256", "r2", alice, iss=None, aud=None)
@@ -171,8 +144,8 @@ async def test_key_rotation_is_picked_up_on_an_unknown_kid(make_daemon, jwks, un
     assert jwks.requests == 2
 
 
-async def test_unknown_kids_are_rate_limited_and_a_reload_refetches(make_daemon, jwks, uniq):
-    d = make_daemon(auth={"algorithms": ["HS256", "RS256"], "jwks_url": jwks.url, "jwks_refresh_s": 3600})
+async def test_unknown_kids_are_rate_limited_and_a_reload_refetches(start_daemon, jwks, uniq):
+    d = start_daemon(auth={"algorithms": ["HS256", "RS256"], "jwks_url": jwks.url, "jwks_refresh_s": 3600})
     alice = uniq("alice")
     jwks.serve(r1="rsa-a", r2="rsa-b")
     rotated = idp_token("rsa-b", "RS256", "r2", alice, iss=None, aud=None)
@@ -186,8 +159,8 @@ async def test_unknown_kids_are_rate_limited_and_a_reload_refetches(make_daemon,
     assert jwks.requests == 2
 
 
-async def test_cached_keys_outlive_the_jwks_endpoint(make_daemon, jwks, uniq):
-    d = make_daemon(auth={"algorithms": ["HS256", "RS256"], "jwks_url": jwks.url, "jwks_refresh_s": 0.2,
+async def test_cached_keys_outlive_the_jwks_endpoint(start_daemon, jwks, uniq):
+    d = start_daemon(auth={"algorithms": ["HS256", "RS256"], "jwks_url": jwks.url, "jwks_refresh_s": 0.2,
                           "jwks_timeout_s": 2.0})
     alice, bob = uniq("alice"), uniq("bob")
     async with open_client(d.url, token=idp_token("rsa-a", "RS256", "r1", alice, iss=None, aud=None)) as a:
@@ -203,9 +176,9 @@ async def test_cached_keys_outlive_the_jwks_endpoint(make_daemon, jwks, uniq):
             assert (await a.receive_message(timeout=T))["body"] == {"text": "still here"}
 
 
-async def test_an_idp_down_at_start_does_not_stop_the_daemon(make_daemon, jwks, uniq):
+async def test_an_idp_down_at_start_does_not_stop_the_daemon(start_daemon, jwks, uniq):
     jwks.status = 503
-    d = make_daemon(auth={"algorithms": ["HS256", "RS256"], "jwks_url": jwks.url, "jwks_refresh_s": 0.2})
+    d = start_daemon(auth={"algorithms": ["HS256", "RS256"], "jwks_url": jwks.url, "jwks_refresh_s": 0.2})
     assert re.search(r"event=jwks_fetch_failed .*error=\"HTTP Error 503: Service Unavailable\" .*reason=start",
                      d.log_text())
     alice = uniq("alice")
@@ -220,10 +193,10 @@ async def test_an_idp_down_at_start_does_not_stop_the_daemon(make_daemon, jwks, 
 # -- PEM -------------------------------------------------------------------------------------
 
 
-async def test_pem_keys_rs256_then_es256_after_a_reload(make_daemon, tmp_path, uniq):
+async def test_pem_keys_rs256_then_es256_after_a_reload(start_daemon, tmp_path, uniq):
     key_file = tmp_path / "idp.pem"
     key_file.write_bytes(pem("rsa-a"))
-    d = make_daemon(auth={"algorithms": ["HS256", "RS256", "ES256"], "public_key_file": str(key_file),
+    d = start_daemon(auth={"algorithms": ["HS256", "RS256", "ES256"], "public_key_file": str(key_file),
                           "issuer": ISS, "audience": AUD})
     alice = uniq("alice")
     rs256 = idp_token("rsa-a", "RS256", None, alice)
@@ -263,8 +236,8 @@ def test_an_unusable_key_file_stops_the_start(tmp_path):
 # -- allowed origins -------------------------------------------------------------------------
 
 
-async def test_allowed_origins_and_their_reload(make_daemon, uniq):
-    d = make_daemon(server={"allowed_origins": ["https://app.example.com", "http://localhost:*"]})
+async def test_allowed_origins_and_their_reload(start_daemon, uniq):
+    d = start_daemon(server={"allowed_origins": ["https://app.example.com", "http://localhost:*"]})
     alice = uniq("alice")
     token = d.token(alice)
     evil, app = {"Origin": "https://evil.example"}, {"Origin": "https://app.example.com"}

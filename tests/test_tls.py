@@ -9,7 +9,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import time
 
 import pytest
 import trio

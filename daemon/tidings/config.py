@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -91,15 +92,20 @@ ALGORITHMS = ("HS256", "RS256", "ES256", "EdDSA")
 ASYMMETRIC_ALGORITHMS = ALGORITHMS[1:]
 
 
-def _algorithms(_inst: Any, attribute: attrs.Attribute, value: list[str]) -> None:
-    if not value:
-        raise _BadValue(attribute, f"must name at least one of {', '.join(map(repr, ALGORITHMS))}")
-    for name in value:
-        if name not in ALGORITHMS:
-            raise _BadValue(attribute, f"unknown algorithm {name!r}: use "
-                            f"{', '.join(map(repr, ALGORITHMS))}")
-    if len(set(value)) != len(value):
-        raise _BadValue(attribute, f"lists an algorithm twice: {value!r}")
+def _names_from(allowed: tuple[str, ...], what: str, *, required: bool) -> Callable[..., None]:
+    """A validator: a list of distinct names from ``allowed`` (at least one if ``required``)."""
+    use = ", ".join(map(repr, allowed))
+
+    def check(_inst: Any, attribute: attrs.Attribute, value: list[str]) -> None:
+        if required and not value:
+            raise _BadValue(attribute, f"must name at least one of {use}")
+        for name in value:
+            if name not in allowed:
+                raise _BadValue(attribute, f"unknown {what} {name!r}: use {use}")
+        if len(set(value)) != len(value):
+            raise _BadValue(attribute, f"lists an {what} twice: {value!r}")
+
+    return check
 
 
 def _http_url(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -178,7 +184,7 @@ class AuthConfig:
     previous_secret_grace_s: float = attrs.field(default=3600.0, validator=_non_negative)
     #: Accepted JWT algorithms: HS256 (our secret) and/or RS256, ES256, EdDSA (the
     #: public keys of an identity provider, from exactly one of the three sources below).
-    algorithms: list[str] = attrs.field(factory=lambda: ["HS256"], validator=_algorithms)
+    algorithms: list[str] = attrs.field(factory=lambda: ["HS256"], validator=_names_from(ALGORITHMS, "algorithm", required=True))
     public_key_file: str = ""
     jwks_file: str = ""
     jwks_url: str = attrs.field(default="", validator=_http_url)
@@ -312,15 +318,6 @@ class ClusterConfig:
 WEBHOOK_EVENTS = ("undelivered", "online", "offline")
 
 
-def _webhook_events(_inst: Any, attribute: attrs.Attribute, value: list[str]) -> None:
-    for name in value:
-        if name not in WEBHOOK_EVENTS:
-            raise _BadValue(attribute, f"unknown event {name!r}: use "
-                            f"{', '.join(map(repr, WEBHOOK_EVENTS))}")
-    if len(set(value)) != len(value):
-        raise _BadValue(attribute, f"lists an event twice: {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class WebhooksConfig:
     #: Where events are POSTed (http:// or https://); "" = webhooks off.
@@ -330,7 +327,8 @@ class WebhooksConfig:
     secret: str = attrs.field(default="", validator=lambda i, a, v: _min_secret(a, v, "HMAC key"))
     secret_file: str = ""
     #: Events to send: any of "undelivered", "online", "offline".
-    events: list[str] = attrs.field(factory=lambda: list(WEBHOOK_EVENTS), validator=_webhook_events)
+    events: list[str] = attrs.field(factory=lambda: list(WEBHOOK_EVENTS),
+                                   validator=_names_from(WEBHOOK_EVENTS, "event", required=False))
     #: A stored message no device of its recipient acked within this many seconds is
     #: reported ``undelivered``.
     undelivered_after_s: float = attrs.field(default=60.0, validator=_positive)

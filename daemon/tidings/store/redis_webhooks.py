@@ -39,7 +39,6 @@ from coredis.tokens import PureToken
 from tidings.store.records import (
     OutboxEntry, UndeliveredCheck, WebhookEvent, check_page, new_event_id,
 )
-from tidings.store.redis_lua import key
 
 __all__ = ["RedisWebhooks", "WEBHOOK_KEY_PREFIX"]
 
