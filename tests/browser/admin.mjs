@@ -4,13 +4,10 @@
 // per line on stdin ({"cmd": ...}).
 //
 //   node admin.mjs API_BASE API_KEY SCREENSHOT_PATH [CHROMIUM]
-import readline from "node:readline";
-import { chromium } from "playwright-core";
+import { commands, launch, say } from "./harness.mjs";
 
 const [base, apiKey, screenshotPath, executablePath = "/usr/bin/chromium"] = process.argv.slice(2);
 const T = 20000;
-const say = (event, extra = {}) => console.log(JSON.stringify({ event, ...extra }));
-const commands = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 async function command(name) {
   const { value, done } = await commands.next();
   const cmd = done ? null : JSON.parse(value);
@@ -18,13 +15,7 @@ async function command(name) {
   return cmd;
 }
 
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage"],
-});
+const browser = await launch(executablePath);
 const problems = [];
 const requests = [];
 

@@ -9,26 +9,17 @@
 // restart the client resends every unacked send with its key: each is stored once.
 //
 //   node demo.mjs BASE_URL ALICE BOB [CHROMIUM]
-import readline from "node:readline";
-import { chromium } from "playwright-core";
+import { commands, launch, say } from "./harness.mjs";
 
 const [base, alice, bob, executablePath = "/usr/bin/chromium"] = process.argv.slice(2);
 const T = 20000;
 const BURST = 100;
-const say = (event, extra = {}) => console.log(JSON.stringify({ event, ...extra }));
-const commands = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 async function expectCommand(name) {
   const { value, done } = await commands.next();
   if (done || value.trim() !== name) throw new Error(`expected command ${name}, got ${value}`);
 }
 
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage"],
-});
+const browser = await launch(executablePath);
 const problems = [];
 const consoleErrors = [];
 
