@@ -313,7 +313,7 @@ class Connection(Outbound):
                         await self._take_credit()
                         await self._handle_frame(item, kind is bytes)
                     elif kind is ClientPing:
-                        self.queue_control(pong_frame(item))
+                        self.send_control(pong_frame(item))
                     elif kind is ForWsproto:
                         self.ws.receive_data(item)
                         if await self._wsproto_events(fragments):
@@ -322,7 +322,7 @@ class Connection(Outbound):
                         self._parse_failed = True
                         self.kill(item.code, item.reason)
                         return
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            data = await self._receive(len(data) < RECEIVE_SIZE)
             if not data:
                 self._closed_by = "peer"
                 self._peer_gone = True

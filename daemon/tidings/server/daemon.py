@@ -258,7 +258,7 @@ class Server:
                     conn.kill(1001, "idle timeout")
                 elif not conn.pinged and idle >= ping_after + spread * (hash(conn.conn_id) & 1023):
                     conn.pinged = True
-                    conn.queue_control(PING_FRAME)
+                    conn.send_control(PING_FRAME)
 
     def kill_all(self, code: int, reason: str) -> None:
         for conn in self.hub.sessions.all_endpoints():
