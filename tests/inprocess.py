@@ -208,6 +208,7 @@ async def running_hub(config: Config | None = None, store: Any = None) -> AsyncI
     server = Server(config, hub, Authenticator(config.auth.mode, [b"x" * 32]), clock=trio.current_time)
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
+        server.nursery = nursery  # connections' helper tasks run here, as in the daemon
         yield Harness(server, nursery)
         hub.close_intake()
         nursery.cancel_scope.cancel()

@@ -13,6 +13,8 @@ import trio.testing
 from wsproto.events import CloseConnection, Ping, Pong
 
 from inprocess import capture_log, make_config, running_hub
+from tidings import log
+from tidings.server import outbound
 from tidings.server.daemon import PING_FRAME
 
 INTERVAL = 20.0
@@ -126,7 +128,8 @@ async def test_close_handshakes_stay_clean(autojump_clock):
         assert h.hub.sessions.count("polite") == 0
 
 
-async def test_eof_and_reset_are_the_peers_doing(autojump_clock):
+async def test_eof_and_reset_are_the_peers_doing(autojump_clock, monkeypatch):
+    monkeypatch.setattr(outbound, "_resets", log.LogOnce())  # a reset logged once a minute
     async with running_hub(config()) as h:
         with capture_log() as buf:
             e = await h.connect("user=eof", socket=True)
@@ -139,4 +142,50 @@ async def test_eof_and_reset_are_the_peers_doing(autojump_clock):
             await r.served.wait()
         assert h.hub.sessions.count("eof") == 0 and h.hub.sessions.count("reset") == 0
         assert "connection_crashed" not in buf.getvalue()
+        assert "level=info event=connection_closed" in buf.getvalue()  # the reset
         assert "by=peer" in buf.getvalue()
+
+
+# -- helper tasks in the server's nursery (no nursery per connection) -------------------
+
+
+async def test_a_crashing_helper_task_closes_its_connection_only(autojump_clock, monkeypatch):
+    """The writer and the replay run in the server's nursery, not in one per
+    connection: a bug in one is logged as that connection's crash and ends it (no more
+    writes: half a frame may be out), while the server and other connections go on."""
+    drain = outbound.Outbound._drain
+
+    def buggy_drain(self, *, closing):
+        if self.user == "buggy" and not closing:
+            raise RuntimeError("a bug")
+        return drain(self, closing=closing)
+
+    monkeypatch.setattr(outbound.Outbound, "_drain", buggy_drain)
+    async with running_hub(config()) as h:
+        with capture_log() as buf:
+            fine = await h.connect("user=fine", socket=True)
+            buggy = await h.connect("user=buggy", socket=True)
+            await buggy.send({"type": "ping", "id": 1})  # its reply crashes the writer
+            assert await buggy.receive() is None  # EOF, nothing written after the crash
+            await buggy.served.wait()
+            await fine.send({"type": "ping", "id": 2})
+            assert await fine.receive() == {"type": "pong", "id": 2}
+        assert "event=connection_crashed" in buf.getvalue() and "a bug" in buf.getvalue()
+        assert h.hub.sessions.count("buggy") == 0 and h.hub.sessions.count("fine") == 1
+
+
+async def test_the_stream_is_closed_only_after_the_helper_tasks_finished(autojump_clock):
+    """A replay waiting on the store when the peer leaves is cancelled and waited for
+    before the connection's stream is closed (what a nursery per connection did)."""
+    async with running_hub(config()) as h:
+        c = await h.connect("user=replayer", socket=True)
+        conn = h.connection("replayer")
+        released = h.store.hold("inbox_state")
+        await c.send({"type": "resume", "since": 0, "id": 1})
+        await h.store.held["inbox_state"].wait()
+        assert conn._children == 1
+        await c.aclose()
+        await c.served.wait()
+        assert conn._children == 0 and conn._child_scopes is None
+        assert conn.stream.socket.fileno() == -1
+        released.set()

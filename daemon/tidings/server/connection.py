@@ -5,8 +5,10 @@ Ownership and tasks
 The connection task (spawned by the server, one per TCP connection) owns the stream and
 runs the *reader* inline: it receives up to 64 KiB, feeds wsproto, and handles each
 complete frame in place (no per-message task hop).  One *writer* task drains the bounded
-outbound memory channel and coalesces everything queued into one ``send_all``.  A replay
-task exists only while stored messages are being replayed.
+outbound queue and coalesces everything queued into one ``send_all``.  A replay
+task exists only while stored messages are being replayed.  Both are helper tasks in
+the server's nursery (``Outbound._start``): an idle connection is one task with one
+cancel scope (the reader's), no nursery of its own.
 
 Outbound queue
 --------------
@@ -218,6 +220,9 @@ class Connection(Outbound):
             self._replay_scope.cancel()
         self._wake()
 
+    def _kill_reader(self) -> None:
+        self.kill(1011, "internal error")
+
     def _delivered(self, seq: int) -> None:
         """Outbound's hook: messages up to ``seq`` were written to this device."""
         self.hub.mark_delivered(self._device_key, seq)
@@ -229,28 +234,33 @@ class Connection(Outbound):
 
     # -- the connection task ---------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, nursery: trio.Nursery | None = None) -> None:
         """Serve until closed, then close the WebSocket (see Closing) and the stream.
-        Never raises for what the peer does (EOF, reset)."""
+        Never raises for what the peer does (EOF, reset).  ``nursery``: where the
+        connection's helper tasks (writer, replay) run -- the server passes its nursery
+        of connection tasks (see ``Outbound._start``); None: a nursery of its own."""
+        if nursery is None:
+            async with trio.open_nursery() as own:
+                await self.run(own)
+            return
+        self._nursery = nursery
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                try:
-                    if await self._greet():
-                        if self._close is None:  # kill() may have come during the handshake
-                            with trio.CancelScope() as self._reader_scope:
-                                await self._reader()
-                        self._unregister()  # closing: nothing more is routed here
-                        if self._replay_scope is not None:
-                            self._replay_scope.cancel()
-                        if not self._peer_gone:
-                            with trio.move_on_after(CLOSE_TIMEOUT):
-                                await self._close_handshake()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._reset()
-                nursery.cancel_scope.cancel()
+            try:
+                if await self._greet():
+                    if self._close is None:  # kill() may have come during the handshake
+                        with trio.CancelScope() as self._reader_scope:
+                            await self._reader()
+                    self._unregister()  # closing: nothing more is routed here
+                    if self._replay_scope is not None:
+                        self._replay_scope.cancel()
+                    if not self._peer_gone:
+                        with trio.move_on_after(CLOSE_TIMEOUT):
+                            await self._close_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._reset()
         finally:
             self._unregister()
+            await self._stop_children()
             await trio.aclose_forcefully(self.stream)
             code = self._close[0] if self._close else None
             log.log("debug", "connection_closed", conn=self.conn_id, user=self.user,
@@ -439,8 +449,7 @@ class Connection(Outbound):
         if self._replay_scope is not None:
             self._replay_scope.cancel()
         scope = self._replay_scope = trio.CancelScope()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._replay, replay, after, scope, credit, fid, announce)
+        self._start(self._replay, replay, after, scope, credit, fid, announce)
 
     async def _replay(self, replay: Replay, after: int | None, scope: trio.CancelScope,
                       credit: bool, fid: FrameId, announce: bool) -> None:

@@ -128,6 +128,9 @@ class Server:
         self.webhooks: Any = None
         #: Set when serving wss:// (tidings.tls); swapped by a reload, new connections only.
         self.ssl_context: Any = None
+        #: The nursery of the connection tasks: their helper tasks (writer, replay) run
+        #: there too (``Connection.run``); None: each connection opens its own.
+        self.nursery: trio.Nursery | None = None
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """The task of one TCP connection: handshake, then serve; never raises."""
@@ -137,7 +140,7 @@ class Server:
         try:
             conn = await self._handshake(stream)
             if conn is not None:  # the handshake's state (h11, request) is garbage now
-                await conn.run()
+                await conn.run(self.nursery)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away mid-handshake; nothing to answer
         except Exception as exc:  # a bug of ours: this connection only
@@ -339,6 +342,7 @@ async def serve(
             await root.start(lifecycle.run)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as conns:
+                    server.nursery = conns
                     accept_scope = trio.CancelScope()
                     conns.start_soon(_accept_loop, listeners, server, conns, accept_scope)
                     conns.start_soon(server.housekeeper)

@@ -99,8 +99,8 @@ class Outbound:
     """What a connection writes, and how it stops writing (see the module docstring)."""
 
     __slots__ = (
-        "_binary", "_close", "_closed_by", "_control", "_credit_waiter", "_credits", "_deflate",
-        "_frames", "_more", "_out",
+        "_binary", "_children", "_children_done", "_child_scopes", "_close", "_closed_by",
+        "_control", "_credit_waiter", "_credits", "_deflate", "_frames", "_more", "_out",
         "_nursery", "_parse_failed", "_peer_gone", "_queue_bound", "_queued", "_reader_scope",
         "_send_broken", "_sock", "_space_waiter", "_writer_exit",
         "_writer_running", "_written_seq", "_ws", "conn_id", "stream", "user",
@@ -122,7 +122,10 @@ class Outbound:
         self._queue_bound = limits.outbound_queue
         self._out: list[Any] = []  # routed messages and replies, in order
         self._more: trio.Event | None = None  # exists while the writer waits for work
-        self._nursery: trio.Nursery | None = None  # the connection task's
+        self._nursery: trio.Nursery | None = None  # where helper tasks run (``_start``)
+        self._children = 0  # helper tasks started and not yet finished
+        self._child_scopes: set[trio.CancelScope] | None = None  # theirs, while any runs
+        self._children_done: trio.Event | None = None  # set when the last one finishes
         self._queued = 0  # routed messages in the channel
         self._credits = limits.max_inflight
         self._credit_waiter: trio.Event | None = None
@@ -229,7 +232,58 @@ class Outbound:
         exits after WRITER_LINGER_S without work, and the next queued item starts it."""
         if not self._writer_running and self._nursery is not None and self._close is None:
             self._writer_running = True
-            self._nursery.start_soon(self._writer)
+            self._start(self._writer)
+
+    # -- helper tasks (the writer, a replay) -----------------------------------------
+
+    def _start(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` as a helper task of this connection in ``_nursery`` -- the
+        server's nursery of connection tasks, so an idle connection holds no nursery of
+        its own (~1.2 KiB: a nursery has a cancel scope, a cancel status and two sets).
+        What a per-connection nursery gave is kept by hand: each helper runs in its own
+        cancel scope, ``_stop_children`` cancels them and waits for them before the
+        stream is closed, and a crash of one is this connection's alone."""
+        assert self._nursery is not None
+        self._children += 1
+        self._nursery.start_soon(self._child, fn, args)
+
+    async def _child(self, fn: Any, args: tuple) -> None:
+        scope = trio.CancelScope()
+        if self._nursery is None:  # the connection ended before this task started
+            scope.cancel()
+        scopes = self._child_scopes
+        if scopes is None:
+            scopes = self._child_scopes = set()
+        scopes.add(scope)
+        try:
+            with scope:
+                await fn(*args)
+        except Exception as exc:  # a bug of ours: log it, abort this connection only
+            log.log("error", "connection_crashed", error=repr(exc), conn=self.conn_id)
+            self._send_broken = True  # half a frame may be out: write nothing more
+            self._kill_reader()
+        finally:
+            scopes.discard(scope)
+            if not scopes and self._child_scopes is scopes:
+                self._child_scopes = None
+            self._children -= 1
+            if not self._children and self._children_done is not None:
+                self._children_done.set()
+
+    def _kill_reader(self) -> None:
+        """Stop the reader (the connection task then closes): ``Connection.kill``."""
+
+    async def _stop_children(self) -> None:
+        """Cancel the helper tasks and wait until every one has finished (shielded: the
+        connection task may itself be cancelled); none starts after this."""
+        self._nursery = None
+        if not self._children:
+            return
+        for scope in list(self._child_scopes or ()):
+            scope.cancel()
+        self._children_done = done = trio.Event()
+        with trio.CancelScope(shield=True):
+            await done.wait()
 
     # -- credits and space (awaited by the reader and the replay) -------------------
 
