@@ -244,14 +244,16 @@ class Server:
     async def housekeeper(self) -> None:
         """Once a second: expire tokens (1008), ping quiet peers, reap silent ones.
 
-        A connection is pinged once it has been quiet for between 3/4 of
+        A connection is pinged once it has been quiet for between 7/8 of
         ``ping_interval_s`` and all of it (a fixed spread per connection), so the
-        connections of a connect storm are not all pinged in the same second."""
+        connections of a connect storm are not all pinged in the same second, while
+        an idle connection is pinged about every ``ping_interval_s`` (15/16 of it on
+        average plus the tick; with the last quarter it was 7/8: 7 % more pings)."""
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
             cfg = self.config.server  # re-read: a reload may have changed it
             now, mono = time.time(), self.clock()
-            ping_after, spread = cfg.ping_interval_s * 0.75, cfg.ping_interval_s / 4096
+            ping_after, spread = cfg.ping_interval_s * 0.875, cfg.ping_interval_s / 8192
             for conn in self.hub.sessions.all_endpoints():
                 if conn.exp is not None and now >= conn.exp:
                     conn.kill(1008, "token expired")
