@@ -83,3 +83,20 @@ async def test_the_writer_lingers_after_data():
         assert (await c.receive())["type"] == "pong"
         await trio.testing.wait_all_tasks_blocked()
         assert conn._writer_running
+
+
+async def test_an_expiry_moved_earlier_is_seen_on_the_next_tick(autojump_clock):
+    # the housekeeper looks at a connection only when it may be due: a refresh that
+    # moves `exp` earlier must say so (Connection.exp's setter), or it would be seen
+    # only at the next ping
+    import time
+
+    async with running_hub(config()) as h:
+        h.nursery.start_soon(h.server.housekeeper)
+        c = await h.connect("user=refreshed")
+        await trio.sleep(3.5)
+        start = trio.current_time()
+        h.connection("refreshed").exp = time.time() - 1.0  # as `refresh` sets it
+        frames, close = await c.receive_until_close()
+        assert close is not None and close.code == 1008
+        assert trio.current_time() - start <= 1.0

@@ -116,9 +116,10 @@ class Connection(Outbound):
     outbound queue, the writer and the closing handshake are ``Outbound``'s."""
 
     __slots__ = (
-        "_bucket", "_clock", "_device_key", "_gate", "_registered", "_replay_scope", "_since",
-        "auth", "device", "exp", "greeting", "hello", "hub", "last_activity", "pinged",
-        "reply_binary", "rooms_allowed", "store", "trailing", "connected_at", "remote",
+        "_bucket", "_clock", "_device_key", "_exp", "_gate", "_registered", "_replay_scope",
+        "_since", "auth", "check_at", "device", "greeting", "hello", "housekeeping", "hub",
+        "last_activity", "pinged", "reply_binary", "rooms_allowed", "store", "trailing",
+        "connected_at", "remote",
     )
 
     def __init__(
@@ -147,7 +148,9 @@ class Connection(Outbound):
         self.hub = hub
         self.store: Store = hub.store
         self.auth = auth
-        self.exp = exp
+        self._exp = exp
+        self.housekeeping: Any = None  # server.housekeeping.Housekeeping, set by the server
+        self.check_at = -1  # the housekeeper's slot for us (housekeeping.Schedule)
         self.device = device
         self._device_key = (user, device)
         self._clock = clock
@@ -165,6 +168,23 @@ class Connection(Outbound):
         self.hello: dict[str, Any] = {}  # the hello's fields, set by the server (+ unread)
         self.trailing = b""  # client bytes that came with the handshake, read first
         self._registered = True  # the server registers us right after construction
+
+    @property
+    def exp(self) -> float | None:
+        """The token's expiry (wall clock); a ``refresh`` moves it, and the housekeeper
+        then looks at the connection on its next tick (the expiry may come sooner)."""
+        return self._exp
+
+    @exp.setter
+    def exp(self, value: float | None) -> None:
+        self._exp = value
+        if self.housekeeping is not None:
+            self.housekeeping.soon(self, self._clock())
+
+    @property
+    def registered(self) -> bool:
+        """Routable (and watched by the housekeeper) until it starts closing."""
+        return self._registered
 
     # -- router endpoint and hub origin (sync, never block) -------------------------
 

@@ -43,6 +43,7 @@ from tidings.wire.handshake import (
 )
 from tidings.server.admin import node_name, node_record_json, peer_address
 from tidings.server.api import serve_api
+from tidings.server.housekeeping import PING_FRAME, Housekeeping
 from tidings.server.hub import Hub
 from tidings.server.metrics import Metrics
 from tidings.service.lifecycle import Lifecycle, listener_address
@@ -52,11 +53,9 @@ from tidings.store import StoreError, open_store
 from tidings.service.workers import reuseport_listeners
 from tidings.webhooks.service import open_webhooks
 
-__all__ = ["StartupError", "Server", "serve"]
+__all__ = ["PING_FRAME", "StartupError", "Server", "serve"]
 
 HOUSEKEEPING_INTERVAL = 1.0
-#: The keepalive ping, built once: a server frame is never masked (RFC 6455 5.1).
-PING_FRAME = b"\x89\x07tidings"
 MAX_REQUEST_HEAD = 16384
 
 
@@ -131,6 +130,8 @@ class Server:
         #: The nursery of the connection tasks: their helper tasks (writer, replay) run
         #: there too (``Connection.run``); None: each connection opens its own.
         self.nursery: trio.Nursery | None = None
+        #: Which connection the housekeeper looks at when (housekeeping.Schedule).
+        self.housekeeping = Housekeeping()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """The task of one TCP connection: handshake, then serve; never raises."""
@@ -189,6 +190,8 @@ class Server:
         except Refused as exc:
             await self._refuse(stream, request, exc.status, exc.reason)
             return None
+        conn.housekeeping = self.housekeeping
+        self.housekeeping.watch(conn, self.clock())
         # The hello (completed with the device's unread count once its inbox state is
         # read) is written by conn.run() after the 101, together with the first `resumed`
         # when nothing is waiting in the inbox (one send, no replay task, no writer task).
@@ -242,28 +245,13 @@ class Server:
             await stream.send_all(http_response(status, reason.encode() + b"\n", headers=headers))
 
     async def housekeeper(self) -> None:
-        """Once a second: expire tokens (1008), ping quiet peers, reap silent ones.
-
-        A connection is pinged once it has been quiet for between 7/8 of
-        ``ping_interval_s`` and all of it (a fixed spread per connection), so the
-        connections of a connect storm are not all pinged in the same second, while
-        an idle connection is pinged about every ``ping_interval_s`` (15/16 of it on
-        average plus the tick; with the last quarter it was 7/8: 7 % more pings)."""
+        """Once a second: expire tokens (1008), ping quiet peers, reap silent ones --
+        among the connections due (``housekeeping``: when and how)."""
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
             cfg = self.config.server  # re-read: a reload may have changed it
-            now, mono = time.time(), self.clock()
-            ping_after, spread = cfg.ping_interval_s * 0.875, cfg.ping_interval_s / 8192
-            for conn in self.hub.sessions.all_endpoints():
-                if conn.exp is not None and now >= conn.exp:
-                    conn.kill(1008, "token expired")
-                    continue
-                idle = mono - conn.last_activity
-                if idle >= cfg.idle_timeout_s:
-                    conn.kill(1001, "idle timeout")
-                elif not conn.pinged and idle >= ping_after + spread * (hash(conn.conn_id) & 1023):
-                    conn.pinged = True
-                    conn.send_control(PING_FRAME)
+            self.housekeeping.tick(cfg.ping_interval_s, cfg.idle_timeout_s, time.time(),
+                                   self.clock(), self.hub.sessions.all_endpoints)
 
     def kill_all(self, code: int, reason: str) -> None:
         for conn in self.hub.sessions.all_endpoints():
