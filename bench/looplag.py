@@ -9,7 +9,8 @@ three probes in the same trio run, then drives the Node generator's open loop at
   what every message that arrives meanwhile waits on top of its own work;
 * the longest task steps (a trio Instrument timing each step of each task, by task
   name): who held the loop when it was late;
-* garbage collections (gc callbacks): count and longest pause per generation.
+* garbage collections (gc callbacks): count and longest pause per generation;
+* with --trace-db, every ``SqliteDatabase`` call over 2 ms (on the loop or a thread).
 
 The probes cost a little CPU themselves; compare runs of this script, not its latency
 with run.py's.
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 
@@ -50,18 +53,21 @@ def child(config_path: str) -> None:
     class Steps(trio.abc.Instrument):
         def __init__(self) -> None:
             self.t0 = 0.0
+            self.c0 = 0.0
 
         def before_task_step(self, task: trio.lowlevel.Task) -> None:
             self.t0 = time.perf_counter()
+            self.c0 = time.thread_time()
 
         def after_task_step(self, task: trio.lowlevel.Task) -> None:
             ms = (time.perf_counter() - self.t0) * 1e3
             if ms > 2.0:
                 name = ".".join(task.name.rsplit(".", 2)[-2:])
-                s = steps.setdefault(name, [0, 0.0, 0.0])
+                s = steps.setdefault(name, [0, 0.0, 0.0, 0.0])
                 s[0] += 1
                 s[1] = max(s[1], ms)
                 s[2] += ms
+                s[3] += (time.thread_time() - self.c0) * 1e3  # CPU of the loop thread
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
@@ -84,10 +90,14 @@ def child(config_path: str) -> None:
                        "lag_max_ms": xs[-1] * 1e3 if n else None,
                        "lag_over_5ms": sum(1 for x in xs if x > 0.005),
                        "lag_over_20ms": sum(1 for x in xs if x > 0.020),
-                       "steps_over_2ms": sorted(([k, *v] for k, v in steps.items()), key=lambda r: -r[3])[:12],
+                       "steps_over_2ms": sorted(([k, *v] for k, v in steps.items() if k != "db:"),
+                                                key=lambda r: -r[3])[:12],
+                       "db_calls_over_2ms": sorted(([k, *v] for k, v in calls.items()), key=lambda r: -r[3]),
                        "gc": {str(k): v for k, v in sorted(gcs.items())}}
                 lags.clear()
                 steps.clear()
+                calls.clear()
+                steps["db:"] = calls  # type: ignore[assignment]
                 gcs.clear()
             print(json.dumps(rep), flush=True)
 
@@ -103,6 +113,28 @@ def child(config_path: str) -> None:
             await serve(load_config(config_path), config_path=config_path)
             nursery.cancel_scope.cancel()
 
+    calls: dict[str, list[float]] = {}  # SqliteDatabase method -> [count > 2 ms, max ms, total ms > 2 ms]
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                ms = (time.perf_counter() - t0) * 1e3
+                if ms > 2.0:
+                    c = calls.setdefault(name, [0, 0.0, 0.0])
+                    c[0] += 1
+                    c[1] = max(c[1], ms)
+                    c[2] += ms
+        return wrapper
+
+    if os.environ.get("LOOPLAG_TRACE_DB"):
+        from tidings.store import sqlite_db
+        for name, fn in list(vars(sqlite_db.SqliteDatabase).items()):
+            if type(fn) is type(timed) and not name.startswith("__") and name not in ("_read", "_write", "_transaction"):
+                setattr(sqlite_db.SqliteDatabase, name, timed(name, fn))
+    steps["db:"] = calls  # type: ignore[assignment]
     gc.callbacks.append(on_gc)
     threading.Thread(target=commands, daemon=True).start()
     trio.run(main, instruments=[Steps()])
@@ -115,8 +147,9 @@ def parent(a: argparse.Namespace) -> None:
     tmp = tempfile.TemporaryDirectory(prefix="tidings-looplag-")
     cfg = Path(tmp.name) / "t.toml"
     cfg.write_text(harness.tidings_config(a.server, Path(tmp.name) / "state", a.tidings_set))
+    env = dict(os.environ, LOOPLAG_TRACE_DB="1") if a.trace_db else None
     p = subprocess.Popen([sys.executable, __file__, "--child", str(cfg)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert p.stdin and p.stdout and p.stderr
     port = None
     t0 = time.monotonic()
@@ -155,9 +188,14 @@ def parent(a: argparse.Namespace) -> None:
     print(f"loop lag (sleep 1 ms, {rep['samples']} samples after warm-up): p50 {rep['lag_p50_ms']:.2f} "
           f"p99 {rep['lag_p99_ms']:.2f} max {rep['lag_max_ms']:.2f} ms; > 5 ms: {rep['lag_over_5ms']}, "
           f"> 20 ms: {rep['lag_over_20ms']}")
-    print("task steps > 2 ms (task, count, max ms, total ms):")
-    for name, n, mx, tot in rep["steps_over_2ms"]:
-        print(f"  {name:<40} {n:6d} {mx:8.1f} {tot:9.1f}")
+    print("task steps > 2 ms (task, count, max ms, total ms, of which the loop thread's CPU ms:"
+          " the rest it was preempted or blocked -- I/O, GIL):")
+    for name, n, mx, tot, cpu in rep["steps_over_2ms"]:
+        print(f"  {name:<40} {n:6d} {mx:8.1f} {tot:9.1f} {cpu:9.1f}")
+    if a.trace_db:
+        print("SqliteDatabase calls > 2 ms (method, count, max ms, total ms; any thread):")
+        for name, n, mx, tot in rep["db_calls_over_2ms"]:
+            print(f"  {name:<40} {n:6d} {mx:8.1f} {tot:9.1f}")
     print("gc (generation: count, max pause ms):", rep["gc"])
     if a.json:
         print(json.dumps({"loadgen": res, "probe": rep}))
@@ -177,4 +215,6 @@ if __name__ == "__main__":
         ap.add_argument("--client-ack", type=int, default=50)
         ap.add_argument("--tidings-set", action="append", default=[], metavar="SECTION.KEY=VALUE")
         ap.add_argument("--json", action="store_true", help="also print the raw results")
+        ap.add_argument("--trace-db", action="store_true",
+                        help="also time every SqliteDatabase call (calls over 2 ms, any thread)")
         parent(ap.parse_args())
