@@ -8,9 +8,10 @@ closing handshake stays clean; a reset is the peer's doing."""
 
 from __future__ import annotations
 
+import orjson
 import trio
 import trio.testing
-from wsproto.events import CloseConnection, Ping, Pong
+from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
 from inprocess import capture_log, make_config, running_hub
 from tidings import log
@@ -189,3 +190,29 @@ async def test_the_stream_is_closed_only_after_the_helper_tasks_finished(autojum
         assert conn._children == 0 and conn._child_scopes is None
         assert conn.stream.socket.fileno() == -1
         released.set()
+
+
+async def test_a_write_larger_than_the_socket_buffer_goes_out_whole_and_in_order(autojump_clock):
+    """The writer sends what fits with one direct send and the rest with send_all: a
+    receiver that reads only after ~1 MB was routed to it gets every message, whole and
+    in order."""
+    async with running_hub(config()) as h:
+        receiver = await h.connect("user=big", socket=True)
+        sender = await h.connect("user=sender", socket=True)
+        body = "x" * 16000
+        n = 64
+        for i in range(n):
+            await sender.send({"type": "send", "to": "big", "body": f"{i}:{body}", "id": i})
+        acks = [await sender.receive() for _ in range(n)]
+        assert [a["type"] for a in acks] == ["ack"] * n
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.connection("big")._writer_running  # blocked in send_all: the rest
+        got, parts = [], []
+        while len(got) < n:  # big frames arrive in parts: put each message together
+            event = await receiver._next_event()
+            assert isinstance(event, TextMessage), event
+            parts.append(event.data)
+            if event.message_finished:
+                got.append(orjson.loads("".join(parts)))
+                parts = []
+        assert [m["body"] for m in got] == [f"{i}:{body}" for i in range(n)]

@@ -316,9 +316,9 @@ class Connection(Outbound):
             self.greeting, self.hello = b"", {}
             if after is None:
                 resumed = self._resumed(replay, None)
-                await self.stream.send_all(greeting + data_frame(resumed, BINARY if self._binary else TEXT))
+                await self._send_all(greeting + data_frame(resumed, BINARY if self._binary else TEXT))
             else:
-                await self.stream.send_all(greeting)
+                await self._send_all(greeting)
                 self._spawn_replay(replay, after, credit=False, fid=None, announce=True)
         finally:
             self._writer_running = False

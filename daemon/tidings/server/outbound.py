@@ -26,8 +26,9 @@ On a plain TCP stream (not TLS) the connection reads with ``read`` straight on t
 socket (``_receive``) and writes control frames with one non-blocking ``send``
 (``send_control``), bypassing trio's per-call stream wrappers: an idle connection then
 holds fewer frames while it waits, and a keepalive round (ping out, pong in) wakes no
-writer task (146 -> 30 us of CPU per round, measured in docs/performance.md).  Data
-frames still go through ``send_all``.
+writer task (146 -> 30 us of CPU per round, measured in docs/performance.md).  The
+writer, the greeting and the close frame write with one non-blocking ``send`` first
+(``_send_all``) and use trio's ``send_all`` only for what did not fit.
 
 The writer
 ----------
@@ -220,6 +221,29 @@ class Outbound:
                     raise trio.ClosedResourceError("the socket was already closed") from None
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
+    async def _send_all(self, data: bytes) -> None:
+        """``stream.send_all(data)``; on a plain socket first one non-blocking ``send``
+        straight on the socket -- the usual case, where all of it fits in the socket
+        buffer, then costs no trio wrappers (an async context manager, a conflict
+        detector, two checkpoints) -- and ``send_all`` only for a rest.  Errors as
+        trio's.  Not a checkpoint when everything fit."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sent = os.write(sock.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                if exc.errno in _CLOSED_ERRNOS:
+                    raise trio.ClosedResourceError("the socket was already closed") from None
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            if sent == len(data):
+                return
+            if sent:
+                await self.stream.send_all(memoryview(data)[sent:])
+                return
+        await self.stream.send_all(data)
+
     def _wake(self) -> None:
         """Wake a lingering writer (or start one)."""
         if self._more is not None:
@@ -365,7 +389,7 @@ class Outbound:
                 data, messages, replies, top = self._drain(closing=False)
                 if data:
                     self._send_broken = True
-                    await self.stream.send_all(data)
+                    await self._send_all(data)
                     self._send_broken = False
                     del data
                 self._written(messages, replies)
@@ -420,7 +444,7 @@ class Outbound:
             return  # half a frame is on the wire (or nobody reads): nothing more to say
         data, messages, replies, top = self._drain(closing=True)
         self._send_broken = True
-        await self.stream.send_all(data)
+        await self._send_all(data)
         self._send_broken = False
         self._written(messages, replies)
         if top > self._written_seq:
