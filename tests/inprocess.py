@@ -15,7 +15,8 @@ events (``trio.testing.wait_all_tasks_blocked``), never on sleeps.
 * ``Client``: the peer side, a wsproto client over one end of a stream pair whose other
   end the real ``Server.handle`` serves (the HTTP handshake included).  With
   ``lockstep=True`` the pair is ``lockstep_stream_pair``: a write blocks until the other
-  side has read it (TCP backpressure with no buffer), else an unbounded memory pair.
+  side has read it (TCP backpressure with no buffer), else an unbounded memory pair;
+  with ``socket=True`` a pair of real sockets (the server's plain-socket paths).
 * ``capture_log()``: the daemon's log lines written meanwhile (logfmt strings).
 """
 
@@ -170,11 +171,17 @@ class Harness:
     async def connect(self, query: str, **kwargs: Any) -> Client:
         return await Client.connect(self, query, **kwargs)
 
-    def serve(self, *, lockstep: bool = False) -> tuple[trio.abc.Stream, trio.Event]:
+    def serve(self, *, lockstep: bool = False, socket: bool = False) -> tuple[trio.abc.Stream, trio.Event]:
         """A bare stream the real ``Server.handle`` serves, and an event set once the
-        handler returned."""
-        pair = trio.testing.lockstep_stream_pair() if lockstep else trio.testing.memory_stream_pair()
-        client_end, server_end = pair
+        handler returned.  ``socket``: a connected pair of real (Unix stream) sockets,
+        so the server takes its plain-socket paths (direct reads, direct control
+        frames) with the kernel's buffering in between."""
+        if socket:
+            a, b = trio.socket.socketpair()
+            client_end, server_end = trio.SocketStream(a), trio.SocketStream(b)
+        else:
+            pair = trio.testing.lockstep_stream_pair() if lockstep else trio.testing.memory_stream_pair()
+            client_end, server_end = pair
         served = trio.Event()
 
         async def serve() -> None:
@@ -201,6 +208,7 @@ async def running_hub(config: Config | None = None, store: Any = None) -> AsyncI
     server = Server(config, hub, Authenticator(config.auth.mode, [b"x" * 32]), clock=trio.current_time)
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
+        server.nursery = nursery  # connections' helper tasks run here, as in the daemon
         yield Harness(server, nursery)
         hub.close_intake()
         nursery.cancel_scope.cancel()
@@ -218,11 +226,11 @@ class Client:
 
     @classmethod
     async def connect(cls, harness: Harness, query: str, *, lockstep: bool = False,
-                      read_greeting: bool = True) -> Client:
+                      socket: bool = False, read_greeting: bool = True) -> Client:
         """Open a connection (``query``: e.g. ``"user=bob"``) served by the harness;
         returns after the 101 and, with ``read_greeting``, the hello and first resumed
         (kept in ``hello`` / ``resumed``)."""
-        stream, served = harness.serve(lockstep=lockstep)
+        stream, served = harness.serve(lockstep=lockstep, socket=socket)
         self = cls(stream)
         self.served = served
         await self.stream.send_all(self.ws.send(Request(host="test", target=f"/ws?{query}")))

@@ -342,3 +342,60 @@ def test_seqs_continue_after_retention_removed_a_whole_inbox_and_a_restart(tmp_p
         assert d.append_many([msg("a", "b")]) == [4]
     finally:
         d.close()
+
+
+# ------------------------------------------------------------------ batched inbox_state
+
+async def test_inbox_states_asked_while_the_reader_is_busy_share_one_read(tmp_path):
+    """A connect storm: every inbox_state asked while the read connection is busy joins
+    one thread hop (one call of SqliteDatabase.inbox_states), each getting its own
+    answer; the next call after it starts a new batch."""
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    try:
+        await store.append([msg("a", f"u{i}") for i in range(5) for _ in range(i)])
+        calls: list[list] = []
+        original = store.db.inbox_states
+        store.db.inbox_states = lambda keys: (calls.append(list(keys)), original(keys))[1]
+        results: dict[int, InboxState] = {}
+
+        async def ask(i: int) -> None:
+            results[i] = await store.inbox_state(f"u{i}", "phone")
+
+        async with trio.open_nursery() as nursery:
+            async with store._read_limiter:  # a read in progress
+                for i in range(5):
+                    nursery.start_soon(ask, i)
+                await trio.testing.wait_all_tasks_blocked()
+        assert len(calls) == 1 and sorted(calls[0]) == [(f"u{i}", "phone") for i in range(5)]
+        assert {i: r.last_seq for i, r in results.items()} == {i: i for i in range(5)}
+        assert all(r.new_device for r in results.values())
+        assert (await store.inbox_state("u3")).last_seq == 3
+        assert len(calls) == 2 and store._states is None
+    finally:
+        await store.aclose()
+
+
+async def test_a_failed_batched_read_fails_every_caller(tmp_path):
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    try:
+        def fail(keys):
+            raise StoreUnavailable("disk on fire")
+
+        store.db.inbox_states = fail
+        errors: list[Exception] = []
+
+        async def ask(i: int) -> None:
+            try:
+                await store.inbox_state(f"u{i}")
+            except StoreUnavailable as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            async with store._read_limiter:
+                for i in range(3):
+                    nursery.start_soon(ask, i)
+                await trio.testing.wait_all_tasks_blocked()
+        assert len(errors) == 3 and all("disk on fire" in str(e) for e in errors)
+        assert store._states is None
+    finally:
+        await store.aclose()

@@ -5,8 +5,10 @@ Ownership and tasks
 The connection task (spawned by the server, one per TCP connection) owns the stream and
 runs the *reader* inline: it receives up to 64 KiB, feeds wsproto, and handles each
 complete frame in place (no per-message task hop).  One *writer* task drains the bounded
-outbound memory channel and coalesces everything queued into one ``send_all``.  A replay
-task exists only while stored messages are being replayed.
+outbound queue and coalesces everything queued into one ``send_all``.  A replay
+task exists only while stored messages are being replayed.  Both are helper tasks in
+the server's nursery (``Outbound._start``): an idle connection is one task with one
+cancel scope (the reader's), no nursery of its own.
 
 Outbound queue
 --------------
@@ -114,9 +116,10 @@ class Connection(Outbound):
     outbound queue, the writer and the closing handshake are ``Outbound``'s."""
 
     __slots__ = (
-        "_bucket", "_clock", "_device_key", "_gate", "_registered", "_replay_scope", "_since",
-        "auth", "device", "exp", "greeting", "hello", "hub", "last_activity", "pinged",
-        "reply_binary", "rooms_allowed", "store", "trailing", "connected_at", "remote",
+        "_bucket", "_clock", "_device_key", "_exp", "_gate", "_registered", "_replay_scope",
+        "_since", "auth", "check_at", "device", "greeting", "hello", "housekeeping", "hub",
+        "last_activity", "pinged", "reply_binary", "rooms_allowed", "store", "trailing",
+        "connected_at", "remote",
     )
 
     def __init__(
@@ -145,7 +148,9 @@ class Connection(Outbound):
         self.hub = hub
         self.store: Store = hub.store
         self.auth = auth
-        self.exp = exp
+        self._exp = exp
+        self.housekeeping: Any = None  # server.housekeeping.Housekeeping, set by the server
+        self.check_at = -1  # the housekeeper's slot for us (housekeeping.Schedule)
         self.device = device
         self._device_key = (user, device)
         self._clock = clock
@@ -163,6 +168,23 @@ class Connection(Outbound):
         self.hello: dict[str, Any] = {}  # the hello's fields, set by the server (+ unread)
         self.trailing = b""  # client bytes that came with the handshake, read first
         self._registered = True  # the server registers us right after construction
+
+    @property
+    def exp(self) -> float | None:
+        """The token's expiry (wall clock); a ``refresh`` moves it, and the housekeeper
+        then looks at the connection on its next tick (the expiry may come sooner)."""
+        return self._exp
+
+    @exp.setter
+    def exp(self, value: float | None) -> None:
+        self._exp = value
+        if self.housekeeping is not None:
+            self.housekeeping.soon(self, self._clock())
+
+    @property
+    def registered(self) -> bool:
+        """Routable (and watched by the housekeeper) until it starts closing."""
+        return self._registered
 
     # -- router endpoint and hub origin (sync, never block) -------------------------
 
@@ -218,6 +240,9 @@ class Connection(Outbound):
             self._replay_scope.cancel()
         self._wake()
 
+    def _kill_reader(self) -> None:
+        self.kill(1011, "internal error")
+
     def _delivered(self, seq: int) -> None:
         """Outbound's hook: messages up to ``seq`` were written to this device."""
         self.hub.mark_delivered(self._device_key, seq)
@@ -229,28 +254,33 @@ class Connection(Outbound):
 
     # -- the connection task ---------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, nursery: trio.Nursery | None = None) -> None:
         """Serve until closed, then close the WebSocket (see Closing) and the stream.
-        Never raises for what the peer does (EOF, reset)."""
+        Never raises for what the peer does (EOF, reset).  ``nursery``: where the
+        connection's helper tasks (writer, replay) run -- the server passes its nursery
+        of connection tasks (see ``Outbound._start``); None: a nursery of its own."""
+        if nursery is None:
+            async with trio.open_nursery() as own:
+                await self.run(own)
+            return
+        self._nursery = nursery
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                try:
-                    if await self._greet():
-                        if self._close is None:  # kill() may have come during the handshake
-                            with trio.CancelScope() as self._reader_scope:
-                                await self._reader()
-                        self._unregister()  # closing: nothing more is routed here
-                        if self._replay_scope is not None:
-                            self._replay_scope.cancel()
-                        if not self._peer_gone:
-                            with trio.move_on_after(CLOSE_TIMEOUT):
-                                await self._close_handshake()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._reset()
-                nursery.cancel_scope.cancel()
+            try:
+                if await self._greet():
+                    if self._close is None:  # kill() may have come during the handshake
+                        with trio.CancelScope() as self._reader_scope:
+                            await self._reader()
+                    self._unregister()  # closing: nothing more is routed here
+                    if self._replay_scope is not None:
+                        self._replay_scope.cancel()
+                    if not self._peer_gone:
+                        with trio.move_on_after(CLOSE_TIMEOUT):
+                            await self._close_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._reset()
         finally:
             self._unregister()
+            await self._stop_children()
             await trio.aclose_forcefully(self.stream)
             code = self._close[0] if self._close else None
             log.log("debug", "connection_closed", conn=self.conn_id, user=self.user,
@@ -286,9 +316,9 @@ class Connection(Outbound):
             self.greeting, self.hello = b"", {}
             if after is None:
                 resumed = self._resumed(replay, None)
-                await self.stream.send_all(greeting + data_frame(resumed, BINARY if self._binary else TEXT))
+                await self._send_all(greeting + data_frame(resumed, BINARY if self._binary else TEXT))
             else:
-                await self.stream.send_all(greeting)
+                await self._send_all(greeting)
                 self._spawn_replay(replay, after, credit=False, fid=None, announce=True)
         finally:
             self._writer_running = False
@@ -313,7 +343,7 @@ class Connection(Outbound):
                         await self._take_credit()
                         await self._handle_frame(item, kind is bytes)
                     elif kind is ClientPing:
-                        self.queue_control(pong_frame(item))
+                        self.send_control(pong_frame(item))
                     elif kind is ForWsproto:
                         self.ws.receive_data(item)
                         if await self._wsproto_events(fragments):
@@ -322,7 +352,7 @@ class Connection(Outbound):
                         self._parse_failed = True
                         self.kill(item.code, item.reason)
                         return
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            data = await self._receive(len(data) < RECEIVE_SIZE)
             if not data:
                 self._closed_by = "peer"
                 self._peer_gone = True
@@ -439,8 +469,7 @@ class Connection(Outbound):
         if self._replay_scope is not None:
             self._replay_scope.cancel()
         scope = self._replay_scope = trio.CancelScope()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._replay, replay, after, scope, credit, fid, announce)
+        self._start(self._replay, replay, after, scope, credit, fid, announce)
 
     async def _replay(self, replay: Replay, after: int | None, scope: trio.CancelScope,
                       credit: bool, fid: FrameId, announce: bool) -> None:

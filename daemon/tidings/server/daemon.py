@@ -43,6 +43,7 @@ from tidings.wire.handshake import (
 )
 from tidings.server.admin import node_name, node_record_json, peer_address
 from tidings.server.api import serve_api
+from tidings.server.housekeeping import PING_FRAME, Housekeeping
 from tidings.server.hub import Hub
 from tidings.server.metrics import Metrics
 from tidings.service.lifecycle import Lifecycle, listener_address
@@ -52,11 +53,9 @@ from tidings.store import StoreError, open_store
 from tidings.service.workers import reuseport_listeners
 from tidings.webhooks.service import open_webhooks
 
-__all__ = ["StartupError", "Server", "serve"]
+__all__ = ["PING_FRAME", "StartupError", "Server", "serve"]
 
 HOUSEKEEPING_INTERVAL = 1.0
-#: The keepalive ping, built once: a server frame is never masked (RFC 6455 5.1).
-PING_FRAME = b"\x89\x07tidings"
 MAX_REQUEST_HEAD = 16384
 
 
@@ -128,6 +127,11 @@ class Server:
         self.webhooks: Any = None
         #: Set when serving wss:// (tidings.tls); swapped by a reload, new connections only.
         self.ssl_context: Any = None
+        #: The nursery of the connection tasks: their helper tasks (writer, replay) run
+        #: there too (``Connection.run``); None: each connection opens its own.
+        self.nursery: trio.Nursery | None = None
+        #: Which connection the housekeeper looks at when (housekeeping.Schedule).
+        self.housekeeping = Housekeeping()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """The task of one TCP connection: handshake, then serve; never raises."""
@@ -137,7 +141,7 @@ class Server:
         try:
             conn = await self._handshake(stream)
             if conn is not None:  # the handshake's state (h11, request) is garbage now
-                await conn.run()
+                await conn.run(self.nursery)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away mid-handshake; nothing to answer
         except Exception as exc:  # a bug of ours: this connection only
@@ -186,6 +190,8 @@ class Server:
         except Refused as exc:
             await self._refuse(stream, request, exc.status, exc.reason)
             return None
+        conn.housekeeping = self.housekeeping
+        self.housekeeping.watch(conn, self.clock())
         # The hello (completed with the device's unread count once its inbox state is
         # read) is written by conn.run() after the 101, together with the first `resumed`
         # when nothing is waiting in the inbox (one send, no replay task, no writer task).
@@ -239,26 +245,13 @@ class Server:
             await stream.send_all(http_response(status, reason.encode() + b"\n", headers=headers))
 
     async def housekeeper(self) -> None:
-        """Once a second: expire tokens (1008), ping quiet peers, reap silent ones.
-
-        A connection is pinged once it has been quiet for between 3/4 of
-        ``ping_interval_s`` and all of it (a fixed spread per connection), so the
-        connections of a connect storm are not all pinged in the same second."""
+        """Once a second: expire tokens (1008), ping quiet peers, reap silent ones --
+        among the connections due (``housekeeping``: when and how)."""
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
             cfg = self.config.server  # re-read: a reload may have changed it
-            now, mono = time.time(), self.clock()
-            ping_after, spread = cfg.ping_interval_s * 0.75, cfg.ping_interval_s / 4096
-            for conn in self.hub.sessions.all_endpoints():
-                if conn.exp is not None and now >= conn.exp:
-                    conn.kill(1008, "token expired")
-                    continue
-                idle = mono - conn.last_activity
-                if idle >= cfg.idle_timeout_s:
-                    conn.kill(1001, "idle timeout")
-                elif not conn.pinged and idle >= ping_after + spread * (hash(conn.conn_id) & 1023):
-                    conn.pinged = True
-                    conn.queue_control(PING_FRAME)
+            self.housekeeping.tick(cfg.ping_interval_s, cfg.idle_timeout_s, time.time(),
+                                   self.clock(), self.hub.sessions.all_endpoints)
 
     def kill_all(self, code: int, reason: str) -> None:
         for conn in self.hub.sessions.all_endpoints():
@@ -339,6 +332,7 @@ async def serve(
             await root.start(lifecycle.run)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as conns:
+                    server.nursery = conns
                     accept_scope = trio.CancelScope()
                     conns.start_soon(_accept_loop, listeners, server, conns, accept_scope)
                     conns.start_soon(server.housekeeper)

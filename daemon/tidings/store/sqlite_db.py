@@ -347,11 +347,19 @@ class SqliteDatabase(WebhookTables):
 
     def inbox_state(self, user: str, device: str = DEFAULT_DEVICE) -> InboxState:
         with self._read() as c:
-            last_seq, cursor, first = c.execute(
-                f"SELECT {_LAST_SEQ_OF.format(u=':u')}, "
-                "(SELECT cursor FROM devices WHERE user = :u AND device = :d), "
-                "(SELECT MIN(seq) FROM messages WHERE recipient = :u)",
-                {"u": user, "d": device}).fetchone()
+            return self._inbox_state(c, user, device)
+
+    def inbox_states(self, keys: Sequence[tuple[str, str]]) -> list[InboxState]:
+        """``inbox_state`` of each (user, device) of ``keys``, in one read transaction."""
+        with self._read() as c:
+            return [self._inbox_state(c, user, device) for user, device in keys]
+
+    def _inbox_state(self, c: sqlite3.Connection, user: str, device: str) -> InboxState:
+        last_seq, cursor, first = c.execute(
+            f"SELECT {_LAST_SEQ_OF.format(u=':u')}, "
+            "(SELECT cursor FROM devices WHERE user = :u AND device = :d), "
+            "(SELECT MIN(seq) FROM messages WHERE recipient = :u)",
+            {"u": user, "d": device}).fetchone()
         first = last_seq + 1 if first is None else first
         if self.max_inbox is not None:
             first = max(first, last_seq - self.max_inbox + 1)

@@ -1,0 +1,218 @@
+"""The plain-socket paths of server/outbound.py over real sockets (tests/inprocess.py,
+``socket=True``): control frames written straight from the caller's task
+(``send_control``: the keepalive's ping, the pong to a client's ping) and reads straight
+from the socket (``_receive``).  What must hold: a frame written directly arrives whole
+and in order; a socket that would block (or takes only part of a frame) falls back to
+the queued path without losing or splitting a frame; a pong keeps the connection; the
+closing handshake stays clean; a reset is the peer's doing."""
+
+from __future__ import annotations
+
+import orjson
+import trio
+import trio.testing
+from wsproto.events import CloseConnection, Ping, Pong, TextMessage
+
+from inprocess import capture_log, make_config, running_hub
+from tidings import log
+from tidings.server import outbound
+from tidings.server.daemon import PING_FRAME
+
+INTERVAL = 20.0
+IDLE_TIMEOUT = 60.0
+
+
+def config():
+    return make_config(server={"ping_interval_s": INTERVAL, "idle_timeout_s": IDLE_TIMEOUT})
+
+
+async def next_control(client) -> object:
+    while True:
+        event = await client._next_event()
+        if isinstance(event, (Ping, Pong)):
+            return event
+        assert event is not None and not isinstance(event, CloseConnection), event
+
+
+async def test_a_ping_is_written_directly_and_arrives_whole(autojump_clock):
+    async with running_hub(config()) as h:
+        c = await h.connect("user=idle", socket=True)
+        conn = h.connection("idle")
+        await trio.testing.wait_all_tasks_blocked()
+        conn.send_control(PING_FRAME)
+        assert not conn._writer_running  # written by the caller: no writer task started
+        assert not conn._control
+        event = await next_control(c)
+        assert isinstance(event, Ping) and event.payload == b"tidings"
+
+
+async def test_a_client_ping_is_answered_directly(autojump_clock):
+    async with running_hub(config()) as h:
+        c = await h.connect("user=pinger", socket=True)
+        conn = h.connection("pinger")
+        await c.stream.send_all(c.ws.send(Ping(b"abc")))
+        event = await next_control(c)
+        assert isinstance(event, Pong) and event.payload == b"abc"
+        await trio.testing.wait_all_tasks_blocked()
+        assert not conn._writer_running
+        await c.send({"type": "ping", "id": 7})  # data still flows after it
+        assert await c.receive() == {"type": "pong", "id": 7}
+
+
+async def test_a_full_socket_falls_back_to_the_queued_path_and_no_frame_is_split(autojump_clock):
+    """The client does not read: direct pings fill the socket buffer until one would
+    block (or fits only in part); that one and every later one are queued for the
+    writer.  Once the client reads, every ping arrives, whole and in order."""
+    async with running_hub(config()) as h:
+        c = await h.connect("user=full", socket=True)
+        conn = h.connection("full")
+        await trio.testing.wait_all_tasks_blocked()
+        sent = 0
+        while not conn._writer_running:  # the first fallback starts the writer
+            conn.send_control(PING_FRAME)
+            sent += 1
+        assert sent > 1  # some went directly before the buffer filled
+        for _ in range(5):  # a writer is busy now: these are queued behind the rest
+            conn.send_control(PING_FRAME)
+            sent += 1
+        await c.send({"type": "ping", "id": 1})  # and a reply after them
+        pings = 0
+        while True:
+            event = await c._next_event()
+            if isinstance(event, Ping):
+                assert event.payload == b"tidings"
+                pings += 1
+                continue
+            break
+        assert pings == sent
+        assert event.data == '{"type":"pong","id":1}'
+
+
+async def test_a_pong_keeps_the_connection_and_a_silent_peer_is_reaped(autojump_clock):
+    async with running_hub(config()) as h:
+        h.nursery.start_soon(h.server.housekeeper)
+        answering = await h.connect("user=answers", socket=True)
+        silent = await h.connect("user=silent", socket=True)
+        conn = h.connection("answers")
+        start = trio.current_time()
+        for _ in range(4):  # 4 pings answered: well past the idle timeout
+            event = await next_control(answering)
+            assert isinstance(event, Ping)
+            assert not conn._writer_running
+            await answering.stream.send_all(answering.ws.send(event.response()))
+        assert trio.current_time() - start > IDLE_TIMEOUT
+        assert h.hub.sessions.count("answers") == 1
+        frames, close = await silent.receive_until_close()
+        assert isinstance(close, CloseConnection) and close.code == 1001
+        assert h.hub.sessions.count("silent") == 0
+
+
+async def test_close_handshakes_stay_clean(autojump_clock):
+    async with running_hub(config()) as h:
+        # ours: every queued reply, then the close frame; EOF once the peer answers
+        c = await h.connect("user=closed", socket=True)
+        await c.send({"type": "ping", "id": 1})
+        assert await c.receive() == {"type": "pong", "id": 1}
+        h.connection("closed").kill(1008, "policy")
+        frames, close = await c.receive_until_close()
+        assert frames == [] and close.code == 1008
+        await c.answer_close(close)
+        await c.expect_eof()
+        await c.served.wait()
+        # the peer's: echoed at once
+        p = await h.connect("user=polite", socket=True)
+        await p.stream.send_all(p.ws.send(CloseConnection(1000, "bye")))
+        frames, close = await p.receive_until_close()
+        assert frames == [] and close.code == 1000
+        await p.expect_eof()
+        await p.served.wait()
+        assert h.hub.sessions.count("polite") == 0
+
+
+async def test_eof_and_reset_are_the_peers_doing(autojump_clock, monkeypatch):
+    monkeypatch.setattr(outbound, "_resets", log.LogOnce())  # a reset logged once a minute
+    async with running_hub(config()) as h:
+        with capture_log() as buf:
+            e = await h.connect("user=eof", socket=True)
+            await e.stream.send_eof()
+            await e.served.wait()
+            r = await h.connect("user=reset", socket=True)
+            await r.send({"type": "ping", "id": 1})  # unread by the client: close resets
+            await trio.testing.wait_all_tasks_blocked()
+            r.stream.socket.close()
+            await r.served.wait()
+        assert h.hub.sessions.count("eof") == 0 and h.hub.sessions.count("reset") == 0
+        assert "connection_crashed" not in buf.getvalue()
+        assert "level=info event=connection_closed" in buf.getvalue()  # the reset
+        assert "by=peer" in buf.getvalue()
+
+
+# -- helper tasks in the server's nursery (no nursery per connection) -------------------
+
+
+async def test_a_crashing_helper_task_closes_its_connection_only(autojump_clock, monkeypatch):
+    """The writer and the replay run in the server's nursery, not in one per
+    connection: a bug in one is logged as that connection's crash and ends it (no more
+    writes: half a frame may be out), while the server and other connections go on."""
+    drain = outbound.Outbound._drain
+
+    def buggy_drain(self, *, closing):
+        if self.user == "buggy" and not closing:
+            raise RuntimeError("a bug")
+        return drain(self, closing=closing)
+
+    monkeypatch.setattr(outbound.Outbound, "_drain", buggy_drain)
+    async with running_hub(config()) as h:
+        with capture_log() as buf:
+            fine = await h.connect("user=fine", socket=True)
+            buggy = await h.connect("user=buggy", socket=True)
+            await buggy.send({"type": "ping", "id": 1})  # its reply crashes the writer
+            assert await buggy.receive() is None  # EOF, nothing written after the crash
+            await buggy.served.wait()
+            await fine.send({"type": "ping", "id": 2})
+            assert await fine.receive() == {"type": "pong", "id": 2}
+        assert "event=connection_crashed" in buf.getvalue() and "a bug" in buf.getvalue()
+        assert h.hub.sessions.count("buggy") == 0 and h.hub.sessions.count("fine") == 1
+
+
+async def test_the_stream_is_closed_only_after_the_helper_tasks_finished(autojump_clock):
+    """A replay waiting on the store when the peer leaves is cancelled and waited for
+    before the connection's stream is closed (what a nursery per connection did)."""
+    async with running_hub(config()) as h:
+        c = await h.connect("user=replayer", socket=True)
+        conn = h.connection("replayer")
+        released = h.store.hold("inbox_state")
+        await c.send({"type": "resume", "since": 0, "id": 1})
+        await h.store.held["inbox_state"].wait()
+        assert conn._children == 1
+        await c.aclose()
+        await c.served.wait()
+        assert conn._children == 0 and conn._child_scopes is None
+        assert conn.stream.socket.fileno() == -1
+        released.set()
+
+
+async def test_a_write_larger_than_the_socket_buffer_goes_out_whole_and_in_order(autojump_clock):
+    """The writer sends what fits with one direct send and the rest with send_all: a
+    receiver that reads only after ~1 MB was routed to it gets every message, whole and
+    in order."""
+    async with running_hub(config()) as h:
+        receiver = await h.connect("user=big", socket=True)
+        sender = await h.connect("user=sender", socket=True)
+        body = "x" * 16000
+        n = 64
+        for i in range(n):
+            await sender.send({"type": "send", "to": "big", "body": f"{i}:{body}", "id": i})
+        acks = [await sender.receive() for _ in range(n)]
+        assert [a["type"] for a in acks] == ["ack"] * n
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.connection("big")._writer_running  # blocked in send_all: the rest
+        got, parts = [], []
+        while len(got) < n:  # big frames arrive in parts: put each message together
+            event = await receiver._next_event()
+            assert isinstance(event, TextMessage), event
+            parts.append(event.data)
+            if event.message_finished:
+                got.append(orjson.loads("".join(parts)))
+                parts = []
+        assert [m["body"] for m in got] == [f"{i}:{body}" for i in range(n)]
