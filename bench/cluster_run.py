@@ -15,7 +15,7 @@ Setups
   workers2  server.workers = 2 on one fixed port (SO_REUSEPORT), one Redis
 
 Every measurement starts a fresh redis-server (127.0.0.1, free port, temp dir,
-`--save "" --appendonly no`) and fresh tidings processes.  Server CPU = the tidings
+`--save "" --appendonly yes --appendfsync everysec`, as production runs it) and fresh tidings processes.  Server CPU = the tidings
 processes (both nodes, or the supervisor and its workers); Redis CPU is reported
 separately.  Raw results: bench/results/cluster-<timestamp>.json.
 """
@@ -58,7 +58,7 @@ class Redis:
         self.port = free_port()
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.tmp.name,
-             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=R.renice)
         deadline = time.monotonic() + 10

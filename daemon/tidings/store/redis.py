@@ -61,6 +61,7 @@ from tidings.store.records import (
 from tidings.store.redis_devices import (
     KEY_TTL_EXTRA_MS, RedisDevices, key_field, parse_original,
 )
+from tidings.store.redis_lane import Call, Lane
 from tidings.store.redis_webhooks import RedisWebhooks
 from tidings.store.redis_lua import (
     APPEND_LUA,
@@ -133,10 +134,11 @@ class RedisStore(RedisDevices, RedisWebhooks):
         #: Redis Cluster: one append script per recipient (scripts are single-slot).
         self.cluster = cluster
         self._closed = False
-        self._append = client.register_script(APPEND_LUA)
+        self._lane = Lane(client, cluster=cluster)
+        self._append_script = self._lane.script(APPEND_LUA)
         self._history = client.register_script(HISTORY_LUA)
         self._prune = client.register_script(PRUNE_LUA)
-        self._scripts = (self._append, self._history, self._prune,
+        self._scripts = (self._history, self._prune,
                          *self._register_device_scripts(client),
                          *self._register_webhook_scripts(client))
 
@@ -162,6 +164,7 @@ class RedisStore(RedisDevices, RedisWebhooks):
             await self._r.ping()
             for script in self._scripts:
                 await self._r.script_load(script.script)
+            await self._lane.load()
 
     # -- writes ----------------------------------------------------------------------
 
@@ -187,32 +190,28 @@ class RedisStore(RedisDevices, RedisWebhooks):
         window = self.key_window_ms
         head = [-1 if self.max_inbox is None else max(self.max_inbox, 0), self.publish,
                 window, window + KEY_TTL_EXTRA_MS]
-        requests = []
-        try:
-            async with self._r.pipeline(transaction=False, raise_on_error=False) as pipe:
-                for call in calls:
-                    args: list[Any] = list(head)
-                    order: list[int] = []
-                    for user, idx in call:
-                        args += [user_tag(user), len(idx)]
-                        for i in idx:
-                            m = msgs[i]
-                            header = envelope_header(m) if self.publish else b""
-                            kf = "" if m.key is None else key_field(m.sender, m.key)
-                            args += [m.msg_id, m.sender, m.body, m.ts, header, kf]
-                        order += idx
-                    keys = [_k(call[0][0], "u")]
-                    requests.append((order, self._append(keys, args, client=pipe)))
-                self._index_writes(pipe, [(m.msg_id, m.recipient) for m in msgs],
-                                   self._limits.retention_days)
-        except _TRANSIENT as exc:
-            err = _unavailable(exc, "append")
-            return [Appended(None, err) for _ in msgs]
-        for idx, request in requests:
-            try:
-                reply = await request
-            except (*_TRANSIENT, RuntimeError) as exc:  # RuntimeError: never executed
-                err = _unavailable(exc, "append")
+        lane_calls: list[Call] = []
+        orders: list[list[int]] = []
+        publish = self.publish
+        for call in calls:
+            args: list[Any] = list(head)
+            order: list[int] = []
+            for user, idx in call:
+                args += [user_tag(user), len(idx)]
+                for i in idx:
+                    m = msgs[i]
+                    header = envelope_header(m) if publish else b""
+                    kf = "" if m.key is None else key_field(m.sender, m.key)
+                    args += [m.msg_id, m.sender, m.body, m.ts, header, kf]
+                order += idx
+            lane_calls.append(Call(self._append_script, [_k(call[0][0], "u")], args))
+            orders.append(order)
+        lane_calls += self._index_writes([(m.msg_id, m.recipient) for m in msgs],
+                                         self._limits.retention_days)
+        replies = await self._lane.run(lane_calls)
+        for idx, reply in zip(orders, replies):
+            if isinstance(reply, BaseException):  # the group's outcome is unknown
+                err = _unavailable(reply, "append")
                 for i in idx:
                     results[i] = Appended(None, err)
                 continue
@@ -226,7 +225,7 @@ class RedisStore(RedisDevices, RedisWebhooks):
                     results[i] = Appended(None, DuplicateMessage(
                         f"duplicate msg_id {msgs[i].msg_id!r} for {msgs[i].recipient!r}"))
                     continue
-                results[i] = Appended(seq, None, int(reply[3 * j + 1]) if self.publish else None)
+                results[i] = Appended(seq, None, int(reply[3 * j + 1]) if publish else None)
         return [r if r is not None else Appended(None, StoreUnavailable("lost"))
                 for r in results]
 
