@@ -66,6 +66,7 @@ from coredis.retry import NoRetryPolicy
 
 from tidings import log
 from tidings.cluster.devices import devices_key, devices_online, write_devices
+from tidings.cluster.pubsub import BatchPubSub, BatchShardedPubSub
 from tidings.routing.rooms import ROOM_KEY_PREFIX
 from tidings.store import StoredMessage, StoreUnavailable
 from tidings.store.redis import single_errors
@@ -341,46 +342,66 @@ class Cluster:
             await trio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, self._backoff_max)
 
-    def _pubsub(self) -> Any:
+    def _pubsub(self, sink: Callable[[list[Any]], None]) -> Any:
         kwargs = dict(ignore_subscribe_messages=False, retry_policy=NoRetryPolicy(),
                       subscription_timeout=self._subscribe_timeout,
-                      max_idle_seconds=max(1.0, self.presence_ttl_s / 3))
+                      max_idle_seconds=max(1.0, self.presence_ttl_s / 3), sink=sink)
         if self._sharded:
-            return self._r.sharded_pubsub(**kwargs)
-        return self._r.pubsub(**kwargs)
+            return BatchShardedPubSub(self._r.connection_pool, **kwargs)
+        return BatchPubSub(self._r.connection_pool, **kwargs)
 
     async def _session(self) -> None:
-        """One pub/sub session: subscribe everything held, then consume until an error."""
-        async with self._pubsub() as ps:
-            done: set[str] = set()
-            while True:  # holds may arrive while we subscribe: loop until stable
-                todo = [u for u in self._held if u not in done]
-                if not todo:
-                    break
-                for i in range(0, len(todo), SUBSCRIBE_CHUNK):
-                    chunk = todo[i:i + SUBSCRIBE_CHUNK]
-                    with trio.fail_after(self._subscribe_timeout * 2):
-                        await ps.subscribe(*[channel_for(u) for u in chunk])
-                    done.update(chunk)
-            self._active = {u for u in done if u in self._held}
-            self._to_unsubscribe = {u for u in done if u not in self._held}
-            if self._to_unsubscribe:
-                self._unsub_wake.set()
-            self._ps = ps
-            self._n["sessions"] += 1
-            if self._n["sessions"] > 1:
-                log.log("info", "cluster_resubscribed", node=self.node_id,
-                        channels=len(self._active))
-            resync = sorted(self._active)
-            self._last_seq.clear()
-            if resync and self.on_resync is not None:
-                self._call(self.on_resync, resync)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._unsubscriber, ps)
-                while True:
-                    message = await ps.get_message()
-                    if message is not None:
-                        self._dispatch(message)
+        """One pub/sub session: subscribe everything held, then consume until an error.
+        Messages are dispatched in batches by the pub/sub's reader (``_on_batch``);
+        what arrives before the session is live waits until the resync is issued."""
+        live = False
+        early: list[Any] = []
+
+        def sink(messages: list[Any]) -> None:
+            if live:
+                self._on_batch(messages)
+            elif early is not None:
+                early.extend(messages)
+
+        try:
+            async with self._pubsub(sink) as ps:
+                done: set[str] = set()
+                while True:  # holds may arrive while we subscribe: loop until stable
+                    todo = [u for u in self._held if u not in done]
+                    if not todo:
+                        break
+                    for i in range(0, len(todo), SUBSCRIBE_CHUNK):
+                        chunk = todo[i:i + SUBSCRIBE_CHUNK]
+                        with trio.fail_after(self._subscribe_timeout * 2):
+                            await ps.subscribe(*[channel_for(u) for u in chunk])
+                        done.update(chunk)
+                self._active = {u for u in done if u in self._held}
+                self._to_unsubscribe = {u for u in done if u not in self._held}
+                if self._to_unsubscribe:
+                    self._unsub_wake.set()
+                self._ps = ps
+                self._n["sessions"] += 1
+                if self._n["sessions"] > 1:
+                    log.log("info", "cluster_resubscribed", node=self.node_id,
+                            channels=len(self._active))
+                resync = sorted(self._active)
+                self._last_seq.clear()
+                if resync and self.on_resync is not None:
+                    self._call(self.on_resync, resync)
+                live = True
+                if early:
+                    self._on_batch(early)
+                early.clear()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._unsubscriber, ps)
+                    await trio.sleep_forever()
+        finally:
+            live = False
+            early = None  # type: ignore[assignment]  # closing: drop what comes now
+
+    def _on_batch(self, messages: list[Any]) -> None:
+        for message in messages:
+            self._dispatch(message)
 
     def _dispatch(self, message: Any) -> None:
         kind = message.get("type")
