@@ -66,7 +66,7 @@ from coredis.retry import NoRetryPolicy
 
 from tidings import log
 from tidings.cluster.devices import devices_key, devices_online, write_devices
-from tidings.cluster.pubsub import BatchPubSub, BatchShardedPubSub
+from tidings.cluster.pubsub import batch_pubsub
 from tidings.routing.rooms import ROOM_KEY_PREFIX
 from tidings.store import StoredMessage, StoreUnavailable
 from tidings.store.redis import single_errors
@@ -342,14 +342,6 @@ class Cluster:
             await trio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, self._backoff_max)
 
-    def _pubsub(self, sink: Callable[[list[Any]], None]) -> Any:
-        kwargs = dict(ignore_subscribe_messages=False, retry_policy=NoRetryPolicy(),
-                      subscription_timeout=self._subscribe_timeout,
-                      max_idle_seconds=max(1.0, self.presence_ttl_s / 3), sink=sink)
-        if self._sharded:
-            return BatchShardedPubSub(self._r.connection_pool, **kwargs)
-        return BatchPubSub(self._r.connection_pool, **kwargs)
-
     async def _session(self) -> None:
         """One pub/sub session: subscribe everything held, then consume until an error.
         Messages are dispatched in batches by the pub/sub's reader (``_on_batch``);
@@ -364,7 +356,8 @@ class Cluster:
                 early.extend(messages)
 
         try:
-            async with self._pubsub(sink) as ps:
+            async with batch_pubsub(self._r, self._sharded, sink, self._subscribe_timeout,
+                                    max(1.0, self.presence_ttl_s / 3)) as ps:
                 done: set[str] = set()
                 while True:  # holds may arrive while we subscribe: loop until stable
                     todo = [u for u in self._held if u not in done]

@@ -33,8 +33,9 @@ from typing import Any
 import anyio
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.patterns.pubsub import PubSub, ShardedPubSub
+from coredis.retry import NoRetryPolicy
 
-__all__ = ["BatchPubSub", "BatchShardedPubSub", "Sink"]
+__all__ = ["BatchPubSub", "BatchShardedPubSub", "Sink", "batch_pubsub"]
 
 Sink = Callable[[list[Any]], None]
 _PUBLISHED = frozenset((b"message", b"smessage"))  # we subscribe without handlers
@@ -92,3 +93,13 @@ class BatchShardedPubSub(ShardedPubSub):  # type: ignore[type-arg]
         def checked_in() -> None:
             self._last_checkins[connection.location] = time.monotonic()
         await _drain(self, connection, checked_in)
+
+
+def batch_pubsub(client: Any, sharded: bool, sink: Sink, subscription_timeout: float,
+                 max_idle_seconds: float) -> Any:
+    """A batching pub/sub on ``client``'s pool (sharded: Redis Cluster), not retrying by
+    itself, with every subscribe acknowledgement reaching ``sink`` too."""
+    cls = BatchShardedPubSub if sharded else BatchPubSub
+    return cls(client.connection_pool, sink=sink, ignore_subscribe_messages=False,
+               retry_policy=NoRetryPolicy(), subscription_timeout=subscription_timeout,
+               max_idle_seconds=max_idle_seconds)

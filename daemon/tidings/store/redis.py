@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import coredis
@@ -171,22 +171,31 @@ class RedisStore(RedisDevices, RedisWebhooks):
     async def append(self, msgs: Sequence[NewMessage]) -> list[Appended]:
         """Store (and publish) ``msgs``; one result per message, in order.
 
-        Atomic per recipient, all recipients pipelined in one round trip.  Never raises
+        Atomic per recipient, all recipients in one round trip.  Never raises
         for store failures: a failed recipient group yields ``Appended(None, error)``
         for each of its messages; when the connection broke, a group's outcome is
         unknown and it is reported as failed (it may still have been stored and
         published).  On a closed store every message gets StoreUnavailable."""
-        if self._closed:
+        return await (await self.append_submit(msgs))()
+
+    async def append_submit(self, msgs: Sequence[NewMessage]
+                            ) -> Callable[[], Awaitable[list[Appended]]]:
+        """``append`` in two halves: this one sends the batch (standalone Redis: it is
+        queued on the connection when this returns, so batches submitted one after the
+        other run in that order) and returns the other, which waits for the results.
+        The hub's writer keeps two batches in flight this way."""
+        if self._closed or not msgs:
             error = StoreUnavailable("redis store is closed")
-            return [Appended(None, error) for _ in msgs]
-        if not msgs:
-            return []
+            done = [Appended(None, error) for _ in msgs]
+
+            async def closed() -> list[Appended]:
+                return done
+            return closed
         groups: dict[str, list[int]] = {}
         for i, m in enumerate(msgs):
             groups.setdefault(m.recipient, []).append(i)
         # standalone: one script call for the whole batch; cluster: one per recipient
         calls = [list(groups.items())] if not self.cluster else [[g] for g in groups.items()]
-        results: list[Appended | None] = [None] * len(msgs)
         window = self.key_window_ms
         head = [-1 if self.max_inbox is None else max(self.max_inbox, 0), self.publish,
                 window, window + KEY_TTL_EXTRA_MS]
@@ -208,7 +217,16 @@ class RedisStore(RedisDevices, RedisWebhooks):
             orders.append(order)
         lane_calls += self._index_writes([(m.msg_id, m.recipient) for m in msgs],
                                          self._limits.retention_days)
-        replies = await self._lane.run(lane_calls)
+        pending = await self._lane.submit(lane_calls)
+
+        async def results() -> list[Appended]:
+            return self._appended(msgs, orders, await pending.replies())
+        return results
+
+    def _appended(self, msgs: Sequence[NewMessage], orders: list[list[int]],
+                  replies: list[Any]) -> list[Appended]:
+        results: list[Appended | None] = [None] * len(msgs)
+        publish = self.publish
         for idx, reply in zip(orders, replies):
             if isinstance(reply, BaseException):  # the group's outcome is unknown
                 err = _unavailable(reply, "append")

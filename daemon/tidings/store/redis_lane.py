@@ -19,7 +19,9 @@ Contract:
   found did not run, so the lane loads the scripts again and resends exactly those
   calls, once.  Nothing is ever resent after it may have run.
 * Standalone Redis: the calls are queued on one multiplexed coredis connection and
-  flushed together (one write, one round trip).  Redis Cluster (``cluster=True``): a
+  flushed together (one write, one round trip).  :meth:`Lane.submit` returns once they
+  are queued, so a caller may submit the next batch before this one's replies are in
+  (the hub's writer keeps two appends in flight): Redis runs them in submit order.  Redis Cluster (``cluster=True``): a
   coredis cluster pipeline of ``EVALSHA`` commands (routed by their keys; a script
   touches one slot), also without ``SCRIPT EXISTS``.
 """
@@ -33,7 +35,7 @@ from typing import Any
 import attrs
 import coredis.exceptions
 
-__all__ = ["Call", "Lane", "Script"]
+__all__ = ["Call", "Lane", "Pending", "Script"]
 
 
 @attrs.frozen
@@ -80,27 +82,16 @@ class Lane:
             await self._r.script_load(s.source)
 
     async def run(self, calls: Sequence[Call]) -> list[Any]:
-        if not calls:
-            return []
-        replies = await self._send(calls)
-        missing = [i for i, r in enumerate(replies)
-                   if isinstance(r, coredis.exceptions.NoScriptError)]
-        if missing:
-            self.reloads += 1
-            try:
-                await self.load()
-            except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
-                for i in missing:
-                    replies[i] = exc
-                return replies
-            again = await self._send([calls[i] for i in missing])
-            for i, r in zip(missing, again):
-                replies[i] = r
-        return replies
+        """Send ``calls`` and wait for their replies (see the module docstring)."""
+        return await (await self.submit(calls)).replies()
 
-    async def _send(self, calls: Sequence[Call]) -> list[Any]:
+    async def submit(self, calls: Sequence[Call]) -> Pending:
+        """Queue ``calls`` for sending and return at once (standalone: they are on the
+        connection's write queue, in call order, when this returns; Redis runs them in
+        that order); ``await pending.replies()`` later.  Redis Cluster: waits for the
+        replies here (a cluster pipeline runs as a whole)."""
         if self._cluster:
-            return await self._send_cluster(calls)
+            return Pending(self, calls, None, await self._send_cluster(calls))
         pool = self._r.connection_pool
         requests: list[Any] = []
         try:
@@ -112,21 +103,10 @@ class Lane:
                     else:
                         requests.append(conn.create_request(
                             c.what.encode(), *c.keys, *c.args, decode=False))
-        except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
-            if not requests:
-                return [exc] * len(calls)
-            # some were queued: their replies (or their failure) still come
+        except _ERRORS as exc:
+            # those queued still get their replies (or their failure); the rest failed
             requests += [exc] * (len(calls) - len(requests))
-        out: list[Any] = []
-        for request in requests:
-            if isinstance(request, BaseException):
-                out.append(request)
-                continue
-            try:
-                out.append(await request)
-            except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
-                out.append(exc)
-        return out
+        return Pending(self, calls, requests, None)
 
     async def _send_cluster(self, calls: Sequence[Call]) -> list[Any]:
         try:
@@ -142,12 +122,58 @@ class Lane:
                         requests.append(pipe.pexpireat(c.keys[0], int(c.args[0])))
                     else:
                         raise ValueError(f"lane: unsupported command {c.what!r} (our bug)")
-        except (coredis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        except _ERRORS as exc:
             return [exc] * len(calls)
         out: list[Any] = []
         for request in requests:
             try:
                 out.append(await request)
-            except (coredis.exceptions.RedisError, OSError, TimeoutError, RuntimeError) as exc:
+            except (*_ERRORS, RuntimeError) as exc:  # RuntimeError: never executed
+                out.append(exc)
+        return out
+
+
+_ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
+
+
+class Pending:
+    """Submitted calls; :meth:`replies` waits for them (once)."""
+
+    def __init__(self, lane: Lane, calls: Sequence[Call], requests: list[Any] | None,
+                 replies: list[Any] | None) -> None:
+        self._lane, self._calls, self._requests, self._replies = lane, calls, requests, replies
+
+    async def replies(self) -> list[Any]:
+        """One reply (or exception) per call, in order; a ``NOSCRIPT`` is recovered by
+        loading the scripts and resending exactly the calls that were not run, once."""
+        replies = self._replies if self._replies is not None else await self._wait()
+        missing = [i for i, r in enumerate(replies)
+                   if isinstance(r, coredis.exceptions.NoScriptError)]
+        if missing:
+            lane = self._lane
+            lane.reloads += 1
+            try:
+                await lane.load()
+            except _ERRORS as exc:
+                for i in missing:
+                    replies[i] = exc
+                return replies
+            again = await (await lane.submit([self._calls[i] for i in missing]))._wait_any()
+            for i, r in zip(missing, again):
+                replies[i] = r
+        return replies
+
+    async def _wait_any(self) -> list[Any]:
+        return self._replies if self._replies is not None else await self._wait()
+
+    async def _wait(self) -> list[Any]:
+        out: list[Any] = []
+        for request in self._requests or ():
+            if isinstance(request, BaseException):
+                out.append(request)
+                continue
+            try:
+                out.append(await request)
+            except _ERRORS as exc:
                 out.append(exc)
         return out
