@@ -10,8 +10,8 @@ Every node runs one :class:`Cluster` (``open_cluster``).  It does three things:
    user's channel while it has at least one local connection of that user:
    ``await hold(user)`` when a connection registers (refcounted; the first one
    subscribes), ``release(user)`` when it leaves (the last one unsubscribes, in the
-   background).  One consumer task reads the subscription promptly (coredis buffers
-   without bound) and calls ``on_message(msg)`` synchronously with the
+   background).  The pub/sub's reader hands over what each socket read brought as one
+   batch (:mod:`tidings.cluster.pubsub`) and ``on_message(msg)`` is called synchronously with the
    ``StoredMessage`` (recipient = the user, its inbox seq, the stored body): the hub
    builds the frame (JSON or MessagePack) exactly as for a local append and routes it;
    ``route`` is non-blocking, so the buffer never grows.  Every message,
@@ -355,42 +355,42 @@ class Cluster:
             elif early is not None:
                 early.extend(messages)
 
-        try:
-            async with batch_pubsub(self._r, self._sharded, sink, self._subscribe_timeout,
-                                    max(1.0, self.presence_ttl_s / 3)) as ps:
-                done: set[str] = set()
-                while True:  # holds may arrive while we subscribe: loop until stable
-                    todo = [u for u in self._held if u not in done]
-                    if not todo:
-                        break
-                    for i in range(0, len(todo), SUBSCRIBE_CHUNK):
-                        chunk = todo[i:i + SUBSCRIBE_CHUNK]
-                        with trio.fail_after(self._subscribe_timeout * 2):
-                            await ps.subscribe(*[channel_for(u) for u in chunk])
-                        done.update(chunk)
-                self._active = {u for u in done if u in self._held}
-                self._to_unsubscribe = {u for u in done if u not in self._held}
-                if self._to_unsubscribe:
-                    self._unsub_wake.set()
-                self._ps = ps
-                self._n["sessions"] += 1
-                if self._n["sessions"] > 1:
-                    log.log("info", "cluster_resubscribed", node=self.node_id,
-                            channels=len(self._active))
-                resync = sorted(self._active)
-                self._last_seq.clear()
-                if resync and self.on_resync is not None:
-                    self._call(self.on_resync, resync)
-                live = True
-                if early:
-                    self._on_batch(early)
-                early.clear()
+        async with batch_pubsub(self._r, self._sharded, sink, self._subscribe_timeout,
+                                max(1.0, self.presence_ttl_s / 3)) as ps:
+            done: set[str] = set()
+            while True:  # holds may arrive while we subscribe: loop until stable
+                todo = [u for u in self._held if u not in done]
+                if not todo:
+                    break
+                for i in range(0, len(todo), SUBSCRIBE_CHUNK):
+                    chunk = todo[i:i + SUBSCRIBE_CHUNK]
+                    with trio.fail_after(self._subscribe_timeout * 2):
+                        await ps.subscribe(*[channel_for(u) for u in chunk])
+                    done.update(chunk)
+            self._active = {u for u in done if u in self._held}
+            self._to_unsubscribe = {u for u in done if u not in self._held}
+            if self._to_unsubscribe:
+                self._unsub_wake.set()
+            self._ps = ps
+            self._n["sessions"] += 1
+            if self._n["sessions"] > 1:
+                log.log("info", "cluster_resubscribed", node=self.node_id,
+                        channels=len(self._active))
+            resync = sorted(self._active)
+            self._last_seq.clear()
+            if resync and self.on_resync is not None:
+                self._call(self.on_resync, resync)
+            live = True
+            if early:
+                self._on_batch(early)
+            early.clear()
+            try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._unsubscriber, ps)
                     await trio.sleep_forever()
-        finally:
-            live = False
-            early = None  # type: ignore[assignment]  # closing: drop what comes now
+            finally:  # before coredis' cleanup reads the unsubscribe acknowledgements
+                live = False
+                early = None  # type: ignore[assignment]  # closing: drop what comes now
 
     def _on_batch(self, messages: list[Any]) -> None:
         for message in messages:

@@ -10,8 +10,10 @@ the same time instead of taking turns.  Order is kept: batches are submitted one
 the other by this one task (Redis runs them in that order), and each batch is answered
 only after the one before it (``_finish`` waits for its predecessor), so the acks, the
 local routing and the idempotency answers come in the same order as with one in flight.
-At most ``PIPELINE_DEPTH`` batches are out; on shutdown the writer waits for them before
-its last progress save.
+At most ``PIPELINE_DEPTH`` batches are out; the progress save due after a batch runs in
+the background then (one at a time; a save swaps the pending progress out before it
+awaits anything, so what arrives meanwhile goes with the next one).  On shutdown the
+writer waits for all of them before its last progress save.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Writer:
     _flush_due: bool
     _commit_seconds: float
     _stored: int
+    _saving = False  # a progress save runs in the background (pipelined writer)
     store: Any
     webhooks: Any
     config: Any
@@ -75,8 +78,13 @@ class Writer:
                     inflight.start_soon(self._finish, jobs, messages, results, started,
                                         prev, done, slots)
                     prev = done
-                if self._save_due():
+                if not self._save_due():
+                    continue
+                if submit is None:
                     await self._save_progress()
+                elif not self._saving:  # in the background: the next batch need not wait
+                    self._saving = True
+                    inflight.start_soon(self._save_in_background)
         if self._progress or self._cursor_waiters:
             await self._save_progress()
         if self.webhooks is not None:  # users who left and messages stored at shutdown
@@ -94,6 +102,12 @@ class Writer:
         started = time.monotonic()
         messages = [j.message for j in jobs]
         await self._answer(jobs, messages, await self.store.append(messages), started)
+
+    async def _save_in_background(self) -> None:
+        try:
+            await self._save_progress()
+        finally:
+            self._saving = False
 
     async def _finish(self, jobs: list[Any], messages: list[NewMessage],
                       results: Callable[[], Awaitable[list[Appended]]], started: float,
