@@ -21,7 +21,9 @@ Contract:
 * Standalone Redis: the calls are queued on one multiplexed coredis connection and
   flushed together (one write, one round trip).  :meth:`Lane.submit` returns once they
   are queued, so a caller may submit the next batch before this one's replies are in
-  (the hub's writer keeps two appends in flight): Redis runs them in submit order.  Redis Cluster (``cluster=True``): a
+  (the hub's writer keeps two appends in flight): Redis runs them in submit order,
+  because every submit goes to the same connection (pinned while it is usable; it stays
+  in coredis' pool, multiplexed with other commands).  Redis Cluster (``cluster=True``): a
   coredis cluster pipeline of ``EVALSHA`` commands (routed by their keys; a script
   touches one slot), also without ``SCRIPT EXISTS``.
 """
@@ -68,6 +70,7 @@ class Lane:
         self._r = client
         self._cluster = cluster
         self._scripts: dict[str, Script] = {}
+        self._conn: Any = None  # the connection every submit goes to while it lives
         #: NOSCRIPT recoveries (for tests and statistics).
         self.reloads = 0
 
@@ -92,21 +95,33 @@ class Lane:
         replies here (a cluster pipeline runs as a whole)."""
         if self._cluster:
             return Pending(self, calls, None, await self._send_cluster(calls))
-        pool = self._r.connection_pool
         requests: list[Any] = []
         try:
-            async with pool.acquire() as conn:
-                for c in calls:
-                    if isinstance(c.what, Script):
-                        requests.append(conn.create_request(
-                            b"EVALSHA", c.what.sha, len(c.keys), *c.keys, *c.args, decode=False))
-                    else:
-                        requests.append(conn.create_request(
-                            c.what.encode(), *c.keys, *c.args, decode=False))
+            conn = await self._connection()
+            for c in calls:
+                if isinstance(c.what, Script):
+                    requests.append(conn.create_request(
+                        b"EVALSHA", c.what.sha, len(c.keys), *c.keys, *c.args, decode=False))
+                else:
+                    requests.append(conn.create_request(
+                        c.what.encode(), *c.keys, *c.args, decode=False))
         except _ERRORS as exc:
             # those queued still get their replies (or their failure); the rest failed
             requests += [exc] * (len(calls) - len(requests))
         return Pending(self, calls, requests, None)
+
+    async def _connection(self) -> Any:
+        """The pinned connection (see the module docstring); a new one when it died.
+        Two tasks replacing it at once agree on the first one that finished."""
+        conn = self._conn
+        if conn is not None and conn.usable:
+            return conn
+        async with self._r.connection_pool.acquire() as fresh:
+            pass  # released at once: it stays shared (multiplexed) in coredis' pool
+        conn = self._conn
+        if conn is None or not conn.usable:
+            conn = self._conn = fresh
+        return conn
 
     async def _send_cluster(self, calls: Sequence[Call]) -> list[Any]:
         try:
