@@ -202,6 +202,17 @@ class RedisStore(RedisDevices, RedisWebhooks):
         lane_calls: list[Call] = []
         orders: list[list[int]] = []
         publish = self.publish
+        index = self._index_writes([(m.msg_id, m.recipient) for m in msgs],
+                                   self._limits.retention_days)
+        index_keys: list[str] = []
+        if not self.cluster:  # standalone: the index goes in the script call too
+            head.append(len(index))
+            for ix in index:
+                index_keys.append(ix.keys[0])
+                head += [ix.keys[0], ix.args[0], len(ix.args[1:]) // 2, *ix.args[1:]]
+            index = []
+        else:
+            head.append(0)
         for call in calls:
             args: list[Any] = list(head)
             order: list[int] = []
@@ -213,10 +224,11 @@ class RedisStore(RedisDevices, RedisWebhooks):
                     kf = "" if m.key is None else key_field(m.sender, m.key)
                     args += [m.msg_id, m.sender, m.body, m.ts, header, kf]
                 order += idx
-            lane_calls.append(Call(self._append_script, [_k(call[0][0], "u")], args))
+            lane_calls.append(Call(self._append_script, [_k(call[0][0], "u"), *index_keys], args))
             orders.append(order)
-        lane_calls += self._index_writes([(m.msg_id, m.recipient) for m in msgs],
-                                         self._limits.retention_days)
+        lane_calls += [c for ix in index
+                       for c in ([Call("HSET", ix.keys, ix.args[1:])]
+                                 + ([Call("PEXPIREAT", ix.keys, [ix.args[0]])] if ix.args[0] != "" else []))]
         pending = await self._lane.submit(lane_calls)
 
         async def results() -> list[Appended]:

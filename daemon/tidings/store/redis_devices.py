@@ -22,7 +22,8 @@ room's key for the keys of room sends, so all of it lives in that one slot)::
   on each write, so the keys of a room nobody prunes go too.
 * Old data: a user's cursor from before devices (the ``cursor`` field of its ``u`` hash)
   is read as the cursor of its ``default`` device until that device is saved.
-* The message index is written in the append's round trip (:mod:`tidings.store.redis_lane`), outside the script (on Redis
+* The message index is written by the append script on a standalone server (its hashes
+  passed as KEYS) and in the append's round trip on a Redis Cluster, outside the script (on Redis
   Cluster a script may touch one slot only): it may name a message that was not stored
   or was pruned since, so a lookup always confirms in the recipient's ``ids``.  Each day
   hash expires with the retention; with ``retention_days = 0`` the index keeps an entry
@@ -308,25 +309,21 @@ class RedisDevices:
 
     def _index_writes(self, placed: Sequence[tuple[str, str]],
                       retention_days: float | None) -> list[Call]:
-        """The message index's writes for ``(msg_id, recipient)`` pairs, as lane calls:
-        one HSET per index hash, which expires a day after the retention of its day."""
-        shards: dict[str, list[str]] = {}
-        days: dict[str, int | None] = {}
+        """The message index's writes for ``(msg_id, recipient)`` pairs: one call per
+        index hash, ``Call("HSET", [hash], [expire_at_ms or "", field, value, ...])``;
+        each hash expires a day after the retention of its day.  The append sends them
+        inside its script (standalone) or as HSET + PEXPIREAT (Redis Cluster)."""
+        shards: dict[str, list[Any]] = {}
         for msg_id, recipient in placed:
             shard = index_key(msg_id)
             fields = shards.get(shard)
             if fields is None:
-                fields = shards[shard] = []
-                days[shard] = index_day(msg_id)
+                day = index_day(msg_id)
+                at = (int((day + 2 + retention_days) * MS_PER_DAY)
+                      if retention_days and day is not None else "")
+                fields = shards[shard] = [at]
             fields += (msg_id, recipient)
-        calls = []
-        for shard, fields in shards.items():
-            calls.append(Call("HSET", [shard], fields))
-            day = days[shard]
-            if retention_days and day is not None:
-                calls.append(Call("PEXPIREAT", [shard],
-                                  [int((day + 2 + retention_days) * MS_PER_DAY)]))
-        return calls
+        return [Call("HSET", [shard], fields) for shard, fields in shards.items()]
 
     async def forget_keys(self, now_ms: int) -> None:
         """Forget the idempotency keys expired at ``now_ms`` (``prune`` calls it): every

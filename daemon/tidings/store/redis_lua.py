@@ -87,9 +87,12 @@ def decode_envelope(user: str, data: bytes) -> StoredMessage:
 
 # --------------------------------------------------------------------- Lua scripts
 
-# KEYS: only for routing (Redis Cluster: the `u` key of the single recipient).
+# KEYS: for routing (Redis Cluster: the `u` key of the single recipient), then on a
+# standalone server the message index hashes this call writes (see below).
 # ARGV: max_inbox (-1 = no limit), publish command ("" = none), the idempotency window
-# (ms, 0 = keys off), the keys' TTL (ms), then one group per recipient: tag, count, and
+# (ms, 0 = keys off), the keys' TTL (ms), the number of index groups (0 on a cluster:
+# there the index is written by separate commands), each: key, PEXPIREAT ms ("" =
+# none), field count, field/value pairs; then one group per recipient: tag, count, and
 # 6 args per message: msg_id, sender, body, ts, header, key field ("" = no key).
 # Every key is derived from the tag, so a standalone server runs a whole batch of many
 # recipients in one call; on a cluster each call carries one recipient (one slot).
@@ -101,7 +104,13 @@ APPEND_LUA = r"""
 local max_inbox, pub = tonumber(ARGV[1]), ARGV[2]
 local window, key_ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local out = {}
-local i = 5
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
+  local ix, at, nf = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  redis.call('HSET', ix, unpack(ARGV, i + 3, i + 2 + 2 * nf))
+  if at ~= '' then redis.call('PEXPIREAT', ix, at) end
+  i = i + 3 + 2 * nf
+end
 while i <= #ARGV do
   local tag, n, first = ARGV[i], tonumber(ARGV[i + 1]), i + 2
   i = first + n * 6
