@@ -8,8 +8,11 @@ Every message is stored once, in its recipient's slot.  The history of a convers
 (user, peer) is the merge of ``{peer}:from:user`` and ``{user}:from:peer`` -- two
 single-slot reads merged here, newest first.
 
-Appends: ``append_many`` groups a batch by recipient and runs ONE Lua script per
-recipient (a script may only touch one slot), all pipelined in one round trip.  For each
+Appends: ``append`` runs ONE Lua script call for the whole batch on a standalone server
+(which also writes the message index), one per recipient on a Redis Cluster (a script
+may only touch one slot); either way one round trip, sent by
+:mod:`tidings.store.redis_lane` (EVALSHA, NOSCRIPT recovery; ``append_submit`` lets the
+hub keep two batches in flight, run in submit order).  For each
 message the script atomically increments the recipient's seq, XADDs the inbox entry,
 indexes it for history, PUBLISHes ``b"<seq>\\n[msg_id, sender, ts]\\n<body>"`` on the
 recipient's channel (so "stored" and "published" cannot diverge) and trims the inbox to exactly
