@@ -6,6 +6,8 @@ single-node servers of bench/run.py (store=memory, store=sqlite):
 
     python bench/cluster_run.py                      # closed + open, 3 reps
     python bench/cluster_run.py --reps 2 --no-open   # closed loop only
+    python bench/cluster_run.py --variant before=/tmp/before \
+        --setups memory,sqlite,redis1@before,redis1,cluster2@before,cluster2   # before/after
 
 Setups
   memory    one node, store=memory (bench/run.py config)
@@ -15,7 +17,7 @@ Setups
   workers2  server.workers = 2 on one fixed port (SO_REUSEPORT), one Redis
 
 Every measurement starts a fresh redis-server (127.0.0.1, free port, temp dir,
-`--save "" --appendonly no`) and fresh tidings processes.  Server CPU = the tidings
+`--save "" --appendonly yes --appendfsync everysec`, as production runs it) and fresh tidings processes.  Server CPU = the tidings
 processes (both nodes, or the supervisor and its workers); Redis CPU is reported
 separately.  Raw results: bench/results/cluster-<timestamp>.json.
 """
@@ -58,7 +60,7 @@ class Redis:
         self.port = free_port()
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.tmp.name,
-             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=R.renice)
         deadline = time.monotonic() + 10
@@ -106,8 +108,8 @@ class Node(R.Server):
     """A tidings process with a custom config (cluster node or workers supervisor)."""
 
     def __init__(self, name: str, a: argparse.Namespace, redis_url: str, port: int = 0,
-                 workers: int = 1) -> None:
-        super().__init__("memory", a)
+                 workers: int = 1, variant: str = "") -> None:
+        super().__init__("memory@" + variant if variant else "memory", a)
         self.name, self.redis_url, self.fixed_port, self.workers = name, redis_url, port, workers
         self.listen_ports: list[int] = []
 
@@ -180,20 +182,22 @@ def measure(setup: str, mode: str, a: argparse.Namespace) -> dict:
     nodes: list[R.Server] = []
     spread_port = None
     try:
-        if setup in ("memory", "sqlite"):
+        kind, variant = R.split_server(setup)
+        if kind in ("memory", "sqlite"):
             nodes = [R.Server(setup, a).start()]
             urls = (nodes[0].url(), None)
         else:
             redis = Redis()
-            if setup == "redis1":
-                nodes = [Node("n1", a, redis.url).start()]
+            if kind == "redis1":
+                nodes = [Node("n1", a, redis.url, variant=variant).start()]
                 urls = (nodes[0].url(), None)
-            elif setup == "cluster2":
-                nodes = [Node("n1", a, redis.url).start(), Node("n2", a, redis.url).start()]
+            elif kind == "cluster2":
+                nodes = [Node("n1", a, redis.url, variant=variant).start(),
+                         Node("n2", a, redis.url, variant=variant).start()]
                 urls = (nodes[0].url(), nodes[1].url())
-            elif setup == "workers2":
+            elif kind == "workers2":
                 port = free_port()
-                nodes = [Node("w", a, redis.url, port=port, workers=2).start()]
+                nodes = [Node("w", a, redis.url, port=port, workers=2, variant=variant).start()]
                 urls = (nodes[0].url(), None)
                 spread_port = port
             else:
@@ -227,6 +231,11 @@ def measure(setup: str, mode: str, a: argparse.Namespace) -> dict:
     return res
 
 
+def label(setup: str) -> str:
+    kind, variant = R.split_server(setup)
+    return LABELS[kind] + (f" @{variant}" if variant else "")
+
+
 def table(rows: list[dict], setups: list[str], title: str) -> str:
     med, fmt = R.med, R.fmt
     by = {s: [r for r in rows if r["setup"] == s] for s in setups}
@@ -243,7 +252,7 @@ def table(rows: list[dict], setups: list[str], title: str) -> str:
         runs = [r["msgs_per_s"] for r in rs]
         us = med([(r["server_cores"] + r["redis_cores"]) * 1e6 / r["msgs_per_s"] for r in rs if r["msgs_per_s"]])
         out.append(
-            f"| {LABELS[s]} | {m:,.0f} | {min(runs):,}-{max(runs):,} "
+            f"| {label(s)} | {m:,.0f} | {min(runs):,}-{max(runs):,} "
             f"| {fmt(m / base['memory'] if base['memory'] else None)} | {fmt(m / base['sqlite'] if base['sqlite'] else None)} "
             f"| {fmt(med([r['p50_ms'] for r in rs]))} | {fmt(med([r['p99_ms'] for r in rs]))} "
             f"| {fmt(med([r['server_cores'] for r in rs]))} | {fmt(med([r['redis_cores'] for r in rs]))} "
@@ -285,8 +294,13 @@ def main() -> int:
     ap.add_argument("--quiet-wait", type=float, default=30.0)
     ap.add_argument("--start-retries", type=int, default=0)
     ap.add_argument("--start-retry-wait", type=float, default=5.0)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                    help="another checkout (its daemon/ first on PYTHONPATH): name setups "
+                         "<setup>@NAME, e.g. redis1@before (before/after in one run)")
     a = ap.parse_args()
     a.tidings_set = []
+    for spec in a.variant:
+        R.check_variant(R.add_variant(spec), [])
     if not shutil.which("redis-server"):
         raise SystemExit("redis-server not found")
     R.raise_nofile()

@@ -10,8 +10,8 @@ Every node runs one :class:`Cluster` (``open_cluster``).  It does three things:
    user's channel while it has at least one local connection of that user:
    ``await hold(user)`` when a connection registers (refcounted; the first one
    subscribes), ``release(user)`` when it leaves (the last one unsubscribes, in the
-   background).  One consumer task reads the subscription promptly (coredis buffers
-   without bound) and calls ``on_message(msg)`` synchronously with the
+   background).  The pub/sub's reader hands over what each socket read brought as one
+   batch (:mod:`tidings.cluster.pubsub`) and ``on_message(msg)`` is called synchronously with the
    ``StoredMessage`` (recipient = the user, its inbox seq, the stored body): the hub
    builds the frame (JSON or MessagePack) exactly as for a local append and routes it;
    ``route`` is non-blocking, so the buffer never grows.  Every message,
@@ -66,6 +66,7 @@ from coredis.retry import NoRetryPolicy
 
 from tidings import log
 from tidings.cluster.devices import devices_key, devices_online, write_devices
+from tidings.cluster.pubsub import batch_pubsub
 from tidings.routing.rooms import ROOM_KEY_PREFIX
 from tidings.store import StoredMessage, StoreUnavailable
 from tidings.store.redis import single_errors
@@ -341,17 +342,21 @@ class Cluster:
             await trio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, self._backoff_max)
 
-    def _pubsub(self) -> Any:
-        kwargs = dict(ignore_subscribe_messages=False, retry_policy=NoRetryPolicy(),
-                      subscription_timeout=self._subscribe_timeout,
-                      max_idle_seconds=max(1.0, self.presence_ttl_s / 3))
-        if self._sharded:
-            return self._r.sharded_pubsub(**kwargs)
-        return self._r.pubsub(**kwargs)
-
     async def _session(self) -> None:
-        """One pub/sub session: subscribe everything held, then consume until an error."""
-        async with self._pubsub() as ps:
+        """One pub/sub session: subscribe everything held, then consume until an error.
+        Messages are dispatched in batches by the pub/sub's reader (``_on_batch``);
+        what arrives before the session is live waits until the resync is issued."""
+        live = False
+        early: list[Any] = []
+
+        def sink(messages: list[Any]) -> None:
+            if live:
+                self._on_batch(messages)
+            elif early is not None:
+                early.extend(messages)
+
+        async with batch_pubsub(self._r, self._sharded, sink, self._subscribe_timeout,
+                                max(1.0, self.presence_ttl_s / 3)) as ps:
             done: set[str] = set()
             while True:  # holds may arrive while we subscribe: loop until stable
                 todo = [u for u in self._held if u not in done]
@@ -375,12 +380,21 @@ class Cluster:
             self._last_seq.clear()
             if resync and self.on_resync is not None:
                 self._call(self.on_resync, resync)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._unsubscriber, ps)
-                while True:
-                    message = await ps.get_message()
-                    if message is not None:
-                        self._dispatch(message)
+            live = True
+            if early:
+                self._on_batch(early)
+            early.clear()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._unsubscriber, ps)
+                    await trio.sleep_forever()
+            finally:  # before coredis' cleanup reads the unsubscribe acknowledgements
+                live = False
+                early = None  # type: ignore[assignment]  # closing: drop what comes now
+
+    def _on_batch(self, messages: list[Any]) -> None:
+        for message in messages:
+            self._dispatch(message)
 
     def _dispatch(self, message: Any) -> None:
         kind = message.get("type")

@@ -52,6 +52,7 @@ from tidings.routing.rooms import ROOM_KEY_PREFIX, RoomRefused, RoomTable, may_j
 from tidings.routing.router import Endpoint, Routed, Router
 from tidings.routing.watches import WatchTable
 from tidings.routing.sessions import SessionTable
+from tidings.server.writer import _WAKE, Writer
 from tidings.store import (
     InboxState, NewMessage, Progress, Store, StoredMessage, StoreError,
 )
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CursorOrigin", "Hub", "HubStatistics", "Member", "Origin"]
 
-_WAKE = object()
 #: The latency histogram observes one routed message in this many (an unbiased sample).
 LATENCY_SAMPLE_EVERY = 8
 #: Store failures are logged at most once per this many seconds (with a count).
@@ -137,7 +137,7 @@ class HubStatistics:
     commit_seconds: float = 0.0  # store.append time per batch, moving average (alpha 0.2)
 
 
-class Hub:
+class Hub(Writer):
     def __init__(self, config: Config, store: Store) -> None:
         """``store``: any engine.  ``cluster`` (set by the server when
         ``cluster.redis_url`` is set) carries live delivery between nodes."""
@@ -405,81 +405,6 @@ class Hub:
 
     def close_intake(self) -> None:
         self._jobs_tx.close()
-
-    async def _writer(self) -> None:
-        batch_max = self.config.store.batch_max
-        rx = self._jobs_rx
-        async for first in rx:
-            jobs = [] if first is _WAKE else [first]
-            while len(jobs) < batch_max:
-                try:
-                    job = rx.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                if job is not _WAKE:
-                    jobs.append(job)
-            if jobs:
-                await self._append(jobs)
-            if self._save_due():
-                await self._save_progress()
-        if self._progress or self._cursor_waiters:
-            await self._save_progress()
-        if self.webhooks is not None:  # users who left and messages stored at shutdown
-            await self.webhooks.flush()
-
-    def _save_due(self) -> bool:
-        """Cursors and last_seen are saved after every batch; delivered marks and first
-        answers ride along, or go alone when the flush timer says so."""
-        p = self._progress
-        return bool(p.cursors or p.last_seen or self._cursor_waiters
-                    or (self._flush_due and (p.delivered or p.answers)))
-
-    async def _append(self, jobs: list[_Job[Any]]) -> None:
-        """Store a batch; route and answer each message in order."""
-        started = time.monotonic()
-        messages = [j.message for j in jobs]
-        results = await self.store.append(messages)
-        self._commit_seconds += (time.monotonic() - started - self._commit_seconds) * 0.2
-        if self.webhooks is not None and self.webhooks.tracks_undelivered:
-            await self.webhooks.watch(messages, results)  # before the acks: see recorder
-        failed: StoreError | None = None
-        n_failed = 0
-        for job, result in zip(jobs, results, strict=True):
-            if result.error is not None:
-                failed, n_failed = result.error, n_failed + 1
-                job.origin.on_store_failed(job.ctx)
-                continue
-            m = job.message
-            if result.original is not None:  # the key named an earlier message
-                first = result.original
-                kid = (m.sender, m.recipient, m.key)
-                job.origin.on_duplicate(job.ctx, first.msg_id, result.seq,
-                                        self._progress.answers.get(kid, first.delivered))
-                continue
-            self._stored += 1
-            if result.receivers is None:  # ours to route; else it comes back via the cluster
-                delivered = self._route(m.msg_id, result.seq, m.sender, m.recipient, m.body, m.ts)
-                self._observe_latency(time.monotonic() - job.accepted)
-            else:
-                delivered = result.receivers
-            if m.key is not None:  # a duplicate answers what this answer says
-                self._progress.answers[(m.sender, m.recipient, m.key)] = delivered
-            job.origin.on_stored(job.ctx, m.msg_id, result.seq, delivered)
-        if failed is not None:
-            self._failed(n_failed, failed, "append")
-
-    async def _save_progress(self) -> None:
-        progress, waiters = self._progress, self._cursor_waiters
-        self._progress, self._cursor_waiters, self._flush_due = Progress(), [], False
-        try:
-            await self.store.save_progress(progress)
-        except StoreError as exc:
-            self._failed(len(progress.cursors) + len(progress.last_seen), exc, "cursors")
-            for origin, ctx, _seq in waiters:
-                origin.on_cursor_failed(ctx)
-            return
-        for origin, ctx, seq in waiters:
-            origin.on_cursor_saved(ctx, seq)
 
     def on_cluster_message(self, msg: StoredMessage) -> None:
         """A message published by any node (this one included) for a user or a room

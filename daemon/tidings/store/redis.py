@@ -8,8 +8,11 @@ Every message is stored once, in its recipient's slot.  The history of a convers
 (user, peer) is the merge of ``{peer}:from:user`` and ``{user}:from:peer`` -- two
 single-slot reads merged here, newest first.
 
-Appends: ``append_many`` groups a batch by recipient and runs ONE Lua script per
-recipient (a script may only touch one slot), all pipelined in one round trip.  For each
+Appends: ``append`` runs ONE Lua script call for the whole batch on a standalone server
+(which also writes the message index), one per recipient on a Redis Cluster (a script
+may only touch one slot); either way one round trip, sent by
+:mod:`tidings.store.redis_lane` (EVALSHA, NOSCRIPT recovery; ``append_submit`` lets the
+hub keep two batches in flight, run in submit order).  For each
 message the script atomically increments the recipient's seq, XADDs the inbox entry,
 indexes it for history, PUBLISHes ``b"<seq>\\n[msg_id, sender, ts]\\n<body>"`` on the
 recipient's channel (so "stored" and "published" cannot diverge) and trims the inbox to exactly
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import coredis
@@ -61,6 +64,7 @@ from tidings.store.records import (
 from tidings.store.redis_devices import (
     KEY_TTL_EXTRA_MS, RedisDevices, key_field, parse_original,
 )
+from tidings.store.redis_lane import Call, Lane
 from tidings.store.redis_webhooks import RedisWebhooks
 from tidings.store.redis_lua import (
     APPEND_LUA,
@@ -133,10 +137,11 @@ class RedisStore(RedisDevices, RedisWebhooks):
         #: Redis Cluster: one append script per recipient (scripts are single-slot).
         self.cluster = cluster
         self._closed = False
-        self._append = client.register_script(APPEND_LUA)
+        self._lane = Lane(client, cluster=cluster)
+        self._append_script = self._lane.script(APPEND_LUA)
         self._history = client.register_script(HISTORY_LUA)
         self._prune = client.register_script(PRUNE_LUA)
-        self._scripts = (self._append, self._history, self._prune,
+        self._scripts = (self._history, self._prune,
                          *self._register_device_scripts(client),
                          *self._register_webhook_scripts(client))
 
@@ -162,57 +167,84 @@ class RedisStore(RedisDevices, RedisWebhooks):
             await self._r.ping()
             for script in self._scripts:
                 await self._r.script_load(script.script)
+            await self._lane.load()
 
     # -- writes ----------------------------------------------------------------------
 
     async def append(self, msgs: Sequence[NewMessage]) -> list[Appended]:
         """Store (and publish) ``msgs``; one result per message, in order.
 
-        Atomic per recipient, all recipients pipelined in one round trip.  Never raises
+        Atomic per recipient, all recipients in one round trip.  Never raises
         for store failures: a failed recipient group yields ``Appended(None, error)``
         for each of its messages; when the connection broke, a group's outcome is
         unknown and it is reported as failed (it may still have been stored and
         published).  On a closed store every message gets StoreUnavailable."""
-        if self._closed:
+        return await (await self.append_submit(msgs))()
+
+    async def append_submit(self, msgs: Sequence[NewMessage]
+                            ) -> Callable[[], Awaitable[list[Appended]]]:
+        """``append`` in two halves: this one sends the batch (standalone Redis: it is
+        queued on the connection when this returns, so batches submitted one after the
+        other run in that order) and returns the other, which waits for the results.
+        The hub's writer keeps two batches in flight this way."""
+        if self._closed or not msgs:
             error = StoreUnavailable("redis store is closed")
-            return [Appended(None, error) for _ in msgs]
-        if not msgs:
-            return []
+            done = [Appended(None, error) for _ in msgs]
+
+            async def closed() -> list[Appended]:
+                return done
+            return closed
         groups: dict[str, list[int]] = {}
         for i, m in enumerate(msgs):
             groups.setdefault(m.recipient, []).append(i)
         # standalone: one script call for the whole batch; cluster: one per recipient
         calls = [list(groups.items())] if not self.cluster else [[g] for g in groups.items()]
-        results: list[Appended | None] = [None] * len(msgs)
         window = self.key_window_ms
         head = [-1 if self.max_inbox is None else max(self.max_inbox, 0), self.publish,
                 window, window + KEY_TTL_EXTRA_MS]
-        requests = []
-        try:
-            async with self._r.pipeline(transaction=False, raise_on_error=False) as pipe:
-                for call in calls:
-                    args: list[Any] = list(head)
-                    order: list[int] = []
-                    for user, idx in call:
-                        args += [user_tag(user), len(idx)]
-                        for i in idx:
-                            m = msgs[i]
-                            header = envelope_header(m) if self.publish else b""
-                            kf = "" if m.key is None else key_field(m.sender, m.key)
-                            args += [m.msg_id, m.sender, m.body, m.ts, header, kf]
-                        order += idx
-                    keys = [_k(call[0][0], "u")]
-                    requests.append((order, self._append(keys, args, client=pipe)))
-                self._index_writes(pipe, [(m.msg_id, m.recipient) for m in msgs],
+        lane_calls: list[Call] = []
+        orders: list[list[int]] = []
+        publish = self.publish
+        index = self._index_writes([(m.msg_id, m.recipient) for m in msgs],
                                    self._limits.retention_days)
-        except _TRANSIENT as exc:
-            err = _unavailable(exc, "append")
-            return [Appended(None, err) for _ in msgs]
-        for idx, request in requests:
-            try:
-                reply = await request
-            except (*_TRANSIENT, RuntimeError) as exc:  # RuntimeError: never executed
-                err = _unavailable(exc, "append")
+        index_keys: list[str] = []
+        if not self.cluster:  # standalone: the index goes in the script call too
+            head.append(len(index))
+            for ix in index:
+                index_keys.append(ix.keys[0])
+                head += [ix.keys[0], ix.args[0], len(ix.args[1:]) // 2, *ix.args[1:]]
+            index = []
+        else:
+            head.append(0)
+        for call in calls:
+            args: list[Any] = list(head)
+            order: list[int] = []
+            for user, idx in call:
+                args += [user_tag(user), len(idx)]
+                for i in idx:
+                    m = msgs[i]
+                    header = envelope_header(m) if publish else b""
+                    kf = "" if m.key is None else key_field(m.sender, m.key)
+                    args += [m.msg_id, m.sender, m.body, m.ts, header, kf]
+                order += idx
+            lane_calls.append(Call(self._append_script, [_k(call[0][0], "u"), *index_keys], args))
+            orders.append(order)
+        lane_calls += [c for ix in index
+                       for c in ([Call("HSET", ix.keys, ix.args[1:])]
+                                 + ([Call("PEXPIREAT", ix.keys, [ix.args[0]])] if ix.args[0] != "" else []))]
+        pending = await self._lane.submit(lane_calls)
+
+        async def results() -> list[Appended]:
+            return self._appended(msgs, orders, await pending.replies())
+        return results
+
+    def _appended(self, msgs: Sequence[NewMessage], orders: list[list[int]],
+                  replies: list[Any]) -> list[Appended]:
+        results: list[Appended | None] = [None] * len(msgs)
+        publish = self.publish
+        for idx, reply in zip(orders, replies):
+            if isinstance(reply, BaseException):  # the group's outcome is unknown
+                err = _unavailable(reply, "append")
                 for i in idx:
                     results[i] = Appended(None, err)
                 continue
@@ -226,7 +258,7 @@ class RedisStore(RedisDevices, RedisWebhooks):
                     results[i] = Appended(None, DuplicateMessage(
                         f"duplicate msg_id {msgs[i].msg_id!r} for {msgs[i].recipient!r}"))
                     continue
-                results[i] = Appended(seq, None, int(reply[3 * j + 1]) if self.publish else None)
+                results[i] = Appended(seq, None, int(reply[3 * j + 1]) if publish else None)
         return [r if r is not None else Appended(None, StoreUnavailable("lost"))
                 for r in results]
 

@@ -22,7 +22,8 @@ room's key for the keys of room sends, so all of it lives in that one slot)::
   on each write, so the keys of a room nobody prunes go too.
 * Old data: a user's cursor from before devices (the ``cursor`` field of its ``u`` hash)
   is read as the cursor of its ``default`` device until that device is saved.
-* The message index is written in the append's pipeline, outside the script (on Redis
+* The message index is written by the append script on a standalone server (its hashes
+  passed as KEYS) and in the append's round trip on a Redis Cluster, outside the script (on Redis
   Cluster a script may touch one slot only): it may name a message that was not stored
   or was pruned since, so a lookup always confirms in the recipient's ``ids``.  Each day
   hash expires with the retention; with ``retention_days = 0`` the index keeps an entry
@@ -38,6 +39,7 @@ from typing import Any
 from tidings.store.records import (
     DEFAULT_DEVICE, MS_PER_DAY, DeviceState, InboxState, Original, Progress, StoredMessage,
 )
+from tidings.store.redis_lane import Call
 from tidings.store.redis_lua import KEY_PREFIX, key
 
 __all__ = [
@@ -227,6 +229,7 @@ class RedisDevices:
         self._state = client.register_script(STATE_LUA)
         self._devices = client.register_script(DEVICES_LUA)
         self._progress = client.register_script(PROGRESS_LUA)
+        self._progress_script = self._lane.script(PROGRESS_LUA)  # type: ignore[attr-defined]
         self._claim = client.register_script(CLAIM_LUA)
         self._forget_keys = client.register_script(FORGET_KEYS_LUA)
         return (self._state, self._devices, self._progress, self._claim, self._forget_keys)
@@ -267,17 +270,15 @@ class RedisDevices:
             owner(user).seen = str(int(ts))
         for (sender, target, k), n in progress.answers.items():
             owner(target).answers += [key_field(sender, k), int(n)]
+        calls = [Call(self._progress_script,
+                      [key(name, "u"), key(name, "dev"), key(name, "keys")],
+                      [o.seen, len(o.cursors) // 2, len(o.delivered) // 2, len(o.answers) // 2,
+                       *o.cursors, *o.delivered, *o.answers])
+                 for name, o in owners.items()]
         with self._errors("save_progress"):  # type: ignore[attr-defined]
-            async with self._r.pipeline(transaction=False) as pipe:
-                requests = [
-                    self._progress(
-                        [key(name, "u"), key(name, "dev"), key(name, "keys")],
-                        [o.seen, len(o.cursors) // 2, len(o.delivered) // 2, len(o.answers) // 2,
-                         *o.cursors, *o.delivered, *o.answers],
-                        client=pipe)
-                    for name, o in owners.items()]
-            for request in requests:
-                await request
+            for reply in await self._lane.run(calls):  # type: ignore[attr-defined]
+                if isinstance(reply, BaseException):
+                    raise reply
 
     async def claim_key(self, sender: str, target: str, k: str, msg_id: str,
                         ts: int) -> Original | None:
@@ -306,21 +307,23 @@ class RedisDevices:
             entries = await self._r.xrange(key(user, "inbox"), entry, entry)
         return self._entry(user, entries[0]) if entries else None  # type: ignore[attr-defined]
 
-    def _index_writes(self, pipe: Any, placed: Sequence[tuple[str, str]],
-                      retention_days: float | None) -> None:
-        """Queue the message index's writes for ``(msg_id, recipient)`` pairs on ``pipe``:
-        one HSET per index hash, which expires a day after the retention of its day."""
-        shards: dict[str, dict[str, str]] = {}
-        days: dict[str, int | None] = {}
+    def _index_writes(self, placed: Sequence[tuple[str, str]],
+                      retention_days: float | None) -> list[Call]:
+        """The message index's writes for ``(msg_id, recipient)`` pairs: one call per
+        index hash, ``Call("HSET", [hash], [expire_at_ms or "", field, value, ...])``;
+        each hash expires a day after the retention of its day.  The append sends them
+        inside its script (standalone) or as HSET + PEXPIREAT (Redis Cluster)."""
+        shards: dict[str, list[Any]] = {}
         for msg_id, recipient in placed:
             shard = index_key(msg_id)
-            shards.setdefault(shard, {})[msg_id] = recipient
-            days[shard] = index_day(msg_id)
-        for shard, fields in shards.items():
-            pipe.hset(shard, fields)
-            day = days[shard]
-            if retention_days and day is not None:
-                pipe.pexpireat(shard, int((day + 2 + retention_days) * MS_PER_DAY))
+            fields = shards.get(shard)
+            if fields is None:
+                day = index_day(msg_id)
+                at = (int((day + 2 + retention_days) * MS_PER_DAY)
+                      if retention_days and day is not None else "")
+                fields = shards[shard] = [at]
+            fields += (msg_id, recipient)
+        return [Call("HSET", [shard], fields) for shard, fields in shards.items()]
 
     async def forget_keys(self, now_ms: int) -> None:
         """Forget the idempotency keys expired at ``now_ms`` (``prune`` calls it): every

@@ -87,21 +87,31 @@ def decode_envelope(user: str, data: bytes) -> StoredMessage:
 
 # --------------------------------------------------------------------- Lua scripts
 
-# KEYS: only for routing (Redis Cluster: the `u` key of the single recipient).
+# KEYS: for routing (Redis Cluster: the `u` key of the single recipient), then on a
+# standalone server the message index hashes this call writes (see below).
 # ARGV: max_inbox (-1 = no limit), publish command ("" = none), the idempotency window
-# (ms, 0 = keys off), the keys' TTL (ms), then one group per recipient: tag, count, and
+# (ms, 0 = keys off), the keys' TTL (ms), the number of index groups (0 on a cluster:
+# there the index is written by separate commands), each: key, PEXPIREAT ms ("" =
+# none), field count, field/value pairs; then one group per recipient: tag, count, and
 # 6 args per message: msg_id, sender, body, ts, header, key field ("" = no key).
 # Every key is derived from the tag, so a standalone server runs a whole batch of many
 # recipients in one call; on a cluster each call carries one recipient (one slot).
 # Returns {seq1, receivers1, first1, seq2, ...} in argument order: first is "" or, for a
 # live key, its stored value (see tidings.store.redis_devices; that message is not
 # stored; seq -2); seq -1 marks a msg_id this recipient already has (not stored either).
-# A key is checked first, then the msg_id.
+# A key is checked first, then the msg_id (HSETNX on ids: the check and the write in one
+# command).  The recipient's seq is read once per group and written once at its end.
 APPEND_LUA = r"""
 local max_inbox, pub = tonumber(ARGV[1]), ARGV[2]
 local window, key_ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local out = {}
-local i = 5
+local i = 6
+for _ = 1, tonumber(ARGV[5]) do
+  local ix, at, nf = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  redis.call('HSET', ix, unpack(ARGV, i + 3, i + 2 + 2 * nf))
+  if at ~= '' then redis.call('PEXPIREAT', ix, at) end
+  i = i + 3 + 2 * nf
+end
 while i <= #ARGV do
   local tag, n, first = ARGV[i], tonumber(ARGV[i + 1]), i + 2
   i = first + n * 6
@@ -109,6 +119,8 @@ while i <= #ARGV do
   local u, inbox, ids, from, channel =
     base .. 'u', base .. 'inbox', base .. 'ids', base .. 'from:', base .. 'ch'
   local keys, keyts = base .. 'keys', base .. 'keyts'
+  local last = tonumber(redis.call('HGET', u, 'seq')) or 0
+  local seq = last
   for k = 0, n - 1 do
     local b = first + k * 6
     local id, sender, body, ts = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
@@ -124,15 +136,14 @@ while i <= #ARGV do
       out[#out + 1] = -2
       out[#out + 1] = 0
       out[#out + 1] = live
-    elseif redis.call('HEXISTS', ids, id) == 1 then
+    elseif redis.call('HSETNX', ids, id, string.format('%d', seq + 1)) == 0 then
       out[#out + 1] = -1
       out[#out + 1] = 0
       out[#out + 1] = ''
     else
-      local seq = redis.call('HINCRBY', u, 'seq', 1)
+      seq = seq + 1
       local s = string.format('%d', seq)
       redis.call('XADD', inbox, s .. '-0', 'm', id, 'f', sender, 'b', body, 't', ts)
-      redis.call('HSET', ids, id, s)
       redis.call('ZADD', from .. sender, 0, id)
       local receivers = 0
       if pub ~= '' then
@@ -149,6 +160,7 @@ while i <= #ARGV do
       out[#out + 1] = ''
     end
   end
+  if seq ~= last then redis.call('HSET', u, 'seq', string.format('%d', seq)) end
   if max_inbox >= 0 then
     local excess = redis.call('XLEN', inbox) - max_inbox
     if excess > 0 then
