@@ -326,6 +326,24 @@ class Server:
         return rc
 
 
+def listening_port(p: subprocess.Popen) -> int:
+    """The port a child server (started with text stderr and stdout pipes) logs as
+    ``event=listening ... port=N`` within 60 s; its stderr is drained from then on."""
+    assert p.stdin and p.stdout and p.stderr
+    port = None
+    t0 = time.monotonic()
+    while port is None and time.monotonic() - t0 < 60:
+        line = p.stderr.readline()
+        if not line:
+            break
+        if "event=listening" in line:
+            port = int(line.split(" port=")[1].split()[0])
+    if port is None:
+        raise SystemExit("server did not start")
+    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()  # drain
+    return port
+
+
 def tidings_cmd() -> list[str]:
     """The daemon's command line; which code it runs is PYTHONPATH's business (``variant_env``)."""
     return [sys.executable, "-m", "tidings"]

@@ -37,7 +37,6 @@ BENCH = Path(__file__).resolve().parent
 def child(config_path: str) -> None:
     """The daemon plus the probes; a JSON report on stdout for each 'report' line."""
     import gc
-    from functools import partial
 
     import trio
 
@@ -150,18 +149,7 @@ def parent(a: argparse.Namespace) -> None:
     env = dict(os.environ, LOOPLAG_TRACE_DB="1") if a.trace_db else None
     p = subprocess.Popen([sys.executable, __file__, "--child", str(cfg)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    assert p.stdin and p.stdout and p.stderr
-    port = None
-    t0 = time.monotonic()
-    while port is None and time.monotonic() - t0 < 60:
-        line = p.stderr.readline()
-        if not line:
-            break
-        if "event=listening" in line:
-            port = int(line.split(" port=")[1].split()[0])
-    if port is None:
-        raise SystemExit("server did not start")
-    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()  # drain
+    port = harness.listening_port(p)
     ns = argparse.Namespace(procs=1, pairs=a.pairs, rate=a.rate, size=a.size, duration=a.duration,
                             warmup=a.warmup, client_ack=a.client_ack)
 

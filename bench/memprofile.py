@@ -86,18 +86,7 @@ def parent(a: argparse.Namespace) -> None:
     harness.raise_nofile()
     p = subprocess.Popen([sys.executable, "-X", f"tracemalloc={a.frames}", __file__, "--child", *target],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdin and p.stdout and p.stderr
-    port = None
-    t0 = time.monotonic()
-    while port is None and time.monotonic() - t0 < 60:
-        line = p.stderr.readline()
-        if not line:
-            break
-        if "event=listening" in line:
-            port = int(line.split(" port=")[1].split()[0])
-    if port is None:
-        raise SystemExit("server did not start")
-    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()  # drain
+    port = harness.listening_port(p)
     url = f"ws://127.0.0.1:{port}/ws"
     loadgen = ["node", str(BENCH / "loadgen.mjs"), "--mode", "idle", "--url", url]
     subprocess.run([*loadgen, "--conns", "50", "--hold", "0"], capture_output=True, cwd=BENCH, timeout=300)

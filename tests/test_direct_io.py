@@ -13,18 +13,11 @@ import trio
 import trio.testing
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
-from inprocess import capture_log, make_config, running_hub
+from inprocess import capture_log, running_hub
+from test_keepalive import IDLE_TIMEOUT, config
 from tidings import log
 from tidings.server import outbound
 from tidings.server.daemon import PING_FRAME
-
-INTERVAL = 20.0
-IDLE_TIMEOUT = 60.0
-
-
-def config():
-    return make_config(server={"ping_interval_s": INTERVAL, "idle_timeout_s": IDLE_TIMEOUT})
-
 
 async def next_control(client) -> object:
     while True:
