@@ -187,6 +187,23 @@ def test_index_pending_takes_at_most_a_chunk(db, chunk):
     assert fts_matches(db, "tea") == 5
 
 
+def test_indexing_leaves_segment_merges_to_merge_index(db):
+    """FTS5's automerge is off: it merged inside index_pending's transactions (up to
+    15 ms of the loop each, docs/performance.md); merge_index merges in small steps."""
+    with db._read() as c:
+        assert c.execute("SELECT v FROM messages_fts_config WHERE k = 'automerge'").fetchone() == (0,)
+    for i in range(8):  # 8 one-segment transactions: automerge would have merged at 4
+        db.append_many([msg("a", "b", f"tea {i}")])
+        assert db.index_pending() == 1
+    before = rows(db, "messages_fts_data")
+    steps = 0
+    while db.merge_index(1):
+        steps += 1
+    assert steps >= 1 and rows(db, "messages_fts_data") < before
+    assert fts_matches(db, "tea") == 8
+    fts_integrity_check(db)
+
+
 def test_prune_indexes_pending_rows_before_deleting_them(tmp_path):
     d = SqliteDatabase.open(tmp_path / "t.db", max_inbox=3)
     d.append_many([msg("a", "b", f"hello {i}") for i in range(10)])  # none indexed yet
@@ -291,6 +308,24 @@ async def test_a_wal_past_the_limit_is_restarted_with_writes_held(tmp_path, monk
         assert store._held is None
         await store.append([msg("a", "b")])  # the first write after starts the WAL over
         assert original()[0] * pages < limit
+    finally:
+        await store.aclose()
+
+
+async def test_checkpoint_merges_the_index_in_bounded_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_mod, "MERGE_PAGES", 1)
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    try:
+        for i in range(8):  # 8 index segments
+            await store.append([msg("a", "b", f"tea {i}")])
+            assert store.db.index_pending() == 1
+        calls: list[tuple[int, bool]] = []
+        original = store.db.merge_index
+        store.db.merge_index = lambda pages: (calls.append((pages, r := original(pages))), r)[1]
+        await store.checkpoint()
+        assert len(calls) >= 2 and all(p == 1 for p, _ in calls)  # one small step each
+        assert [r for _, r in calls] == [True] * (len(calls) - 1) + [False]  # until done
+        assert len((await store.search("a", "tea", 10))[0]) == 8
     finally:
         await store.aclose()
 
