@@ -4,6 +4,7 @@ is reaped, and that an idle connection keeps no writer task after its ping."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 from wsproto.events import CloseConnection, Ping
@@ -46,14 +47,18 @@ async def test_a_quiet_peer_is_pinged_in_the_last_eighth_of_the_interval(autojum
         assert len({round(t) for t in pinged}) > 1, "every connection pinged in the same second"
 
 
-async def test_a_pong_keeps_the_connection_and_a_silent_peer_is_reaped(autojump_clock):
+@pytest.mark.parametrize("socket", [False, True], ids=["memory-stream", "socket"])
+async def test_a_pong_keeps_the_connection_and_a_silent_peer_is_reaped(autojump_clock, socket):
+    """Over a real socket pings are written directly: no writer task is started for one."""
     async with running_hub(config()) as h:
         h.nursery.start_soon(h.server.housekeeper)
-        answering = await h.connect("user=answers")
-        silent = await h.connect("user=silent")
+        answering = await h.connect("user=answers", socket=socket)
+        silent = await h.connect("user=silent", socket=socket)
+        conn = h.connection("answers")
         start = trio.current_time()
         for _ in range(4):  # 4 pings answered: well past the idle timeout
             await next_ping(answering)
+            assert not (socket and conn._writer_running)
             await answering.stream.send_all(answering.ws.send(Ping(b"tidings").response()))
         assert trio.current_time() - start > IDLE_TIMEOUT
         assert h.hub.sessions.count("answers") == 1
