@@ -66,10 +66,11 @@ async def test_close_without_an_answer_ends_after_the_close_timeout(autojump_clo
         assert trio.current_time() - t0 == pytest.approx(CLOSE_TIMEOUT)
 
 
-async def test_peer_close_is_echoed_at_once(autojump_clock):
+@pytest.mark.parametrize("socket", [False, True], ids=["memory-stream", "socket"])
+async def test_peer_close_is_echoed_at_once(autojump_clock, socket):
     with trio.fail_after(CLOSE_TIMEOUT / 2):
         async with running_hub() as h:
-            c = await h.connect("user=polite")
+            c = await h.connect("user=polite", socket=socket)
             await c.stream.send_all(c.ws.send(CloseConnection(1000, "bye")))
             frames, close = await c.receive_until_close()
             assert frames == [] and close.code == 1000
