@@ -19,7 +19,8 @@ from store_harness import ENGINES, Engine, engine, ids, msg, outcomes  # noqa: F
 from store_model import KEY_WINDOW, MAX_INBOX, OPS, check_against_model
 
 from tidings.store import (
-    Appended, BadQuery, DeviceState, DuplicateMessage, InboxState, Original, Progress,
+    Appended, BadQuery, DeviceState, DuplicateMessage, InboxState, Original, PipelinedStore,
+    Progress,
     StoreLimits, StoreUnavailable, UnknownMessage, Unsupported,
 )
 from tidings.store.records import MS_PER_DAY
@@ -475,3 +476,10 @@ def test_every_engine_answers_like_the_model(engine, ops, max_inbox, key_window_
     trio.run(lambda: check_against_model(
         engine.open, ops, max_inbox, searchable=engine.searchable,
         prune_deletes_hidden=engine.name == "sqlite", key_window_ms=key_window_ms))
+
+
+async def test_only_redis_pipelines_its_appends(engine):
+    """The hub's writer keeps batches in flight only on a PipelinedStore (server/writer.py):
+    redis declares it; memory and SQLite append batch by batch."""
+    async with engine.open() as s:
+        assert isinstance(s, PipelinedStore) == (s.name == "redis")

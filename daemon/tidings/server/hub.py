@@ -52,7 +52,7 @@ from tidings.routing.rooms import ROOM_KEY_PREFIX, RoomRefused, RoomTable, may_j
 from tidings.routing.router import Endpoint, Routed, Router
 from tidings.routing.watches import WatchTable
 from tidings.routing.sessions import SessionTable
-from tidings.server.writer import _WAKE, Writer
+from tidings.server.writer import WAKE, Writer
 from tidings.store import (
     InboxState, NewMessage, Progress, Store, StoredMessage, StoreError,
 )
@@ -379,7 +379,7 @@ class Hub(Writer):
 
     def _wake_writer(self) -> None:
         try:
-            self._jobs_tx.send_nowait(_WAKE)
+            self._jobs_tx.send_nowait(WAKE)
         except (trio.WouldBlock, trio.ClosedResourceError):
             pass  # the writer is busy (it saves them after its batch) or shut down
 

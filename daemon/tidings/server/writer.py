@@ -4,7 +4,7 @@ One task takes everything queued (up to ``store.batch_max``), hands it to the st
 one ``append``, then routes and answers the batch in order, and saves the coalesced
 progress (cursors, last_seen, delivered marks) after it (see the hub's docstring).
 
-Two batches in flight: an engine that has ``append_submit`` (redis) lets the writer
+Two batches in flight: a :class:`~tidings.store.PipelinedStore` (redis) lets the writer
 send batch k+1 while batch k's round trip is still out, so Redis and the node work at
 the same time instead of taking turns.  Order is kept: batches are submitted one after
 the other by this one task (Redis runs them in that order), and each batch is answered
@@ -24,12 +24,13 @@ from typing import Any
 
 import trio
 
-from tidings.store import Appended, NewMessage, Progress, StoreError
+from tidings.store import Appended, NewMessage, PipelinedStore, Progress, StoreError
 
-__all__ = ["PIPELINE_DEPTH", "Writer"]
+__all__ = ["PIPELINE_DEPTH", "WAKE", "Writer"]
 
-_WAKE = object()
-#: Batches a store with ``append_submit`` may have in flight at once.
+#: Put on the hub's job channel to wake the writer without a job (e.g. a progress save is due).
+WAKE = object()
+#: Batches a PipelinedStore may have in flight at once.
 PIPELINE_DEPTH = 2
 
 
@@ -54,18 +55,18 @@ class Writer:
     async def _writer(self) -> None:
         batch_max = self.config.store.batch_max
         rx = self._jobs_rx
-        submit = getattr(self.store, "append_submit", None)
+        submit = self.store.append_submit if isinstance(self.store, PipelinedStore) else None
         slots = trio.Semaphore(PIPELINE_DEPTH)
         prev: trio.Event | None = None
         async with trio.open_nursery() as inflight:
             async for first in rx:
-                jobs = [] if first is _WAKE else [first]
+                jobs = [] if first is WAKE else [first]
                 while len(jobs) < batch_max:
                     try:
                         job = rx.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    if job is not _WAKE:
+                    if job is not WAKE:
                         jobs.append(job)
                 if jobs and submit is None:
                     await self._append(jobs)

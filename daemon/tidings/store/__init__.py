@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tidings.store.base import Store, StoreLimits
+from tidings.store.base import PipelinedStore, Store, StoreLimits
 from tidings.store.memory import MemoryStore
 from tidings.store.records import (
     DEFAULT_DEVICE, Appended, BadQuery, DeviceState, DuplicateMessage, InboxState, NewMessage,
@@ -27,7 +27,7 @@ from tidings.store.records import (
 
 __all__ = [
     "DEFAULT_DEVICE", "Appended", "BadQuery", "DeviceState", "DuplicateMessage", "InboxState",
-    "MemoryStore", "NewMessage", "Original", "Progress", "Store", "StoreError", "StoreLimits",
+    "MemoryStore", "NewMessage", "Original", "PipelinedStore", "Progress", "Store", "StoreError", "StoreLimits",
     "StoreUnavailable", "StoredMessage", "UnknownMessage", "Unsupported", "limits_of",
     "open_store",
 ]

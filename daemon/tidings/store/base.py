@@ -70,8 +70,8 @@ unknown; the hub never cancels them except at shutdown).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -80,7 +80,7 @@ from tidings.store.records import (
     Progress, StoredMessage, UndeliveredCheck, WebhookEvent,
 )
 
-__all__ = ["Store", "StoreLimits"]
+__all__ = ["PipelinedStore", "Store", "StoreLimits"]
 
 
 @attrs.frozen
@@ -133,3 +133,15 @@ class Store(Protocol):
     async def acked_by_any_device(self, pairs: Sequence[tuple[str, int]]) -> list[bool]: ...
     async def undelivered_settle(self, checks: Sequence[UndeliveredCheck],
                                  events: Sequence[WebhookEvent | None]) -> int: ...
+
+
+@runtime_checkable
+class PipelinedStore(Store, Protocol):
+    """An engine whose append can be split in two halves (redis): ``append_submit`` sends
+    the batch and returns once it is queued, so batches submitted one after the other run
+    in that order; the callable it returns waits for that batch's results (what
+    ``append`` would have returned).  The hub's writer keeps batches in flight this way
+    (server/writer.py); with any other engine it awaits ``append`` batch by batch."""
+
+    async def append_submit(self, msgs: Sequence[NewMessage]
+                            ) -> Callable[[], Awaitable[list[Appended]]]: ...
