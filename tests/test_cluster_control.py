@@ -187,6 +187,9 @@ async def test_a_dead_member_is_swept_within_the_ttl(redis_server):
             ca.local_presence("dave", True)
             cb.local_presence("dave", True)
             await until(lambda: _eq(holders(r, "dave"), 2), what="dave on both")
+            # A must have published bob's online: killed between its write and its
+            # publish, nobody would have heard bob go online, nor hear him go offline
+            await until(lambda: _true(b.events == [("bob", True)]), what="bob online on B")
             dead = ca.member
             nursery.cancel_scope.cancel()  # "kill -9"
         t0 = time.monotonic()
