@@ -283,13 +283,16 @@ def profile_servers(servers: list[str], a: argparse.Namespace) -> str:
     if not shutil.which("py-spy"):
         return "(--profile: py-spy not installed: `pip install py-spy`)\n"
     RESULTS.mkdir(exist_ok=True)
-    out = ["### Profiles (closed loop, py-spy, not counted)", ""]
+    scenario = a.profile_scenario
+    out = [f"### Profiles ({scenario} loop, py-spy, not counted)", ""]
     for name in servers:
         path = RESULTS / f"profile-{name.replace('@', '-')}-{time.strftime('%Y%m%d-%H%M%S')}.raw"
         wait_quiet(a.quiet_threshold, a.quiet_wait)
         srv = Server(name, a).start()
         try:
-            res = run_loadgen(srv, loadgen_args_closed(a), a.warmup, a.duration, profile=path)
+            args = (loadgen_args_closed(a) if scenario == "closed"
+                    else loadgen_args_open(a, a.rate))
+            res = run_loadgen(srv, args, a.warmup, a.duration, profile=path)
             time.sleep(2)
         finally:
             srv.stop()
@@ -605,6 +608,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true",
                     help="after the scenarios, one extra closed-loop run per server under py-spy "
                          "(not counted); raw stacks in bench/results/, top frames printed")
+    ap.add_argument("--profile-scenario", choices=("closed", "open"), default="closed",
+                    help="--profile: the loop profiled (open: at the first --rate)")
     ap.add_argument("--nice", type=int, default=0,
                     help="niceness for servers and generators (e.g. -10, needs root): on a shared box "
                          "this keeps other people's work from skewing the numbers; recorded in the output")
