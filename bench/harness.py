@@ -437,7 +437,8 @@ def drive_loadgen(url: str, server_cpu: Callable[[], float], lg_args: list[str],
         if profile is not None and profile_pid is not None:
             # py-spy samples from its own process (~100 Hz): small but non-zero cost, so
             # profiled runs are never counted in the tables
-            subprocess.Popen(["py-spy", "record", "--pid", str(profile_pid), "--duration",
+            subprocess.Popen(["py-spy", "record", "--pid", str(profile_pid), "--rate",
+                              os.environ.get("BENCH_PYSPY_RATE", "100"), "--duration",
                               str(max(1, int(duration) - 1)), "--format", "raw", "--nonblocking",
                               "-o", str(profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         s0, x0, g0, b0, t0 = sample()
