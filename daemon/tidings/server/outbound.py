@@ -30,9 +30,13 @@ writer task (146 -> 30 us of CPU per round, measured in docs/performance.md).  T
 writer, the greeting and the close frame write with one non-blocking ``send`` first
 (``_send_all``) and use trio's ``send_all`` only for what did not fit.
 
-The writer
-----------
-A task that exists only while there is work: it drains everything queued into one
+The flusher and the writer
+--------------------------
+On a plain socket with no writer running, what is queued is written by the server's
+flusher (:mod:`tidings.server.flusher`) at the end of the run loop's turn: one
+non-blocking ``send`` (``_flush``), no task of this connection woken.  What does not fit
+goes first in the queue and the writer takes over.  The writer is a task that exists
+only while there is work: it drains everything queued into one
 ``send_all`` (up to 1,024 items a batch) and exits after ``WRITER_LINGER_S`` without
 work; the next queued item starts a new one.  Idle connections hold no writer task.
 A writer that wrote only control frames (the keepalive's ping, a pong) exits at once:
