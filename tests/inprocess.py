@@ -209,6 +209,7 @@ async def running_hub(config: Config | None = None, store: Any = None) -> AsyncI
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.run)
         server.nursery = nursery  # connections' helper tasks run here, as in the daemon
+        nursery.start_soon(server.flusher.run)  # as in the daemon
         yield Harness(server, nursery)
         hub.close_intake()
         nursery.cancel_scope.cancel()
@@ -273,17 +274,22 @@ class Client:
 
     async def receive(self) -> Any:
         """The next data frame (a dict), a ``CloseConnection`` event, or None at EOF.
-        Pings and pongs are skipped."""
+        Pings and pongs are skipped; a message that arrives in parts is put together."""
+        parts: list[Any] = []
         while True:
             event = await self._next_event()
             if event is None or isinstance(event, CloseConnection):
+                assert not parts, "the stream ended inside a message"
                 return event
             if isinstance(event, (Ping, Pong)):
                 continue
-            assert isinstance(event, Message) and event.message_finished, event
+            assert isinstance(event, Message), event
+            parts.append(event.data)
+            if not event.message_finished:
+                continue
             if isinstance(event, BytesMessage):
-                return msgpack.unpackb(event.data)
-            return orjson.loads(event.data)
+                return msgpack.unpackb(b"".join(parts))
+            return orjson.loads("".join(parts))
 
     async def receive_until_close(self) -> tuple[list[Any], CloseConnection | None]:
         """Every frame up to the close frame (or EOF: None)."""

@@ -227,6 +227,65 @@ def test_ids_are_not_reused_below_the_index_after_pruning_the_newest(tmp_path):
     d.close()
 
 
+def _ids(page: tuple[list, bool]) -> tuple[list[str], bool]:
+    return [m.msg_id for m in page[0]], page[1]
+
+
+@pytest.mark.parametrize("indexed", [0, 1, 3, 4, 6])
+def test_history_reads_indexed_and_recent_rows_alike(db, indexed):
+    """History's index (conversations) is filled with the full-text index, not by the
+    append: the rows above its high-water mark are read by id range; the answer is the
+    same wherever that mark is."""
+    sent = [msg("a", "b", "x"), msg("b", "a", "y"), msg("a", "c", "z"), msg("a", "b", "w"),
+            msg("c", "a", "v"), msg("b", "a", "u")]
+    db.append_many(sent)
+    assert rows(db, "conversations") == 0  # the append did not index
+    if indexed:
+        assert db.index_pending(indexed) == indexed
+    assert rows(db, "conversations") == indexed
+    ab = [m.msg_id for m in sent if {m.sender, m.recipient} == {"a", "b"}][::-1]
+    assert _ids(db.history("a", "b", None, 10)) == (ab, False)
+    assert _ids(db.history("b", "a", None, 2)) == (ab[:2], True)
+    assert _ids(db.history("a", "b", ab[1], 10)) == (ab[2:], False)
+    assert _ids(db.history("a", "b", ab[0], 1)) == (ab[1:2], True)
+    assert _ids(db.history("a", "c", None, 10))[0] == [sent[4].msg_id, sent[2].msg_id]
+
+
+def test_prune_unindexes_history_rows(tmp_path):
+    d = SqliteDatabase.open(tmp_path / "t.db", max_inbox=2)
+    d.append_many([msg("a", "b", f"m{i}") for i in range(5)])
+    assert d.prune(0, None) == 3
+    assert rows(d, "conversations") == rows(d) == 2
+    assert len(d.history("a", "b", None, 10)[0]) == 2
+    d.close()
+
+
+def test_version_4_database_moves_history_to_conversations(tmp_path):
+    """Migration 5: the (conv, msg_id) index on messages is dropped; indexed rows move
+    to conversations, unindexed ones are read by id range until index_pending."""
+    path = tmp_path / "v4.db"
+    conn = sqlite3.connect(path)
+    for statements in MIGRATIONS[:4]:
+        for sql in statements:
+            conn.execute(sql)
+    for i, (s, r) in enumerate([("a", "b"), ("b", "a"), ("a", "b")], 1):
+        conn.execute("INSERT INTO messages (id, msg_id, recipient, seq, sender, conv, body, ts) "
+                     "VALUES (?, ?, ?, ?, ?, 'a\x1fb', '\"hi\"', 1)", (i, f"m{i}", r, i, s))
+    conn.execute("UPDATE meta SET value = 2 WHERE key = 'fts_indexed_id'")  # m3 pending
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+    d = SqliteDatabase.open(path)
+    with d._read() as c:
+        names = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "messages_conv" not in names
+    assert rows(d, "conversations") == 2
+    assert _ids(d.history("a", "b", None, 10)) == (["m3", "m2", "m1"], False)
+    assert d.index_pending() == 1 and rows(d, "conversations") == 3
+    assert _ids(d.history("a", "b", "m3", 10)) == (["m2", "m1"], False)
+    d.close()
+
+
 # ------------------------------------------------------------------ pruning
 
 def test_max_inbox_hides_rows_that_prune_then_deletes(tmp_path):

@@ -254,16 +254,20 @@ class Connection(Outbound):
 
     # -- the connection task ---------------------------------------------------------
 
-    async def run(self, nursery: trio.Nursery | None = None) -> None:
+    async def run(self, nursery: trio.Nursery | None = None, flusher: Any = None) -> None:
         """Serve until closed, then close the WebSocket (see Closing) and the stream.
         Never raises for what the peer does (EOF, reset).  ``nursery``: where the
         connection's helper tasks (writer, replay) run -- the server passes its nursery
-        of connection tasks (see ``Outbound._start``); None: a nursery of its own."""
+        of connection tasks (see ``Outbound._start``); None: a nursery of its own.
+        ``flusher``: the server's :class:`~tidings.server.flusher.Flusher`, which then
+        writes what is queued on a plain socket while no writer runs."""
         if nursery is None:
             async with trio.open_nursery() as own:
                 await self.run(own)
             return
         self._nursery = nursery
+        if self._sock is not None:
+            self._flusher = flusher
         try:
             try:
                 if await self._greet():

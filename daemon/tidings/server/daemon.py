@@ -43,6 +43,7 @@ from tidings.wire.handshake import (
 )
 from tidings.server.admin import node_name, node_record_json, peer_address
 from tidings.server.api import serve_api
+from tidings.server.flusher import Flusher
 from tidings.server.housekeeping import PING_FRAME, Housekeeping
 from tidings.server.hub import Hub
 from tidings.server.metrics import Metrics
@@ -130,6 +131,8 @@ class Server:
         #: The nursery of the connection tasks: their helper tasks (writer, replay) run
         #: there too (``Connection.run``); None: each connection opens its own.
         self.nursery: trio.Nursery | None = None
+        #: Writes what connections queue, once per turn (started next to the housekeeper).
+        self.flusher = Flusher()
         #: Which connection the housekeeper looks at when (housekeeping.Schedule).
         self.housekeeping = Housekeeping()
 
@@ -141,7 +144,7 @@ class Server:
         try:
             conn = await self._handshake(stream)
             if conn is not None:  # the handshake's state (h11, request) is garbage now
-                await conn.run(self.nursery)
+                await conn.run(self.nursery, self.flusher)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away mid-handshake; nothing to answer
         except Exception as exc:  # a bug of ours: this connection only
@@ -336,6 +339,7 @@ async def serve(
                     accept_scope = trio.CancelScope()
                     conns.start_soon(_accept_loop, listeners, server, conns, accept_scope)
                     conns.start_soon(server.housekeeper)
+                    conns.start_soon(server.flusher.run)
                     shown = host if ":" not in host else f"[{host}]"
                     scheme = "wss" if ssl_context is not None else "ws"
                     log.log("info", "listening", url=f"{scheme}://{shown}:{port}{cfg.path}",

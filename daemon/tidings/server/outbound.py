@@ -30,9 +30,13 @@ writer task (146 -> 30 us of CPU per round, measured in docs/performance.md).  T
 writer, the greeting and the close frame write with one non-blocking ``send`` first
 (``_send_all``) and use trio's ``send_all`` only for what did not fit.
 
-The writer
-----------
-A task that exists only while there is work: it drains everything queued into one
+The flusher and the writer
+--------------------------
+On a plain socket with no writer running, what is queued is written by the server's
+flusher (:mod:`tidings.server.flusher`) at the end of the run loop's turn: one
+non-blocking ``send`` (``_flush``), no task of this connection woken.  What does not fit
+goes first in the queue and the writer takes over.  The writer is a task that exists
+only while there is work: it drains everything queued into one
 ``send_all`` (up to 1,024 items a batch) and exits after ``WRITER_LINGER_S`` without
 work; the next queued item starts a new one.  Idle connections hold no writer task.
 A writer that wrote only control frames (the keepalive's ping, a pong) exits at once:
@@ -101,7 +105,8 @@ class Outbound:
 
     __slots__ = (
         "_binary", "_children", "_children_done", "_child_scopes", "_close", "_closed_by",
-        "_control", "_credit_waiter", "_credits", "_deflate", "_frames", "_more", "_out",
+        "_control", "_credit_waiter", "_credits", "_deflate", "_flush_pending", "_flusher",
+        "_frames", "_more", "_out",
         "_nursery", "_parse_failed", "_peer_gone", "_queue_bound", "_queued", "_reader_scope",
         "_send_broken", "_sock", "_space_waiter", "_writer_exit",
         "_writer_running", "_written_seq", "_ws", "conn_id", "stream", "user",
@@ -141,6 +146,8 @@ class Outbound:
         self._writer_exit: trio.Event | None = None
         self._send_broken = False  # a send was interrupted: half a frame may be out
         self._written_seq = 0  # the highest inbox seq written (see _delivered)
+        self._flusher: Any = None  # a plain socket's server.flusher.Flusher (see ``run``)
+        self._flush_pending = False  # registered with the flusher, not yet flushed
 
     @property
     def ws(self) -> WSConnection:
@@ -162,9 +169,53 @@ class Outbound:
         self._enqueue(_Reply(payload, binary))
 
     def _enqueue(self, item: Any) -> None:
-        """Append to the outbound list and get it written (wake or start the writer)."""
+        """Append to the outbound list and get it written: by the flusher in its next
+        turn (a plain socket, no writer running), else by the writer (woken or started)."""
         self._out.append(item)
-        self._wake()
+        if self._flusher is None or self._writer_running:
+            self._wake()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self._flusher.schedule(self)
+
+    def _flush(self) -> None:
+        """The flusher's call: write what is queued with one non-blocking ``send``; what
+        does not fit goes back first in the queue and the writer writes it.  When a
+        writer runs or the connection is closing, they write it instead.  Never raises
+        (a bug of ours ends this connection, as in a helper task), never blocks."""
+        self._flush_pending = False
+        try:
+            self._flush_now()
+        except Exception as exc:
+            log.log("error", "connection_crashed", error=repr(exc), conn=self.conn_id)
+            self._send_broken = True  # half a frame may be out: write nothing more
+            self._kill_reader()
+
+    def _flush_now(self) -> None:
+        if self._writer_running or self._close is not None or self._nursery is None:
+            if self._out or self._control:
+                self._wake()
+            return
+        if self._peer_gone or self._send_broken or not (self._out or self._control):
+            return
+        data, messages, replies, top = self._drain(closing=False)
+        try:
+            sent = os.write(self._sock.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # reset by the peer, or the socket is already closed
+            self._reset()
+            if self._reader_scope is not None:
+                self._reader_scope.cancel()
+            return
+        if sent < len(data):
+            self._control.insert(0, data[sent:])  # whole frames, in order, before all else
+        self._written(messages, replies)
+        if top > self._written_seq:
+            self._written_seq = top
+            self._delivered(top)
+        if self._out or self._control:
+            self._ensure_writer()
 
     def queue_control(self, data: bytes) -> None:
         """Queue a control frame ahead of all data (pong, ping); never blocks."""

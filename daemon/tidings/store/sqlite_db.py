@@ -8,15 +8,19 @@ it from trio (threads, maintenance); this module never imports trio.
 
 * ``messages``: one row per message, ``id`` INTEGER PRIMARY KEY (the FTS rowid),
   ``msg_id`` UNIQUE, ``(recipient, seq)`` UNIQUE index for inbox reads,
-  ``(conv, msg_id)`` index for history (``conv`` is the sorted pair of users
+  ``ts`` index for retention, and a ``conv`` column (the sorted pair of users
   joined by U+001F; queries also check sender/recipient, so a user id containing
-  U+001F cannot make two conversations collide), ``ts`` index for retention.
+  U+001F cannot make two conversations collide).
+* ``conversations``: ``(conv, msg_id)``, history's index, filled by
+  ``index_pending`` with the full-text index (so a commit does not rewrite an index
+  page per conversation it touches); history reads the rows above that high-water
+  mark with a scan of their id range (``sqlite_schema.read_history``).
   Two VIRTUAL generated columns feed full-text search: ``text`` (the body's
   string value if the body JSON is a string, else the raw JSON text) and
   ``owners`` (``u<hex(sender)> u<hex(recipient)>``, so FTS5 itself restricts a
   search to the user's messages instead of ranking everyone's).
 * ``messages_fts``: external-content FTS5 table over those columns, kept in
-  sync explicitly by ``append_many`` and ``prune`` (the only writers of
+  sync explicitly by ``index_pending`` and ``prune`` (the only writers of
   ``messages``; rows are never updated), one INSERT ... SELECT statement per
   transaction. Not with triggers: SQLite 3.40's FTS5 flushes its pending terms
   at every statement savepoint, so a per-row trigger writes one index segment
@@ -78,7 +82,8 @@ from tidings.store.records import (
 )
 from tidings.store.search import parse_query
 from tidings.store.sqlite_schema import (
-    _LAST_SEQ_OF, MIGRATIONS, find_key, forget_keys, read_devices, remember_key, save_progress,
+    _COLS, _IN_PAIR, _LAST_SEQ_OF, MIGRATIONS, SQL_CONV_ADD_RANGE, SQL_CONV_DEL, find_key,
+    forget_keys, read_devices, read_history, remember_key, save_progress,
 )
 from tidings.store.sqlite_webhooks import WebhookTables
 
@@ -93,8 +98,6 @@ AUTOCHECKPOINT_PAGES = 65536
 PAGE_BYTES = 4096
 _I64 = 2**63 - 1
 
-_COLS = "m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts"
-_IN_PAIR = "((+m.sender = :u AND +m.recipient = :p) OR (+m.sender = :p AND +m.recipient = :u))"
 _SQL_INSERT = ("INSERT INTO messages (id, msg_id, recipient, seq, sender, conv, body, ts) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _SQL_NEXT_ID = ("SELECT MAX((SELECT COALESCE(MAX(id), 0) FROM messages), "
@@ -336,6 +339,7 @@ class SqliteDatabase(WebhookTables):
             (count,) = c.execute("SELECT COUNT(*) FROM messages WHERE id > ? AND id <= ?",
                                  (done, top)).fetchone()
             c.execute(_SQL_FTS_ADD_RANGE, (done, top))
+            c.execute(SQL_CONV_ADD_RANGE, (done, top))
             c.execute("UPDATE meta SET value = ? WHERE key = 'fts_indexed_id'", (top,))
             return count
 
@@ -421,9 +425,7 @@ class SqliteDatabase(WebhookTables):
                     f"AND {_IN_PAIR} {visible}", args).fetchone() is None:
                 raise UnknownMessage(f"unknown message {before_msg_id!r}")
             older = "" if before_msg_id is None else "AND msg_id < :before"
-            rows = c.execute(f"SELECT {_COLS} FROM messages m WHERE conv = :conv {older} "
-                             f"AND {_IN_PAIR} {visible} ORDER BY msg_id DESC LIMIT :n",
-                             args).fetchall()
+            rows = read_history(c, args, older, visible)
         return [StoredMessage(*r) for r in rows[:limit]], len(rows) > limit
 
     def search(self, user: str, query: str, limit: int,
@@ -514,6 +516,7 @@ class SqliteDatabase(WebhookTables):
                     pending.pop()
                 if ids:
                     c.execute(_SQL_FTS_DEL, (orjson.dumps(ids),))
+                    c.execute(SQL_CONV_DEL, (orjson.dumps(ids),))
                     c.execute(_SQL_DEL, (orjson.dumps(ids),))
                 budget -= len(ids)
                 deleted += len(ids)
