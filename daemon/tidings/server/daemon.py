@@ -30,7 +30,7 @@ from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 
 from tidings import log
-from tidings.server import demo, health
+from tidings.server import accept, demo, health
 from tidings.service import sdnotify, tls
 from tidings.auth import AuthError, Authenticator, KeyMaterialError, load_keys, load_secret
 from tidings.config import Config
@@ -414,4 +414,4 @@ async def _accept_loop(
     listeners: list[trio.SocketListener], server: Server, conns: trio.Nursery, scope: trio.CancelScope
 ) -> None:
     with scope:
-        await trio.serve_listeners(server.handle, listeners, handler_nursery=conns)
+        await accept.serve(server.handle, listeners, conns)
