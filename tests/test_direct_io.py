@@ -10,11 +10,12 @@ transports in test_keepalive.py.)"""
 from __future__ import annotations
 
 import orjson
+import pytest
 import trio
 import trio.testing
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
-from inprocess import capture_log, running_hub
+from inprocess import capture_log, make_config, running_hub
 from test_keepalive import config
 from tidings import log
 from tidings.server import outbound
@@ -184,3 +185,58 @@ async def test_a_write_larger_than_the_socket_buffer_goes_out_whole_and_in_order
                 got.append(orjson.loads("".join(parts)))
                 parts = []
         assert [m["body"] for m in got] == [f"{i}:{body}" for i in range(n)]
+
+
+# -- the request head (server/daemon.py: a read straight on the socket first) ------------
+
+HEAD = (b"GET /ws?user=%s HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+async def read_to_eof(stream) -> bytes:
+    out = b""
+    while data := await stream.receive_some(65536):
+        out += data
+    return out
+
+
+@pytest.mark.parametrize("socket", [False, True], ids=["memory-stream", "socket"])
+async def test_a_request_head_in_pieces_is_answered_once_whole(autojump_clock, socket):
+    """The first read finds part of the head; the rest is waited for."""
+    async with running_hub(config()) as h:
+        stream, _ = h.serve(socket=socket)
+        head = HEAD % b"pieces"
+        for part in (head[:10], head[10:60]):
+            await stream.send_all(part)
+            await trio.testing.wait_all_tasks_blocked()
+            assert h.hub.sessions.count("pieces") == 0  # not answered early
+        await stream.send_all(head[60:])
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += await stream.receive_some(65536)
+        assert got.startswith(b"HTTP/1.1 101 ")
+        assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in got  # RFC 6455's example key's answer
+        assert h.hub.sessions.count("pieces") == 1
+
+
+@pytest.mark.parametrize("socket", [False, True], ids=["memory-stream", "socket"])
+@pytest.mark.parametrize("sent", [b"", HEAD[:30]], ids=["nothing", "part-of-the-head"])
+async def test_a_stalled_head_gets_408_at_the_handshake_timeout(autojump_clock, socket, sent):
+    async with running_hub(make_config(server={"handshake_timeout_s": 3.0})) as h:
+        stream, served = h.serve(socket=socket)
+        start = trio.current_time()
+        if sent:
+            await stream.send_all(sent)
+        answer = await read_to_eof(stream)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert 3.0 <= trio.current_time() - start < 3.5
+        await served.wait()
+
+
+@pytest.mark.parametrize("socket", [False, True], ids=["memory-stream", "socket"])
+async def test_a_malformed_head_gets_400(autojump_clock, socket):
+    async with running_hub(config()) as h:
+        stream, served = h.serve(socket=socket)
+        await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
+        assert (await read_to_eof(stream)).startswith(b"HTTP/1.1 400 ")
+        await served.wait()

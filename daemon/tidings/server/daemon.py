@@ -25,11 +25,12 @@ from typing import Any
 import h11
 import orjson
 import trio
+from trio.lowlevel import wait_readable
 from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionType
 
 from tidings import log
-from tidings.server import demo, health
+from tidings.server import accept, demo, health
 from tidings.service import sdnotify, tls
 from tidings.auth import AuthError, Authenticator, KeyMaterialError, load_keys, load_secret
 from tidings.config import Config
@@ -47,6 +48,7 @@ from tidings.server.flusher import Flusher
 from tidings.server.housekeeping import PING_FRAME, Housekeeping
 from tidings.server.hub import Hub
 from tidings.server.metrics import Metrics
+from tidings.server.outbound import read_nowait
 from tidings.service.lifecycle import Lifecycle, listener_address
 from tidings.wire.protocol import DEFAULT_DEVICE
 from tidings.routing.sessions import Refused
@@ -58,6 +60,33 @@ __all__ = ["PING_FRAME", "StartupError", "Server", "serve"]
 
 HOUSEKEEPING_INTERVAL = 1.0
 MAX_REQUEST_HEAD = 16384
+HEAD_READ_SIZE = 4096
+
+
+#: ``Server._read_request``'s answer when the handshake timeout passed.
+_TIMED_OUT = object()
+
+
+async def _receive_head(stream: trio.abc.Stream, deadline: float) -> bytes | None:
+    """The client's next bytes of its request head (b"" at EOF), or None once
+    ``deadline`` passed.  On a plain TCP stream one non-blocking read straight on the
+    socket first: during a connect storm the request has usually arrived by the time
+    its task runs, and then no cancel scope, no epoll registration and none of trio's
+    stream wrappers are needed.  Errors as trio's streams raise them."""
+    sock = stream.socket if type(stream) is trio.SocketStream else None
+    if sock is not None:
+        data = read_nowait(sock.fileno(), HEAD_READ_SIZE)
+        if data is not None:
+            return data
+    with trio.CancelScope(deadline=deadline):
+        if sock is None:
+            return await stream.receive_some(HEAD_READ_SIZE)
+        while True:
+            await wait_readable(sock.fileno())
+            data = read_nowait(sock.fileno(), HEAD_READ_SIZE)
+            if data is not None:
+                return data
+    return None
 
 
 class StartupError(Exception):
@@ -156,9 +185,8 @@ class Server:
     async def _handshake(self, stream: trio.abc.Stream) -> Connection | None:
         """Answer the HTTP request; return a registered Connection after a 101, else None."""
         cfg = self.config.server
-        with trio.move_on_after(cfg.handshake_timeout_s) as timeout:
-            request, trailing = await self._read_request(stream)
-        if timeout.cancelled_caught:
+        request, trailing = await self._read_request(stream, trio.current_time() + cfg.handshake_timeout_s)
+        if request is _TIMED_OUT:
             self._refusals.log("info", "handshake_timeout", key="timeout")
             with trio.move_on_after(1):
                 await stream.send_all(http_response(408, b"handshake timed out\n"))
@@ -204,8 +232,9 @@ class Server:
         conn.trailing = trailing  # frames that came with the request: read first
         return conn
 
-    async def _read_request(self, stream: trio.abc.Stream) -> tuple[h11.Request | None, bytes]:
-        """Read one request head; answer HTTP-level garbage here.  (None, b"") = done."""
+    async def _read_request(self, stream: trio.abc.Stream, deadline: float) -> tuple[Any, bytes]:
+        """Read one request head by ``deadline`` (trio's clock); answer HTTP-level
+        garbage here.  (None, b"") = done; (_TIMED_OUT, b"") = the deadline passed."""
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         while True:
             try:
@@ -213,10 +242,13 @@ class Server:
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
                 self._refusals.log("info", "bad_http", key=str(status), status=status)
-                await stream.send_all(http_response(status, b"malformed HTTP request\n"))
+                with trio.CancelScope(deadline=deadline):  # under the handshake timeout
+                    await stream.send_all(http_response(status, b"malformed HTTP request\n"))
                 return None, b""
             if event is h11.NEED_DATA:
-                data = await stream.receive_some(4096)
+                data = await _receive_head(stream, deadline)
+                if data is None:
+                    return _TIMED_OUT, b""
                 h.receive_data(data)
                 if not data:
                     return None, b""
@@ -382,4 +414,4 @@ async def _accept_loop(
     listeners: list[trio.SocketListener], server: Server, conns: trio.Nursery, scope: trio.CancelScope
 ) -> None:
     with scope:
-        await trio.serve_listeners(server.handle, listeners, handler_nursery=conns)
+        await accept.serve(server.handle, listeners, conns)

@@ -76,7 +76,7 @@ from tidings.config import LimitsConfig
 from tidings.wire.frames import ClientFrames, ForWsproto, Refusal
 from tidings.wire.protocol import BINARY, TEXT, data_frame
 
-__all__ = ["CLOSE_TIMEOUT", "RECEIVE_SIZE", "Outbound"]
+__all__ = ["CLOSE_TIMEOUT", "RECEIVE_SIZE", "Outbound", "read_nowait"]
 
 RECEIVE_SIZE = 65536
 #: A close (ours or the peer's) takes at most this long, then TCP is closed regardless.
@@ -87,6 +87,21 @@ WRITER_LINGER_S = 0.25
 WRITE_BATCH = 1024
 _resets = log.LogOnce(interval=60.0)
 _CLOSED_ERRNOS = {errno.EBADF, errno.ENOTSOCK}
+
+
+def read_nowait(fd: int, size: int) -> bytes | None:
+    """One non-blocking ``read`` of at most ``size`` bytes straight on a plain socket:
+    the bytes (b"" at EOF), or None when nothing has arrived.  Errors as trio's streams
+    raise them: ``ClosedResourceError`` (our socket is closed), ``BrokenResourceError``
+    (the peer reset it)."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in _CLOSED_ERRNOS:
+            raise trio.ClosedResourceError("the socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 class _Reply:
@@ -263,14 +278,10 @@ class Outbound:
         else:
             await trio.lowlevel.checkpoint()
         while True:
-            try:
-                return os.read(fd, RECEIVE_SIZE)
-            except BlockingIOError:
-                await wait_readable(fd)
-            except OSError as exc:
-                if exc.errno in _CLOSED_ERRNOS:
-                    raise trio.ClosedResourceError("the socket was already closed") from None
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            data = read_nowait(fd, RECEIVE_SIZE)
+            if data is not None:
+                return data
+            await wait_readable(fd)
 
     async def _send_all(self, data: bytes) -> None:
         """``stream.send_all(data)``; on a plain socket first one non-blocking ``send``

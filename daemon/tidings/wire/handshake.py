@@ -59,11 +59,20 @@ class Upgrade:
     extensions: list[str]  # Sec-WebSocket-Extensions offers, e.g. permessage-deflate
 
 
-def _header(request: h11.Request, name: bytes) -> bytes | None:
-    for key, value in request.headers:
-        if key == name:  # h11 lower-cases header names
-            return value
-    return None
+def _headers(request: h11.Request) -> tuple[dict[bytes, bytes], list[bytes], list[bytes]]:
+    """In one pass over the request's headers (h11 lower-cases their names): the first
+    value of each name, every ``Origin`` and every ``Sec-WebSocket-Extensions`` value."""
+    first: dict[bytes, bytes] = {}
+    origins: list[bytes] = []
+    extensions: list[bytes] = []
+    for name, value in request.headers:
+        if name not in first:
+            first[name] = value
+        if name == b"origin":
+            origins.append(value)
+        elif name == b"sec-websocket-extensions":
+            extensions.append(value)
+    return first, origins, extensions
 
 
 def origin_allowed(origin: str, patterns: Sequence[str]) -> bool:
@@ -90,26 +99,27 @@ def check_upgrade(request: h11.Request, path: str, allowed_origins: Sequence[str
         raise HttpError(404, f"no WebSocket endpoint at {parts.path[:100]}; use {path}")
     if request.method != b"GET":
         raise HttpError(405, "the WebSocket endpoint takes GET", [(b"allow", b"GET")])
-    upgrade = (_header(request, b"upgrade") or b"").lower()
-    connection = (_header(request, b"connection") or b"").lower()
+    headers, origins, extensions = _headers(request)
+    upgrade = headers.get(b"upgrade", b"").lower()
+    connection = headers.get(b"connection", b"").lower()
     if upgrade != b"websocket" or b"upgrade" not in [t.strip() for t in connection.split(b",")]:
         raise HttpError(426, "this endpoint speaks WebSocket only", [(b"upgrade", b"websocket")])
-    if _header(request, b"sec-websocket-version") != b"13":
+    if headers.get(b"sec-websocket-version") != b"13":
         raise HttpError(426, "WebSocket version 13 required", [(b"sec-websocket-version", b"13")])
-    key = _header(request, b"sec-websocket-key")
+    key = headers.get(b"sec-websocket-key")
     if not key:
         raise HttpError(400, "missing Sec-WebSocket-Key")
     if allowed_origins:
-        for name, value in request.headers:
+        for value in origins:
             origin = value.decode("latin-1")
-            if name == b"origin" and not origin_allowed(origin, allowed_origins):
+            if not origin_allowed(origin, allowed_origins):
                 raise HttpError(403, f"origin not allowed: {origin[:100]}")
     try:
         query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=20)
     except ValueError:
         raise HttpError(400, "too many query parameters") from None
     token = _one(query, "token")
-    authz = _header(request, b"authorization")
+    authz = headers.get(b"authorization")
     if not token and authz is not None:
         scheme, _, value = authz.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
@@ -127,13 +137,8 @@ def check_upgrade(request: h11.Request, path: str, allowed_origins: Sequence[str
     encoding = _one(query, "encoding") or "json"
     if encoding not in ("json", "msgpack"):
         raise HttpError(400, "?encoding= must be json or msgpack")
-    offers = [
-        part.strip()
-        for key_, value in request.headers
-        if key_ == b"sec-websocket-extensions"
-        for part in value.decode("latin-1").split(",")
-        if part.strip()
-    ]
+    offers = [part.strip() for value in extensions for part in value.decode("latin-1").split(",")
+              if part.strip()]
     return Upgrade(key=key, token=token or None, user=_one(query, "user"), since=since,
                    binary=encoding == "msgpack", device=device, extensions=offers)
 
