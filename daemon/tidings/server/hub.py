@@ -177,23 +177,17 @@ class Hub(Writer):
 
     async def register(self, conn: Member) -> None:
         """Make ``conn`` routable; raises ``sessions.Refused`` over a limit.  The user's
-        watchers hear ``online`` when this is the user's first connection.  On a single
-        node nothing is awaited (and so no lock taken: no registration can interleave)."""
-        if self.cluster is None:
-            self._add(conn)
-            return
+        watchers hear ``online`` when this is the user's first connection."""
         async with self.lock:
-            self._add(conn)
-            # Subscribed before the replay reads the store: whatever is stored after
-            # that read is also published to us (cluster.hold's contract).
-            await self.cluster.hold(conn.user)
-
-    def _add(self, conn: Member) -> None:
-        self.sessions.add(conn)
-        if self.sessions.count(conn.user) == 1:
-            self._first_or_last(conn.user, True)
-            if self.webhooks is not None and self.webhooks.tracks_presence:
-                self.webhooks.connected(conn.user)
+            self.sessions.add(conn)
+            if self.sessions.count(conn.user) == 1:
+                self._first_or_last(conn.user, True)
+                if self.webhooks is not None and self.webhooks.tracks_presence:
+                    self.webhooks.connected(conn.user)
+            if self.cluster is not None:
+                # Subscribed before the replay reads the store: whatever is stored after
+                # that read is also published to us (cluster.hold's contract).
+                await self.cluster.hold(conn.user)
 
     def unregister(self, conn: Member) -> None:
         """Remove ``conn`` (once per connection) with its rooms and watches; on the
