@@ -104,6 +104,19 @@ def read_nowait(fd: int, size: int) -> bytes | None:
         raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
+def write_nowait(fd: int, data: bytes) -> int:
+    """One non-blocking ``send`` of ``data`` straight on a plain socket: how many bytes
+    went (0 when the socket would block).  Errors as ``read_nowait``'s."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        if exc.errno in _CLOSED_ERRNOS:
+            raise trio.ClosedResourceError("the socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
 class _Reply:
     """A reply (ack, pong, error, ...) in the outbound queue: it holds one credit.
     ``binary``: MessagePack in a binary frame (the request was binary), else JSON text."""
@@ -215,20 +228,15 @@ class Outbound:
             return
         data, messages, replies, top = self._drain(closing=False)
         try:
-            sent = os.write(self._sock.fileno(), data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # reset by the peer, or the socket is already closed
+            sent = write_nowait(self._sock.fileno(), data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._reset()
             if self._reader_scope is not None:
                 self._reader_scope.cancel()
             return
         if sent < len(data):
             self._control.insert(0, data[sent:])  # whole frames, in order, before all else
-        self._written(messages, replies)
-        if top > self._written_seq:
-            self._written_seq = top
-            self._delivered(top)
+        self._written(messages, replies, top)
         if self._out or self._control:
             self._ensure_writer()
 
@@ -250,9 +258,9 @@ class Outbound:
                 and self._close is None and not self._peer_gone and not self._control
                 and not self._out):
             try:
-                sent = os.write(sock.fileno(), frame)
-            except OSError:  # would block, or broken: the queued path handles it
-                sent = 0
+                sent = write_nowait(sock.fileno(), frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                sent = 0  # the queued path meets the error and handles it
             if sent == len(frame):
                 return
             frame = frame[sent:]
@@ -291,14 +299,7 @@ class Outbound:
         trio's.  Not a checkpoint when everything fit."""
         sock = self._sock
         if sock is not None:
-            try:
-                sent = os.write(sock.fileno(), data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                if exc.errno in _CLOSED_ERRNOS:
-                    raise trio.ClosedResourceError("the socket was already closed") from None
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            sent = write_nowait(sock.fileno(), data)
             if sent == len(data):
                 return
             if sent:
@@ -454,10 +455,7 @@ class Outbound:
                     await self._send_all(data)
                     self._send_broken = False
                     del data
-                self._written(messages, replies)
-                if top > self._written_seq:
-                    self._written_seq = top
-                    self._delivered(top)
+                self._written(messages, replies, top)
                 if not (messages or replies) and not self._control and not self._out:
                     break  # only a ping or pong: an idle connection, don't linger for more
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -473,7 +471,12 @@ class Outbound:
         """Inbox messages up to ``seq`` were written to the peer (a hook: the
         connection reports its device's delivered mark)."""
 
-    def _written(self, messages: int, replies: int) -> None:
+    def _written(self, messages: int, replies: int, top: int) -> None:
+        """A drained batch is on the wire (or first in the queue): free its queue places
+        and credits, and report ``top``, its highest inbox seq, when above every earlier."""
+        if top > self._written_seq:
+            self._written_seq = top
+            self._delivered(top)
         self._queued -= messages
         if messages and self._space_waiter is not None:
             self._space_waiter.set()
@@ -508,10 +511,7 @@ class Outbound:
         self._send_broken = True
         await self._send_all(data)
         self._send_broken = False
-        self._written(messages, replies)
-        if top > self._written_seq:
-            self._written_seq = top
-            self._delivered(top)
+        self._written(messages, replies, top)
         await self._discard_input()
 
     async def _discard_input(self) -> None:
