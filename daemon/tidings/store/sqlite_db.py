@@ -82,8 +82,8 @@ from tidings.store.records import (
 )
 from tidings.store.search import parse_query
 from tidings.store.sqlite_schema import (
-    _COLS, _IN_PAIR, _LAST_SEQ_OF, MIGRATIONS, SQL_CONV_ADD_RANGE, SQL_CONV_DEL, find_key,
-    forget_keys, read_devices, read_history, remember_key, save_progress,
+    _COLS, _IN_PAIR, _LAST_SEQ_OF, MIGRATIONS, SQL_CONV_ADD_RANGE, SQL_CONV_DEL, SQL_INDEXED_ID,
+    find_key, forget_keys, read_devices, read_history, remember_key, save_progress,
 )
 from tidings.store.sqlite_webhooks import WebhookTables
 
@@ -330,7 +330,7 @@ class SqliteDatabase(WebhookTables):
         still sees every stored message and prune never deletes an unindexed row
         from the index."""
         with self._write() as c:
-            (done,) = c.execute("SELECT value FROM meta WHERE key = 'fts_indexed_id'").fetchone()
+            (done,) = c.execute(SQL_INDEXED_ID).fetchone()
             (top,) = c.execute(
                 "SELECT COALESCE(MAX(id), 0) FROM (SELECT id FROM messages WHERE id > ? "
                 "ORDER BY id LIMIT ?)", (done, max_rows)).fetchone()
@@ -424,8 +424,7 @@ class SqliteDatabase(WebhookTables):
                     f"SELECT 1 FROM messages m WHERE msg_id = :before AND conv = :conv "
                     f"AND {_IN_PAIR} {visible}", args).fetchone() is None:
                 raise UnknownMessage(f"unknown message {before_msg_id!r}")
-            older = "" if before_msg_id is None else "AND msg_id < :before"
-            rows = read_history(c, args, older, visible)
+            rows = read_history(c, args, visible)
         return [StoredMessage(*r) for r in rows[:limit]], len(rows) > limit
 
     def search(self, user: str, query: str, limit: int,

@@ -27,7 +27,7 @@ from typing import Any
 from tidings.store.records import DEFAULT_DEVICE, DeviceState, Original, Progress
 from tidings.store.sqlite_webhooks import WEBHOOK_SCHEMA
 
-__all__ = ["MIGRATIONS", "SQL_CONV_ADD_RANGE", "SQL_CONV_DEL", "device_cursor", "find_key",
+__all__ = ["MIGRATIONS", "SQL_CONV_ADD_RANGE", "SQL_CONV_DEL", "SQL_INDEXED_ID", "device_cursor", "find_key",
            "forget_keys", "read_devices", "read_history", "remember_key", "save_progress"]
 
 _I64 = 2**63 - 1
@@ -103,8 +103,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
     # 5: history's index moves out of the append transaction: ``conversations`` is
     #    filled with the full-text index (same high-water mark), so a commit no longer
-    #    rewrites one index page per conversation it touches (measured: -55 % WAL bytes
-    #    and -40 % append CPU at 40 messages per commit, docs/performance.md).
+    #    rewrites one index page per conversation it touches (measured with
+    #    bench/sqlite_append.py: -43 to -54 % WAL bytes, -23 to -28 % CPU per message at
+    #    5 and 40 messages per commit, docs/performance.md).
     (
         """CREATE TABLE conversations (
             conv TEXT NOT NULL,
@@ -121,6 +122,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
 #: write ``users``; prune saves ``last_seq`` there before it deletes (sqlite_db).
 _LAST_SEQ_OF = ("MAX(COALESCE((SELECT last_seq FROM users WHERE user = {u}), 0), "
                 "COALESCE((SELECT MAX(seq) FROM messages WHERE recipient = {u}), 0))")
+#: The highest message id in the full-text index and ``conversations``.
+SQL_INDEXED_ID = "SELECT value FROM meta WHERE key = 'fts_indexed_id'"
 #: Index rows ``id > ? AND id <= ?`` for history (with the full-text index: index_pending).
 SQL_CONV_ADD_RANGE = ("INSERT INTO conversations (conv, msg_id) "
                       "SELECT conv, msg_id FROM messages WHERE id > ? AND id <= ?")
@@ -197,23 +200,22 @@ def forget_keys(c: sqlite3.Connection, now_ms: int, window_ms: int, budget: int)
     return c.execute(_SQL_FORGET, (_i64(now_ms - window_ms), budget)).rowcount
 
 
-def read_history(c: sqlite3.Connection, args: dict[str, Any], older: str,
-                 visible: str) -> list[tuple[Any, ...]]:
+def read_history(c: sqlite3.Connection, args: dict[str, Any], visible: str) -> list[tuple[Any, ...]]:
     """History rows (``_COLS``) of the conversation ``args["conv"]`` between ``:u`` and
-    ``:p``, newest ``:n`` first, with the filters ``older`` and ``visible`` (SQL on
-    ``messages m``).  Rows up to the index's high-water mark come from
-    ``conversations``; the rows appended since (about a second's worth) from a scan of
-    that id range; both in the caller's read transaction, merged by msg_id."""
-    (top,) = c.execute("SELECT value FROM meta WHERE key = 'fts_indexed_id'").fetchone()
-    where = f"{older} AND {_IN_PAIR} {visible}"
+    ``:p``, newest first, at most ``:n``, older than ``:before`` unless it is None, with
+    the filter ``visible`` (SQL on ``messages m``).  Rows up to the index's high-water
+    mark come from ``conversations``; the rows appended since (about a second's worth)
+    from a scan of that id range; both in the caller's read transaction, merged by msg_id."""
+    (top,) = c.execute(SQL_INDEXED_ID).fetchone()
+    before = args["before"] is not None
     indexed = c.execute(
         f"SELECT {_COLS} FROM conversations cv JOIN messages m ON m.msg_id = cv.msg_id "
-        f"WHERE cv.conv = :conv {older.replace('msg_id', 'cv.msg_id')} AND {_IN_PAIR} "
-        f"{visible} ORDER BY cv.msg_id DESC LIMIT :n", args).fetchall()
+        f"WHERE cv.conv = :conv {'AND cv.msg_id < :before' if before else ''} "
+        f"AND {_IN_PAIR} {visible} ORDER BY cv.msg_id DESC LIMIT :n", args).fetchall()
     recent = c.execute(  # (the unary +: a scan of that id range, never of an index)
         f"SELECT {_COLS} FROM messages m WHERE m.id > :top AND +m.conv = :conv "
-        f"{where.replace('msg_id', '+m.msg_id')} ORDER BY +m.msg_id DESC LIMIT :n",
-        {**args, "top": top}).fetchall()
+        f"{'AND +m.msg_id < :before' if before else ''} AND {_IN_PAIR} {visible} "
+        f"ORDER BY +m.msg_id DESC LIMIT :n", {**args, "top": top}).fetchall()
     if not recent:
         return indexed
     return sorted(indexed + recent, key=lambda r: r[0], reverse=True)[:args["n"]]
