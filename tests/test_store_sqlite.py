@@ -255,9 +255,30 @@ def test_prune_unindexes_history_rows(tmp_path):
     d = SqliteDatabase.open(tmp_path / "t.db", max_inbox=2)
     d.append_many([msg("a", "b", f"m{i}") for i in range(5)])
     assert d.prune(0, None) == 3
-    assert rows(d, "conversations") == rows(d) == 2
+    assert rows(d, "conversations") == rows(d, "retention") == rows(d) == 2
     assert len(d.history("a", "b", None, 10)[0]) == 2
     d.close()
+
+
+def _indexes_on(d: SqliteDatabase, table: str) -> set[str]:
+    with d._read() as c:
+        return {r[0] for r in c.execute("SELECT name FROM pragma_index_list(?)", (table,))}
+
+
+def test_appends_leave_retention_to_index_pending(db):
+    """An append writes no ts index (one WAL frame less per commit): retention's index
+    is filled with the full-text index, and prune expires the rows it holds."""
+    db.append_many([msg("a", "b", "old", ts=1), msg("a", "c", "old", ts=2),
+                    msg("a", "b", "new", ts=50)])
+    assert _indexes_on(db, "messages") == {"messages_inbox", "sqlite_autoindex_messages_1"}
+    assert rows(db, "retention") == 0  # the append did not index
+    assert db.prune_plan(10, 1 / 86_400_000) == []  # nothing indexed: nothing to delete
+    assert db.index_pending(2) == 2 and rows(db, "retention") == 2
+    assert db.prune_plan(10, 1 / 86_400_000) == [("c", 1), ("b", 1)]
+    assert db.prune(10, 1 / 86_400_000) == 2  # prune indexes the rest first
+    assert [m.body for m in db.read_inbox("b", 0, 10)] == [b'"new"']
+    assert rows(db, "retention") == rows(db) == 1
+    fts_integrity_check(db)
 
 
 def test_version_4_database_moves_history_to_conversations(tmp_path):
@@ -283,6 +304,36 @@ def test_version_4_database_moves_history_to_conversations(tmp_path):
     assert _ids(d.history("a", "b", None, 10)) == (["m3", "m2", "m1"], False)
     assert d.index_pending() == 1 and rows(d, "conversations") == 3
     assert _ids(d.history("a", "b", "m3", 10)) == (["m2", "m1"], False)
+    d.close()
+
+
+def test_version_5_database_moves_retention_to_its_own_index(tmp_path):
+    """Migration 6: the ts index on messages is dropped; indexed rows go to retention,
+    unindexed ones join it with index_pending; prune by retention sees the same rows."""
+    path = tmp_path / "v5.db"
+    conn = sqlite3.connect(path)
+    for statements in MIGRATIONS[:5]:
+        for sql in statements:
+            conn.execute(sql)
+    for i, (r, ts) in enumerate([("b", 1), ("c", 2), ("b", 3), ("b", 90)], 1):
+        conn.execute("INSERT INTO messages (id, msg_id, recipient, seq, sender, conv, body, ts) "
+                     "VALUES (?, ?, ?, ?, 'a', 'conv', '\"hi\"', ?)",
+                     (i, f"m{i}", r, 1 if r == "c" else i - (i > 2), ts))
+    conn.execute("INSERT INTO messages_fts (rowid, text, owners) "
+                 "SELECT id, text, owners FROM messages WHERE id <= 2")
+    conn.execute("UPDATE meta SET value = 2 WHERE key = 'fts_indexed_id'")  # m3, m4 pending
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    d = SqliteDatabase.open(path)
+    assert "messages_ts" not in _indexes_on(d, "messages")
+    assert rows(d, "retention") == 2
+    assert d.prune_plan(10, 1 / 86_400_000) == [("c", 1), ("b", 1)]
+    assert d.index_pending() == 2 and rows(d, "retention") == 4
+    assert d.prune(10, 1 / 86_400_000) == 3
+    assert [m.msg_id for m in d.read_inbox("b", 0, 10)] == ["m4"]
+    assert rows(d, "retention") == rows(d) == 1
+    fts_integrity_check(d)
     d.close()
 
 
