@@ -369,6 +369,67 @@ def test_prune_in_batches(tmp_path, monkeypatch):
 
 # -------------------------------------------------------------- SqliteStore
 
+def _observe_index_steps(store: SqliteStore, monkeypatch, busy_turns: list[int]) -> list[tuple[int, int]]:
+    """Record each index transaction's row limit and how many busy turns came before it."""
+    steps: list[tuple[int, int]] = []
+    index_pending = store.db.index_pending
+
+    def observed(max_rows: int) -> int:
+        steps.append((max_rows, busy_turns[0]))
+        return index_pending(max_rows)
+
+    monkeypatch.setattr(store.db, "index_pending", observed)
+    return steps
+
+
+async def test_index_steps_wait_for_an_idle_loop(tmp_path, monkeypatch):
+    """Each indexing transaction runs when no other task is runnable, INDEX_CHUNK rows
+    at a time: a busy task is not interleaved with index steps (a step in every turn of
+    the loop made each message wait for one at each of its hops: the open loop's p99)."""
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    store.db.append_many([msg("a", "b", "tea") for _ in range(3 * sqlite_mod.INDEX_CHUNK)])
+    busy_turns = [0]
+    steps = _observe_index_steps(store, monkeypatch, busy_turns)
+
+    async def busy() -> None:
+        for _ in range(20):
+            busy_turns[0] += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(busy)
+        nursery.start_soon(store._index_all)
+    assert steps == [(sqlite_mod.INDEX_CHUNK, 20)] * 4  # three full chunks, then none left
+    assert fts_matches(store.db, "tea") == 3 * sqlite_mod.INDEX_CHUNK
+    await store.aclose()
+
+
+async def test_index_keeps_up_with_a_loop_that_never_idles(tmp_path, monkeypatch):
+    """A saturated loop (never idle for IDLE_WAIT_S) does not starve maintenance: the
+    pass goes on in BUSY_CHUNK steps."""
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    store.db.append_many([msg("a", "b", "tea") for _ in range(2 * sqlite_mod.BUSY_CHUNK)])
+    busy_turns = [0]
+    steps = _observe_index_steps(store, monkeypatch, busy_turns)
+    indexed = trio.Event()
+
+    async def busy() -> None:
+        while not indexed.is_set():
+            busy_turns[0] += 1
+            await trio.lowlevel.checkpoint()
+
+    async def index() -> None:
+        await store._index_all()
+        indexed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(busy)
+        nursery.start_soon(index)
+    assert [chunk for chunk, _ in steps] == [sqlite_mod.BUSY_CHUNK] * 3
+    assert fts_matches(store.db, "tea") == 2 * sqlite_mod.BUSY_CHUNK
+    await store.aclose()
+
+
 async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
