@@ -255,9 +255,30 @@ def test_prune_unindexes_history_rows(tmp_path):
     d = SqliteDatabase.open(tmp_path / "t.db", max_inbox=2)
     d.append_many([msg("a", "b", f"m{i}") for i in range(5)])
     assert d.prune(0, None) == 3
-    assert rows(d, "conversations") == rows(d) == 2
+    assert rows(d, "conversations") == rows(d, "retention") == rows(d) == 2
     assert len(d.history("a", "b", None, 10)[0]) == 2
     d.close()
+
+
+def _indexes_on(d: SqliteDatabase, table: str) -> set[str]:
+    with d._read() as c:
+        return {r[0] for r in c.execute("SELECT name FROM pragma_index_list(?)", (table,))}
+
+
+def test_appends_leave_retention_to_index_pending(db):
+    """An append writes no ts index (one WAL frame less per commit): retention's index
+    is filled with the full-text index, and prune expires the rows it holds."""
+    db.append_many([msg("a", "b", "old", ts=1), msg("a", "c", "old", ts=2),
+                    msg("a", "b", "new", ts=50)])
+    assert _indexes_on(db, "messages") == {"messages_inbox", "sqlite_autoindex_messages_1"}
+    assert rows(db, "retention") == 0  # the append did not index
+    assert db.prune_plan(10, 1 / 86_400_000) == []  # nothing indexed: nothing to delete
+    assert db.index_pending(2) == 2 and rows(db, "retention") == 2
+    assert db.prune_plan(10, 1 / 86_400_000) == [("c", 1), ("b", 1)]
+    assert db.prune(10, 1 / 86_400_000) == 2  # prune indexes the rest first
+    assert [m.body for m in db.read_inbox("b", 0, 10)] == [b'"new"']
+    assert rows(db, "retention") == rows(db) == 1
+    fts_integrity_check(db)
 
 
 def test_version_4_database_moves_history_to_conversations(tmp_path):
@@ -283,6 +304,36 @@ def test_version_4_database_moves_history_to_conversations(tmp_path):
     assert _ids(d.history("a", "b", None, 10)) == (["m3", "m2", "m1"], False)
     assert d.index_pending() == 1 and rows(d, "conversations") == 3
     assert _ids(d.history("a", "b", "m3", 10)) == (["m2", "m1"], False)
+    d.close()
+
+
+def test_version_5_database_moves_retention_to_its_own_index(tmp_path):
+    """Migration 6: the ts index on messages is dropped; indexed rows go to retention,
+    unindexed ones join it with index_pending; prune by retention sees the same rows."""
+    path = tmp_path / "v5.db"
+    conn = sqlite3.connect(path)
+    for statements in MIGRATIONS[:5]:
+        for sql in statements:
+            conn.execute(sql)
+    for i, (r, ts) in enumerate([("b", 1), ("c", 2), ("b", 3), ("b", 90)], 1):
+        conn.execute("INSERT INTO messages (id, msg_id, recipient, seq, sender, conv, body, ts) "
+                     "VALUES (?, ?, ?, ?, 'a', 'conv', '\"hi\"', ?)",
+                     (i, f"m{i}", r, 1 if r == "c" else i - (i > 2), ts))
+    conn.execute("INSERT INTO messages_fts (rowid, text, owners) "
+                 "SELECT id, text, owners FROM messages WHERE id <= 2")
+    conn.execute("UPDATE meta SET value = 2 WHERE key = 'fts_indexed_id'")  # m3, m4 pending
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    d = SqliteDatabase.open(path)
+    assert "messages_ts" not in _indexes_on(d, "messages")
+    assert rows(d, "retention") == 2
+    assert d.prune_plan(10, 1 / 86_400_000) == [("c", 1), ("b", 1)]
+    assert d.index_pending() == 2 and rows(d, "retention") == 4
+    assert d.prune(10, 1 / 86_400_000) == 3
+    assert [m.msg_id for m in d.read_inbox("b", 0, 10)] == ["m4"]
+    assert rows(d, "retention") == rows(d) == 1
+    fts_integrity_check(d)
     d.close()
 
 
@@ -317,6 +368,67 @@ def test_prune_in_batches(tmp_path, monkeypatch):
 
 
 # -------------------------------------------------------------- SqliteStore
+
+def _observe_index_steps(store: SqliteStore, monkeypatch, busy_turns: list[int]) -> list[tuple[int, int]]:
+    """Record each index transaction's row limit and how many busy turns came before it."""
+    steps: list[tuple[int, int]] = []
+    index_pending = store.db.index_pending
+
+    def observed(max_rows: int) -> int:
+        steps.append((max_rows, busy_turns[0]))
+        return index_pending(max_rows)
+
+    monkeypatch.setattr(store.db, "index_pending", observed)
+    return steps
+
+
+async def test_index_steps_wait_for_an_idle_loop(tmp_path, monkeypatch):
+    """Each indexing transaction runs when no other task is runnable, INDEX_CHUNK rows
+    at a time: a busy task is not interleaved with index steps (a step in every turn of
+    the loop made each message wait for one at each of its hops: the open loop's p99)."""
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    store.db.append_many([msg("a", "b", "tea") for _ in range(3 * sqlite_mod.INDEX_CHUNK)])
+    busy_turns = [0]
+    steps = _observe_index_steps(store, monkeypatch, busy_turns)
+
+    async def busy() -> None:
+        for _ in range(20):
+            busy_turns[0] += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(busy)
+        nursery.start_soon(store._index_all)
+    assert steps == [(sqlite_mod.INDEX_CHUNK, 20)] * 4  # three full chunks, then none left
+    assert fts_matches(store.db, "tea") == 3 * sqlite_mod.INDEX_CHUNK
+    await store.aclose()
+
+
+async def test_index_keeps_up_with_a_loop_that_never_idles(tmp_path, monkeypatch):
+    """A saturated loop (never idle for IDLE_WAIT_S) does not starve maintenance: the
+    pass goes on in BUSY_CHUNK steps."""
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    store.db.append_many([msg("a", "b", "tea") for _ in range(2 * sqlite_mod.BUSY_CHUNK)])
+    busy_turns = [0]
+    steps = _observe_index_steps(store, monkeypatch, busy_turns)
+    indexed = trio.Event()
+
+    async def busy() -> None:
+        while not indexed.is_set():
+            busy_turns[0] += 1
+            await trio.lowlevel.checkpoint()
+
+    async def index() -> None:
+        await store._index_all()
+        indexed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(busy)
+        nursery.start_soon(index)
+    assert [chunk for chunk, _ in steps] == [sqlite_mod.BUSY_CHUNK] * 3
+    assert fts_matches(store.db, "tea") == 2 * sqlite_mod.BUSY_CHUNK
+    await store.aclose()
+
 
 async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
@@ -363,7 +475,9 @@ async def test_a_wal_past_the_limit_is_restarted_with_writes_held(tmp_path, monk
 
         store.db.checkpoint = observed
         await store.checkpoint()
-        assert held_during == [False, True]  # the plain one, then the restart with writes held
+        # the plain one, a catch-up (writes go on), then the restart with writes held:
+        # the held one copies only what the catch-up let through
+        assert held_during == [False, False, True]
         assert store._held is None
         await store.append([msg("a", "b")])  # the first write after starts the WAL over
         assert original()[0] * pages < limit

@@ -7,15 +7,18 @@ module maps them onto one SQLite file.  :class:`tidings.store.sqlite.SqliteStore
 it from trio (threads, maintenance); this module never imports trio.
 
 * ``messages``: one row per message, ``id`` INTEGER PRIMARY KEY (the FTS rowid),
-  ``msg_id`` UNIQUE, ``(recipient, seq)`` UNIQUE index for inbox reads,
-  ``ts`` index for retention, and a ``conv`` column (the sorted pair of users
-  joined by U+001F; queries also check sender/recipient, so a user id containing
+  ``msg_id`` UNIQUE, ``(recipient, seq)`` UNIQUE index for inbox reads, and a
+  ``conv`` column (the sorted pair of users joined by U+001F; queries also check sender/recipient, so a user id containing
   U+001F cannot make two conversations collide).
 * ``conversations``: ``(conv, msg_id)``, history's index, filled by
   ``index_pending`` with the full-text index (so a commit does not rewrite an index
   page per conversation it touches); history reads the rows above that high-water
   mark with a scan of their id range (``sqlite_schema.read_history``).
-  Two VIRTUAL generated columns feed full-text search: ``text`` (the body's
+* ``retention``: ``(ts, id)``, retention's index, filled by ``index_pending`` likewise
+  (a ``messages (ts)`` index cost a WAL frame per commit: a quarter of a one-message
+  commit's pages); ``prune_plan`` reads it, so retention sees indexed rows only, which
+  is what prune may delete anyway (every row it deletes must be in the full-text index).
+* Two VIRTUAL generated columns feed full-text search: ``text`` (the body's
   string value if the body JSON is a string, else the raw JSON text) and
   ``owners`` (``u<hex(sender)> u<hex(recipient)>``, so FTS5 itself restricts a
   search to the user's messages instead of ranking everyone's).
@@ -83,7 +86,7 @@ from tidings.store.records import (
 from tidings.store.search import parse_query
 from tidings.store.sqlite_schema import (
     _COLS, _IN_PAIR, _LAST_SEQ_OF, MIGRATIONS, SQL_CONV_ADD_RANGE, SQL_CONV_DEL, SQL_INDEXED_ID,
-    find_key, forget_keys, read_devices, read_history, remember_key, save_progress,
+    SQL_RETENTION_ADD_RANGE, SQL_RETENTION_CUTS, SQL_RETENTION_DEL, find_key, forget_keys, read_devices, read_history, remember_key, save_progress,
 )
 from tidings.store.sqlite_webhooks import WebhookTables
 
@@ -340,6 +343,7 @@ class SqliteDatabase(WebhookTables):
                                  (done, top)).fetchone()
             c.execute(_SQL_FTS_ADD_RANGE, (done, top))
             c.execute(SQL_CONV_ADD_RANGE, (done, top))
+            c.execute(SQL_RETENTION_ADD_RANGE, (done, top))
             c.execute("UPDATE meta SET value = ? WHERE key = 'fts_indexed_id'", (top,))
             return count
 
@@ -484,15 +488,14 @@ class SqliteDatabase(WebhookTables):
     def prune_plan(self, now_ms: int, retention_days: float | None) -> list[tuple[str, int]]:
         """What ``prune`` deletes: ``(user, last seq to delete)`` pairs, planned on the
         read connection (never blocks writes).  Call ``index_pending`` until it returns
-        0 before deleting, so the index holds every row a step deletes."""
+        0 before deleting, so the index holds every row a step deletes (retention is
+        planned from the ``retention`` index, which holds the indexed rows only)."""
         cutoff = prune_cutoff_ms(now_ms, retention_days)
         max_inbox = self.max_inbox
         cuts: dict[str, int] = {}
         with self._read() as c:
             if cutoff is not None:
-                cuts.update(c.execute(
-                    "SELECT recipient, MAX(seq) FROM messages INDEXED BY messages_ts "
-                    "WHERE ts < ? GROUP BY recipient", (_i64(cutoff),)))
+                cuts.update(c.execute(SQL_RETENTION_CUTS, (_i64(cutoff),)))
             if max_inbox is not None:
                 for user, cut in c.execute(
                         "SELECT recipient, MAX(seq) - :k FROM messages GROUP BY recipient "
@@ -516,6 +519,7 @@ class SqliteDatabase(WebhookTables):
                 if ids:
                     c.execute(_SQL_FTS_DEL, (orjson.dumps(ids),))
                     c.execute(SQL_CONV_DEL, (orjson.dumps(ids),))
+                    c.execute(SQL_RETENTION_DEL, (orjson.dumps(ids),))
                     c.execute(_SQL_DEL, (orjson.dumps(ids),))
                 budget -= len(ids)
                 deleted += len(ids)

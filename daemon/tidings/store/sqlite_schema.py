@@ -3,7 +3,8 @@ statements.  Sans-IO (stdlib sqlite3 on a connection the caller holds in a trans
 
 Tables
 ------
-* ``messages``, ``messages_fts``, ``meta``: see :mod:`tidings.store.sqlite_db`.
+* ``messages``, ``messages_fts``, ``meta``, ``conversations``, ``retention``: see
+  :mod:`tidings.store.sqlite_db`.
 * ``users``: per user ``last_seen`` and ``last_seq`` as of the last prune (see
   ``_LAST_SEQ_OF``).  Its ``cursor`` column is unused since migration 4 (one cursor per
   user before devices existed; migration 4 copied it to each user's ``default`` device).
@@ -27,8 +28,9 @@ from typing import Any
 from tidings.store.records import DEFAULT_DEVICE, DeviceState, Original, Progress
 from tidings.store.sqlite_webhooks import WEBHOOK_SCHEMA
 
-__all__ = ["MIGRATIONS", "SQL_CONV_ADD_RANGE", "SQL_CONV_DEL", "SQL_INDEXED_ID", "device_cursor", "find_key",
-           "forget_keys", "read_devices", "read_history", "remember_key", "save_progress"]
+__all__ = ["MIGRATIONS", "SQL_CONV_ADD_RANGE", "SQL_CONV_DEL", "SQL_INDEXED_ID", "SQL_RETENTION_ADD_RANGE",
+           "SQL_RETENTION_CUTS", "SQL_RETENTION_DEL", "device_cursor", "find_key", "forget_keys",
+           "read_devices", "read_history", "remember_key", "save_progress"]
 
 _I64 = 2**63 - 1
 _BODY = "CAST(body AS TEXT)"
@@ -116,13 +118,28 @@ MIGRATIONS: list[tuple[str, ...]] = [
            WHERE id <= (SELECT value FROM meta WHERE key = 'fts_indexed_id')""",
         "DROP INDEX messages_conv",
     ),
+    # 6: retention's index moves out of the append transaction too: ``retention (ts, id)``
+    #    is filled with the full-text index (same high-water mark), so a commit no longer
+    #    writes a ``messages_ts`` leaf (bench/sqlite_append.py --drop-index messages_ts:
+    #    -12 % CPU and -24 % WAL bytes per message at one message per commit,
+    #    docs/performance.md).  Prune deletes only indexed rows anyway.
+    (
+        """CREATE TABLE retention (
+            ts INTEGER NOT NULL,
+            id INTEGER NOT NULL,
+            PRIMARY KEY (ts, id)
+        ) WITHOUT ROWID""",
+        """INSERT INTO retention (ts, id) SELECT ts, id FROM messages
+           WHERE id <= (SELECT value FROM meta WHERE key = 'fts_indexed_id')""",
+        "DROP INDEX messages_ts",
+    ),
 ]
 
 #: The highest seq ever assigned to the user ``{u}`` (an SQL expression): appends do not
 #: write ``users``; prune saves ``last_seq`` there before it deletes (sqlite_db).
 _LAST_SEQ_OF = ("MAX(COALESCE((SELECT last_seq FROM users WHERE user = {u}), 0), "
                 "COALESCE((SELECT MAX(seq) FROM messages WHERE recipient = {u}), 0))")
-#: The highest message id in the full-text index and ``conversations``.
+#: The highest message id in the full-text index, ``conversations`` and ``retention``.
 SQL_INDEXED_ID = "SELECT value FROM meta WHERE key = 'fts_indexed_id'"
 #: Index rows ``id > ? AND id <= ?`` for history (with the full-text index: index_pending).
 SQL_CONV_ADD_RANGE = ("INSERT INTO conversations (conv, msg_id) "
@@ -130,6 +147,15 @@ SQL_CONV_ADD_RANGE = ("INSERT INTO conversations (conv, msg_id) "
 #: Unindex the rows whose ids are in the JSON array ``?`` (before prune deletes them).
 SQL_CONV_DEL = ("DELETE FROM conversations WHERE (conv, msg_id) IN (SELECT conv, msg_id "
                 "FROM messages WHERE id IN (SELECT value FROM json_each(?)))")
+#: Index rows ``id > ? AND id <= ?`` for retention (with the full-text index: index_pending).
+SQL_RETENTION_ADD_RANGE = ("INSERT INTO retention (ts, id) "
+                           "SELECT ts, id FROM messages WHERE id > ? AND id <= ?")
+#: Unindex the rows whose ids are in the JSON array ``?`` (before prune deletes them).
+SQL_RETENTION_DEL = ("DELETE FROM retention WHERE (ts, id) IN (SELECT ts, id "
+                     "FROM messages WHERE id IN (SELECT value FROM json_each(?)))")
+#: Per recipient, the highest seq among indexed rows with ``ts < ?`` (prune's plan).
+SQL_RETENTION_CUTS = ("SELECT m.recipient, MAX(m.seq) FROM retention r "
+                      "JOIN messages m ON m.id = r.id WHERE r.ts < ? GROUP BY m.recipient")
 _COLS = "m.msg_id, m.seq, m.sender, m.recipient, m.body, m.ts"
 _IN_PAIR = "((+m.sender = :u AND +m.recipient = :p) OR (+m.sender = :p AND +m.recipient = :u))"
 _SQL_FIND_KEY = ("SELECT msg_id, seq, ts, delivered FROM send_keys "
