@@ -8,8 +8,9 @@ it from trio (threads, maintenance); this module never imports trio.
 
 * ``messages``: one row per message, ``id`` INTEGER PRIMARY KEY (the FTS rowid),
   ``msg_id`` UNIQUE, ``(recipient, seq)`` UNIQUE index for inbox reads, and a
-  ``conv`` column (the sorted pair of users joined by U+001F; queries also check sender/recipient, so a user id containing
-  U+001F cannot make two conversations collide).
+  ``conv`` column (the sorted pair of users joined by U+001F; queries also check
+  sender/recipient, so a user id containing U+001F cannot make two conversations
+  collide).
 * ``conversations``: ``(conv, msg_id)``, history's index, filled by
   ``index_pending`` with the full-text index (so a commit does not rewrite an index
   page per conversation it touches); history reads the rows above that high-water
@@ -86,7 +87,8 @@ from tidings.store.records import (
 from tidings.store.search import parse_query
 from tidings.store.sqlite_schema import (
     _COLS, _IN_PAIR, _LAST_SEQ_OF, MIGRATIONS, SQL_CONV_ADD_RANGE, SQL_CONV_DEL, SQL_INDEXED_ID,
-    SQL_RETENTION_ADD_RANGE, SQL_RETENTION_CUTS, SQL_RETENTION_DEL, find_key, forget_keys, read_devices, read_history, remember_key, save_progress,
+    SQL_RETENTION_ADD_RANGE, SQL_RETENTION_CUTS, SQL_RETENTION_DEL, find_key, forget_keys, read_devices,
+    read_history, remember_key, save_progress,
 )
 from tidings.store.sqlite_webhooks import WebhookTables
 
