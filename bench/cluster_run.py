@@ -157,9 +157,12 @@ def conn_spread(port: int, pids: list[int]) -> dict[int, int]:
 
 
 def run_lg(urls: tuple[str, str | None], server_root_pids: list[int], redis_pid: int | None,
-           lg_args: list[str], a: argparse.Namespace, spread_port: int | None = None) -> dict:
+           lg_args: list[str], a: argparse.Namespace, spread_port: int | None = None,
+           profile_tag: str = "") -> dict:
     """run.py's load generator driver with the nodes' CPU summed over their process
-    trees, redis-server's CPU apart, and the connection spread over workers."""
+    trees (and each node's apart: ``node<i>_cores``), redis-server's CPU apart, and the
+    connection spread over workers.  ``profile_tag``: py-spy every node process
+    (bench/results/profile-cluster-<tag>-node<i>-<time>.raw; see ``--profile``)."""
     def srv_cpu() -> float:
         return sum(R.tree_cpu_s(pid) for pid in server_root_pids)
 
@@ -169,8 +172,16 @@ def run_lg(urls: tuple[str, str | None], server_root_pids: list[int], redis_pid:
             box["conn_spread"] = conn_spread(spread_port, kids)
 
     side = {"redis": lambda: R.proc_cpu_s(redis_pid)} if redis_pid else {}
+    detail = ({f"node{i + 1}": (lambda pid=pid: R.tree_cpu_s(pid)) for i, pid in enumerate(server_root_pids)}
+              if len(server_root_pids) > 1 else {})
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    profiles = [(pid, R.RESULTS / f"profile-cluster-{profile_tag}-node{i + 1}-{stamp}.raw")
+                for i, pid in enumerate(server_root_pids)] if profile_tag else []
     res = R.drive_loadgen(urls[0], srv_cpu, lg_args, a.warmup, a.duration, url2=urls[1],
-                          side_cpu=side, on_go=spread)
+                          side_cpu=side, on_go=spread, detail_cpu=detail, profiles=profiles)
+    if profiles:
+        time.sleep(2)  # py-spy writes its file when its --duration is over
+        res["profiles"] = [str(path) for _pid, path in profiles]
     res.setdefault("redis_cores", 0.0)
     return res
 
@@ -202,7 +213,8 @@ def measure(setup: str, mode: str, a: argparse.Namespace) -> dict:
                 spread_port = port
             else:
                 raise ValueError(setup)
-        res = run_lg(urls, [n.pid for n in nodes], redis.pid if redis else None, lg, a, spread_port)
+        tag = f"{mode}-{setup.replace('@', '-')}" if a.profile else ""
+        res = run_lg(urls, [n.pid for n in nodes], redis.pid if redis else None, lg, a, spread_port, tag)
     finally:
         alive = all(n.alive() for n in nodes)
         rcs = [n.stop() for n in nodes]
@@ -223,7 +235,9 @@ def measure(setup: str, mode: str, a: argparse.Namespace) -> dict:
                server_log_tail=[ln for n in nodes for ln in list(n.lines)[-3:]])
     R.log(f"  {mode:<6} {setup:<9} {res['msgs_per_s']:>7} msgs/s  p50 {res['p50_ms']} p99 {res['p99_ms']} ms  "
           f"srv {res.get('server_cores', 0):.2f} redis {res.get('redis_cores', 0):.2f} "
-          f"gen {res.get('gen_cores_sampled', 0):.2f} bg {res.get('bg_cores', 0):.2f}  errors {res['errors']} "
+          f"gen {res.get('gen_cores_sampled', 0):.2f} bg {res.get('bg_cores', 0):.2f} "
+          + "".join(f"{k[:-6]} {v:.2f} " for k, v in res.items() if k.startswith("node") and k.endswith("_cores"))
+          + f" errors {res['errors']} "
           f"closes {res['unexpected_closes']} missing {res.get('missing', 0)} spread {res.get('conn_spread')} "
           f"msgs/script {res.get('msgs_per_script_call', 0):.1f}")
     if res["errors"] or res["unexpected_closes"] or res["connect_errors"]:
@@ -294,6 +308,10 @@ def main() -> int:
     ap.add_argument("--quiet-wait", type=float, default=30.0)
     ap.add_argument("--start-retries", type=int, default=0)
     ap.add_argument("--start-retry-wait", type=float, default=5.0)
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy every node process of every run (rate: BENCH_PYSPY_RATE, default 100 Hz) "
+                         "and print bench/pyspy_top.py of each; profiled figures are not comparable with "
+                         "unprofiled ones")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                     help="another checkout (its daemon/ first on PYTHONPATH): name setups "
                          "<setup>@NAME, e.g. redis1@before (before/after in one run)")
@@ -326,6 +344,10 @@ def main() -> int:
                     continue
                 r["rep"] = rep + 1
                 rows.append(r)
+                for prof in r.get("profiles", []):
+                    top = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "pyspy_top.py"),
+                                          prof, "25"], check=False, capture_output=True, text=True).stdout
+                    md.append(f"py-spy {prof} ({s}, rep {rep + 1}):\n```\n{top}```\n")
                 raw["results"][mode] = rows
                 path.write_text(json.dumps(raw, indent=1, default=str))
         title = (f"Closed loop P={a.pairs} W={a.window} S={a.size}, {a.duration:g} s after {a.warmup:g} s warm-up"

@@ -397,16 +397,25 @@ def drive_loadgen(url: str, server_cpu: Callable[[], float], lg_args: list[str],
                   duration: float, *, url2: str | None = None,
                   side_cpu: dict[str, Callable[[], float]] | None = None,
                   on_go: Callable[[dict], None] | None = None,
-                  profile_pid: int | None = None, profile: Path | None = None) -> dict:
+                  profile_pid: int | None = None, profile: Path | None = None,
+                  detail_cpu: dict[str, Callable[[], float]] | None = None,
+                  profiles: list[tuple[int, Path]] | None = None) -> dict:
     """Run a closed/open loop; sample CPU over the measurement window: the server's
     (``server_cpu``: seconds used so far), the generator's, each of ``side_cpu`` (e.g.
     redis-server: ``<name>_cores``) and the rest of the box (``bg_cores``).  ``url2``:
     receivers connect there (pairs split across two nodes); ``on_go(box)`` runs when the
-    generator starts sending."""
+    generator starts sending.  ``detail_cpu``: parts of the server's CPU reported apart
+    (``<name>_cores``, e.g. each node of a cluster; not subtracted from ``bg_cores``).
+    ``profiles``: (pid, path) pairs each sampled by py-spy over the window, like
+    ``profile_pid``/``profile``."""
     cmd = ["node", str(LOADGEN), "--url", url, *(["--url2", url2] if url2 else []), *lg_args]
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, cwd=str(BENCH), preexec_fn=renice)
     side = side_cpu or {}
+    detail = detail_cpu or {}
+    to_profile = list(profiles or [])
+    if profile is not None and profile_pid is not None:
+        to_profile.append((profile_pid, profile))
     box: dict = {}
     go = threading.Event()
     out_lines: list[str] = []
@@ -425,7 +434,7 @@ def drive_loadgen(url: str, server_cpu: Callable[[], float], lg_args: list[str],
         err_chunks.append(p.stderr.read())
 
     def sample() -> tuple:
-        return (server_cpu(), {k: f() for k, f in side.items()}, tree_cpu_s(p.pid),
+        return (server_cpu(), {k: f() for k, f in (side | detail).items()}, tree_cpu_s(p.pid),
                 system_busy_s(), time.monotonic())
 
     def sampler() -> None:
@@ -434,20 +443,20 @@ def drive_loadgen(url: str, server_cpu: Callable[[], float], lg_args: list[str],
         if on_go is not None:
             on_go(box)
         time.sleep(warmup)
-        if profile is not None and profile_pid is not None:
+        for pid, path in to_profile:
             # py-spy samples from its own process (~100 Hz): small but non-zero cost, so
             # profiled runs are never counted in the tables
-            subprocess.Popen(["py-spy", "record", "--pid", str(profile_pid), "--rate",
+            subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate",
                               os.environ.get("BENCH_PYSPY_RATE", "100"), "--duration",
                               str(max(1, int(duration) - 1)), "--format", "raw", "--nonblocking",
-                              "-o", str(profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              "-o", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         s0, x0, g0, b0, t0 = sample()
         time.sleep(max(0.5, duration - 0.3))
         s1, x1, g1, b1, t1 = sample()
         dtw = t1 - t0
         box.update(server_cores=(s1 - s0) / dtw, gen_cores_sampled=(g1 - g0) / dtw,
                    box_cores=(b1 - b0) / dtw)
-        for k in side:
+        for k in (side | detail):
             box[f"{k}_cores"] = (x1[k] - x0[k]) / dtw
         box["bg_cores"] = max(0.0, box["box_cores"] - box["server_cores"] - box["gen_cores_sampled"]
                               - sum(box[f"{k}_cores"] for k in side))

@@ -3,14 +3,21 @@
 coredis 6.9's ``PubSub`` moves each message through two memory streams (the
 connection's push buffer -> its consumer task -> ``get_message``), and every
 ``receive`` is a checkpoint: one message per trip round the trio scheduler, so the hub
-routed one message per round and each connection wrote one frame per ``send``.  Here
-the consumer task drains the push buffer without waiting (``receive_nowait``) after
-each wake-up, parses the messages with coredis' own ``_handle_message`` (subscribe
-acknowledgements still reach ``subscribe``'s waiters) and calls ``sink(messages)``
-synchronously with the whole batch: no per-message timeout, no second stream.  A
-published message (``message``/``smessage``; we register no per-channel handlers) is
-turned into coredis' message dict here directly: ``_handle_message``'s enum lookups cost
-~6% of a node's CPU under load.
+routed one message per round and each connection wrote one frame per ``send``.  Here a
+published message (``message``/``smessage``; we register no per-channel handlers) goes
+to ``sink([message])`` straight from coredis' reader task, while it parses the read that
+brought it (:class:`_PushTap` stands in for the push buffer's send side): every message
+of one read is routed in the same scheduler round, with no hop through the buffer to a
+consumer task (that hop was ~11 % of a receiving node's CPU in the open loop,
+docs/cluster.md "fourth session").  It is turned into coredis' message dict directly:
+``_handle_message``'s enum lookups cost ~6% of a node's CPU under load.  Everything
+else (subscribe and unsubscribe acknowledgements) still goes through the buffer: the
+consumer task drains it without waiting (``receive_nowait``) after each wake-up, parses
+it with coredis' own ``_handle_message`` (so ``subscribe``'s waiters hear their
+acknowledgements) and calls ``sink(messages)`` with the batch.  An acknowledgement and
+the messages after it in the same read may thus reach the sink in either order; the
+node's ``sink`` does not depend on it (it checks what it holds, and a hold returns only
+after its acknowledgement).
 
 Unchanged from coredis: connecting, resubscribing (we pass ``NoRetryPolicy``: the
 caller's session loop reconnects), the keepalive ``PING`` after ``max_idle_seconds``
@@ -19,7 +26,8 @@ pub/sub per primary on Redis Cluster.  A lost connection raises ``ConnectionErro
 out of the pub/sub's task group, as coredis' own consumer does.
 
 ``sink`` must not block and should not raise (an exception ends the session).  This
-module reads two coredis internals (``_push_message_buffer_out``, ``_handle_message``);
+module reads three coredis internals (``_push_message_buffer_in`` / ``_out``,
+``_handle_message``);
 tests/test_cluster.py pins the behaviour, so a coredis upgrade that moves them fails
 there first.
 """
@@ -41,9 +49,37 @@ Sink = Callable[[list[Any]], None]
 _PUBLISHED = frozenset((b"message", b"smessage"))  # we subscribe without handlers
 
 
+class _PushTap:
+    """Stands in for the send side of a coredis connection's push buffer: a published
+    message goes to ``sink`` at once, from coredis' reader task, in the read that
+    brought it (no hop through the buffer to the consumer task); anything else
+    (subscribe and unsubscribe acknowledgements) goes into the buffer as before, for
+    :func:`_drain`.  Installed before the first subscribe, so nothing published is
+    ever queued behind it."""
+
+    __slots__ = ("_buffer", "_checked_in", "_sink")
+
+    def __init__(self, buffer: Any, sink: Sink, checked_in: Callable[[], None]) -> None:
+        self._buffer, self._sink, self._checked_in = buffer, sink, checked_in
+
+    def send_nowait(self, response: Any) -> None:
+        kind = response[0]
+        if kind in _PUBLISHED and len(response) == 3:  # the hot path, as coredis builds it
+            self._checked_in()
+            self._sink([{"type": kind.decode(), "pattern": None,
+                         "channel": response[1], "data": response[2]}])
+        else:
+            self._buffer.send_nowait(response)
+
+    def __getattr__(self, name: str) -> Any:  # statistics(), close(): the buffer's
+        return getattr(self._buffer, name)
+
+
 async def _drain(ps: Any, connection: Any, checked_in: Callable[[], None]) -> None:
     rx = connection._push_message_buffer_out
     sink: Sink = ps.sink
+    buffer = connection._push_message_buffer_in
+    connection._push_message_buffer_in = _PushTap(buffer, sink, checked_in)
     try:
         while True:
             batch = [await rx.receive()]
@@ -67,6 +103,8 @@ async def _drain(ps: Any, connection: Any, checked_in: Callable[[], None]) -> No
                 sink(out)
     except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError) as err:
         raise RedisConnectionError("connection lost while reading pub/sub") from err
+    finally:
+        connection._push_message_buffer_in = buffer
 
 
 class BatchPubSub(PubSub):  # type: ignore[type-arg]

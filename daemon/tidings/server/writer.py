@@ -14,6 +14,16 @@ At most ``PIPELINE_DEPTH`` batches are out; the progress save due after a batch 
 the background then (one at a time; a save swaps the pending progress out before it
 awaits anything, so what arrives meanwhile goes with the next one).  On shutdown the
 writer waits for all of them before its last progress save.
+
+Small batches are coalesced (pipelined store only).  At an even rate (thousands of
+messages a second, one at a time) every batch held one or two messages, and each batch
+costs the same round trip whatever its size: a script call and its reply on both ends,
+a publish read on every subscribed node (docs/cluster.md, "fourth session").  So a
+batch of fewer than ``COALESCE_BELOW`` messages is not sent while another is in flight
+(it waits for that one's answer), nor sooner than ``LINGER_S`` after the batch before
+it; what was queued meanwhile joins it.  A message therefore waits at most one round
+trip plus ``LINGER_S`` longer than it would alone; the first message after a quiet
+``LINGER_S`` goes out at once, and big batches (load) still go two in flight.
 """
 
 from __future__ import annotations
@@ -32,6 +42,24 @@ __all__ = ["PIPELINE_DEPTH", "WAKE", "Writer"]
 WAKE = object()
 #: Batches a PipelinedStore may have in flight at once.
 PIPELINE_DEPTH = 2
+#: A batch smaller than this is not sent while another is in flight: it waits for that
+#: one's answer and takes what was queued meanwhile (see the module docstring).
+COALESCE_BELOW = 32
+#: ... and is sent at most this long after the batch before it.
+LINGER_S = 0.001
+
+
+def _take(jobs: list[Any], rx: Any, batch_max: int) -> list[Any]:
+    """``jobs`` plus what is queued on ``rx`` without waiting, up to ``batch_max``
+    (wake-ups dropped)."""
+    while len(jobs) < batch_max:
+        try:
+            job = rx.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        if job is not WAKE:
+            jobs.append(job)
+    return jobs
 
 
 class Writer:
@@ -58,19 +86,20 @@ class Writer:
         submit = self.store.append_submit if isinstance(self.store, PipelinedStore) else None
         slots = trio.Semaphore(PIPELINE_DEPTH)
         prev: trio.Event | None = None
+        last_submit = -LINGER_S
         async with trio.open_nursery() as inflight:
             async for first in rx:
-                jobs = [] if first is WAKE else [first]
-                while len(jobs) < batch_max:
-                    try:
-                        job = rx.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    if job is not WAKE:
-                        jobs.append(job)
+                jobs = _take([] if first is WAKE else [first], rx, batch_max)
                 if jobs and submit is None:
                     await self._append(jobs)
                 elif jobs:
+                    if len(jobs) < COALESCE_BELOW:
+                        if prev is not None and not prev.is_set():
+                            await prev.wait()  # a small batch waits for the one in flight
+                        if trio.current_time() < last_submit + LINGER_S:
+                            await trio.sleep_until(last_submit + LINGER_S)
+                        jobs = _take(jobs, rx, batch_max)  # what came meanwhile joins it
+                    last_submit = trio.current_time()
                     await slots.acquire()
                     started = time.monotonic()
                     messages = [j.message for j in jobs]
