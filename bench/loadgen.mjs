@@ -34,14 +34,18 @@
 // are split round-robin) so the generator is never the bottleneck; each worker
 // reports its own CPU use so the caller can check that.
 //
-// Source addresses (--source-addrs K, default 8): against a loopback URL, connection i
+// Source addresses (--source-addrs K, default 64): against a loopback URL, connection i
 // is made from 127.0.0.(2 + i % K) instead of 127.0.0.1.  Linux picks a connect()'s
 // ephemeral port by scanning the even ports first for a free (source, port, destination)
 // tuple: once ~14,000 connections from one address to one server port exist, every
 // further connect() scans all of them (~1.1 ms of kernel CPU each here, against ~30 us
 // below that), which made the generator, not the server, the limit of an 18,000
-// connection storm.  Bytes on the wire are unchanged; only the peer address differs.
-// K = 0: the kernel picks the source address (127.0.0.1), as before.
+// connection storm.  A source address means a bind() before the connect, and bind()
+// treats a port in TIME_WAIT on that address as taken: the sockets of the previous
+// storms (60 s of TIME_WAIT, on our side since we close first) fill an address's ports
+// too.  8 addresses degraded to >1 ms a connect by the fourth storm of 18,000 within a
+// minute; 64 stayed at ~30 us with 90,000 sockets in TIME_WAIT.  Bytes on the wire are
+// unchanged; only the peer address differs.  K = 0: the kernel picks (127.0.0.1).
 //
 // Output: one JSON object on stdout (progress/diagnostics on stderr).
 
@@ -88,7 +92,7 @@ function parseArgs(argv) {
     clientAck: 0,
     connectConcurrency: 100,
     connectTimeout: 30,
-    sourceAddrs: 8,
+    sourceAddrs: 64,
     drain: 3,
     tickUs: 200,
     worker: -1,
@@ -140,7 +144,7 @@ const USAGE = `usage: node loadgen.mjs --mode closed|open|idle --url ws://127.0.
   idle:   [-N conns=5000] [--hold 5] [--connect-concurrency 100]
           stdin while holding: "stats" -> one {"event":"stats",...} line; any other line -> close
   [--prefix RUNID] (alphanumeric; random by default: user ids are <prefix>s<k>/<prefix>r<k>/<prefix>u<i>)
-  [--source-addrs K=8] against a loopback URL, spread connections over 127.0.0.2..127.0.0.(K+1)
+  [--source-addrs K=64] against a loopback URL, spread connections over 127.0.0.2..127.0.0.(K+1)
                (0 = kernel's choice, 127.0.0.1); see "Source addresses" at the top
   [--client-ack K] receivers send {"type":"ack","seq":N} every K messages (0 = never)
   [--url2 URL] tidings closed/open: receivers connect here, senders to --url (pairs split
