@@ -503,10 +503,11 @@ class IdleClients:
     open, unexpected closes}.  Raises RuntimeError if no connection opened at all."""
 
     def __init__(self, url: str, conns: int, *, procs: int = 1, concurrency: int = 100,
-                 hold_s: float = 3600) -> None:
+                 hold_s: float = 3600, source_addrs: int | None = None) -> None:
+        extra = [] if source_addrs is None else ["--source-addrs", str(source_addrs)]
         self.proc = subprocess.Popen(
             ["node", str(LOADGEN), "--mode", "idle", "--url", url, "--conns", str(conns), "--hold", str(hold_s),
-             "--procs", str(procs), "--connect-concurrency", str(concurrency)],
+             "--procs", str(procs), "--connect-concurrency", str(concurrency), *extra],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd=str(BENCH), preexec_fn=renice)
         self.err: list[str] = []

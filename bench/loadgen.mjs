@@ -34,6 +34,19 @@
 // are split round-robin) so the generator is never the bottleneck; each worker
 // reports its own CPU use so the caller can check that.
 //
+// Source addresses (--source-addrs K, default 64): against a loopback URL, connection i
+// is made from 127.0.0.(2 + i % K) instead of 127.0.0.1.  Linux picks a connect()'s
+// ephemeral port by scanning the even ports first for a free (source, port, destination)
+// tuple: once ~14,000 connections from one address to one server port exist, every
+// further connect() scans all of them (~1.1 ms of kernel CPU each here, against ~30 us
+// below that), which made the generator, not the server, the limit of an 18,000
+// connection storm.  A source address means a bind() before the connect, and bind()
+// treats a port in TIME_WAIT on that address as taken: the sockets of the previous
+// storms (60 s of TIME_WAIT, on our side since we close first) fill an address's ports
+// too.  8 addresses degraded to >1 ms a connect by the fourth storm of 18,000 within a
+// minute; 64 stayed at ~30 us with 90,000 sockets in TIME_WAIT.  Bytes on the wire are
+// unchanged; only the peer address differs.  K = 0: the kernel picks (127.0.0.1).
+//
 // Output: one JSON object on stdout (progress/diagnostics on stderr).
 
 import { fork } from 'node:child_process';
@@ -79,6 +92,7 @@ function parseArgs(argv) {
     clientAck: 0,
     connectConcurrency: 100,
     connectTimeout: 30,
+    sourceAddrs: 64,
     drain: 3,
     tickUs: 200,
     worker: -1,
@@ -94,7 +108,7 @@ function parseArgs(argv) {
     '--procs': ['procs', Number], '--prefix': ['prefix', String],
     '--client-ack': ['clientAck', Number],
     '--connect-concurrency': ['connectConcurrency', Number],
-    '--connect-timeout': ['connectTimeout', Number],
+    '--connect-timeout': ['connectTimeout', Number], '--source-addrs': ['sourceAddrs', Number],
     '--drain': ['drain', Number], '--tick-us': ['tickUs', Number], '--worker': ['worker', Number],
   };
   for (let i = 0; i < argv.length; i++) {
@@ -119,6 +133,7 @@ function parseArgs(argv) {
   if (!opts.prefix) opts.prefix = 'b' + randomBytes(4).toString('hex');
   if (!/^[A-Za-z0-9]+$/.test(opts.prefix)) { process.stderr.write('--prefix must be alphanumeric\n'); process.exit(2); }
   opts.procs = Math.max(1, Math.floor(opts.procs));
+  opts.sourceAddrs = Math.max(0, Math.min(250, Math.floor(opts.sourceAddrs)));
   return opts;
 }
 
@@ -129,6 +144,8 @@ const USAGE = `usage: node loadgen.mjs --mode closed|open|idle --url ws://127.0.
   idle:   [-N conns=5000] [--hold 5] [--connect-concurrency 100]
           stdin while holding: "stats" -> one {"event":"stats",...} line; any other line -> close
   [--prefix RUNID] (alphanumeric; random by default: user ids are <prefix>s<k>/<prefix>r<k>/<prefix>u<i>)
+  [--source-addrs K=64] against a loopback URL, spread connections over 127.0.0.2..127.0.0.(K+1)
+               (0 = kernel's choice, 127.0.0.1); see "Source addresses" at the top
   [--client-ack K] receivers send {"type":"ack","seq":N} every K messages (0 = never)
   [--url2 URL] tidings closed/open: receivers connect here, senders to --url (pairs split
                across two cluster nodes); default: everything on --url
@@ -210,11 +227,20 @@ const ERR_RE = /"type"\s*:\s*"error"/;
 
 function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
 
+// The source address of this worker's n-th connection to `url` (see "Source addresses"
+// at the top): undefined (the kernel's choice) unless the host is an IPv4 loopback address.
+let connectsMade = 0;
+function sourceAddress(url, opts) {
+  if (!opts.sourceAddrs || !/^127\./.test(new URL(url).hostname)) return undefined;
+  return `127.0.0.${2 + (connectsMade++ % opts.sourceAddrs)}`;
+}
+
 // Open one socket; resolves once it is ready (hello received, or open for echo).
 function openSocket(url, user, opts, stats, onFrame) {
   return new Promise((resolve, reject) => {
     const full = opts.proto === 'tidings' ? `${url}${url.includes('?') ? '&' : '?'}user=${user}` : url;
-    const ws = new WebSocket(full, { perMessageDeflate: false, maxPayload: 16 * 1024 * 1024 });
+    const ws = new WebSocket(full, { perMessageDeflate: false, maxPayload: 16 * 1024 * 1024,
+      localAddress: sourceAddress(url, opts) });
     let ready = false;
     const timer = setTimeout(() => {
       if (!ready) { stats.connectErrors++; ws.terminate(); reject(new Error(`connect timeout ${user}`)); }

@@ -44,7 +44,8 @@ def one(name: str, a: argparse.Namespace, rep: int) -> dict:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
         c0, b0, t0 = proc_cpu_s(pid), harness.system_busy_s(), time.monotonic()
-        clients = IdleClients(srv.url(), a.conns, procs=a.procs, concurrency=a.connect_concurrency)
+        clients = IdleClients(srv.url(), a.conns, procs=a.procs, concurrency=a.connect_concurrency,
+                              source_addrs=a.source_addrs)
         c1, b1, t1 = proc_cpu_s(pid), harness.system_busy_s(), time.monotonic()
         gen = tree_cpu_s(clients.pid)
         n = clients.ready["conns"]
@@ -73,6 +74,9 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=18000)
     ap.add_argument("--connect-concurrency", type=int, default=100)
     ap.add_argument("--procs", type=int, default=1)
+    ap.add_argument("--source-addrs", type=int, default=None, metavar="K",
+                    help="the generator's loopback source addresses (loadgen.mjs --source-addrs; "
+                         "default its own, 64; 0 = all from 127.0.0.1, as before 2026-12-03 11:00)")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--tidings-set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--quiet-threshold", type=float, default=0.3)
