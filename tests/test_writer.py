@@ -11,7 +11,8 @@ when a test jumps it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 import trio.testing
@@ -58,17 +59,24 @@ async def _acks(client, n: int) -> list[tuple[str, int]]:
     return out
 
 
-def test_the_test_store_is_pipelined():
-    assert isinstance(PipelinedFlaky(), PipelinedStore)
-
-
-async def test_a_small_batch_waits_for_the_one_in_flight_and_goes_out_whole(mock_clock):
+@contextlib.asynccontextmanager
+async def one_batch_in_flight() -> AsyncIterator[tuple[PipelinedFlaky, object]]:
+    """A gated store and alice's client, whose first send (``s0``, to bob) is in flight."""
     store = PipelinedFlaky()
     store.gated = True
     async with running_hub(store=store) as h:
         a = await h.connect("user=alice")
         await a.send(send("bob", 0, "s0"))
         await trio.testing.wait_all_tasks_blocked()
+        yield store, a
+
+
+def test_the_test_store_is_pipelined():
+    assert isinstance(PipelinedFlaky(), PipelinedStore)
+
+
+async def test_a_small_batch_waits_for_the_one_in_flight_and_goes_out_whole(mock_clock):
+    async with one_batch_in_flight() as (store, a):
         assert [n for n, _t in store.submitted] == [1]  # nothing in flight: at once
         for i in range(1, 4):  # one at a time, as an even rate brings them
             await a.send(send("bob", i, f"s{i}"))
@@ -107,12 +115,7 @@ async def test_a_small_batch_goes_out_at_most_once_per_linger(mock_clock):
 
 
 async def test_a_big_batch_is_sent_while_another_is_in_flight(mock_clock):
-    store = PipelinedFlaky()
-    store.gated = True
-    async with running_hub(store=store) as h:
-        a = await h.connect("user=alice")
-        await a.send(send("bob", 0, "s0"))
-        await trio.testing.wait_all_tasks_blocked()
+    async with one_batch_in_flight() as (store, a):
         await a.send(*[send("bob", i, f"s{i}") for i in range(1, COALESCE_BELOW + 1)])
         await trio.testing.wait_all_tasks_blocked()
         assert [n for n, _t in store.submitted] == [1, COALESCE_BELOW]  # two in flight
