@@ -65,9 +65,12 @@ __all__ = ["BUSY_CHUNK", "IDLE_WAIT_S", "INDEX_CHUNK", "MAINTENANCE_INTERVAL_S",
 T = TypeVar("T")
 WRITE_CHUNK = 128
 #: Rows per maintenance transaction (indexing, pruning) taken when the loop is idle, and
-#: when it stayed busy for IDLE_WAIT_S: a step of 256 rows held the loop ~2-3 ms while
-#: messages waited for it once per turn of the loop (the open loop's p99, measured).
-INDEX_CHUNK = 64
+#: when it stayed busy for IDLE_WAIT_S.  Waiting for an idle loop is what keeps a step
+#: (~2-3 ms at 256 rows) off the messages' path; with that wait, 64-row steps measured no
+#: lower open-loop p99 than 256-row ones but cost twice the CPU per indexed row (12.5 vs
+#: 6.6 us), and after a closed-loop burst they left the open loop's p99 at 8.7-10.7 ms
+#: against 3.3-8.2 (docs/performance.md, fourth session, "index step size").
+INDEX_CHUNK = 256
 BUSY_CHUNK = 256
 IDLE_WAIT_S = 0.01
 MERGE_PAGES = 16  # ~0.03 ms typical, <= 4 ms measured per merge transaction
@@ -91,9 +94,9 @@ class _Pace:
     """When each transaction of one maintenance pass (indexing, merging, pruning) runs,
     and how many rows it takes.  Each waits for a moment the event loop has nothing
     else to run (no task runnable, no I/O ready) and takes ``INDEX_CHUNK`` rows, so it
-    delays only the messages that arrive while it runs, by one small step (with a
-    plain ``sleep(0)`` between bigger steps a step ran in every turn of the loop, and a
-    message waited for one at each of its hops).  Once the loop stays busy for
+    delays only the messages that arrive while it runs, by one step (with a plain
+    ``sleep(0)`` between steps a step ran in every turn of the loop, and a message
+    waited for one at each of its hops).  Once the loop stays busy for
     ``IDLE_WAIT_S`` (saturated), the rest of the pass yields with ``sleep(0)`` between
     steps of ``BUSY_CHUNK`` rows, so maintenance keeps up with any write rate."""
 
