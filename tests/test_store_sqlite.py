@@ -406,9 +406,9 @@ async def test_index_steps_wait_for_an_idle_loop(tmp_path, monkeypatch):
 
 async def test_index_keeps_up_with_a_loop_that_never_idles(tmp_path, monkeypatch):
     """A saturated loop (never idle for IDLE_WAIT_S) does not starve maintenance: the
-    pass goes on in BUSY_CHUNK steps."""
+    pass goes on in INDEX_CHUNK steps, without waiting for an idle moment."""
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
-    store.db.append_many([msg("a", "b", "tea") for _ in range(2 * sqlite_mod.BUSY_CHUNK)])
+    store.db.append_many([msg("a", "b", "tea") for _ in range(2 * sqlite_mod.INDEX_CHUNK)])
     busy_turns = [0]
     steps = _observe_index_steps(store, monkeypatch, busy_turns)
     indexed = trio.Event()
@@ -425,8 +425,8 @@ async def test_index_keeps_up_with_a_loop_that_never_idles(tmp_path, monkeypatch
     async with trio.open_nursery() as nursery:
         nursery.start_soon(busy)
         nursery.start_soon(index)
-    assert [chunk for chunk, _ in steps] == [sqlite_mod.BUSY_CHUNK] * 3
-    assert fts_matches(store.db, "tea") == 2 * sqlite_mod.BUSY_CHUNK
+    assert [chunk for chunk, _ in steps] == [sqlite_mod.INDEX_CHUNK] * 3
+    assert fts_matches(store.db, "tea") == 2 * sqlite_mod.INDEX_CHUNK
     await store.aclose()
 
 

@@ -30,9 +30,8 @@ So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine runs one more PASSIVE
 checkpoint (it copies what was written during the first), then holds new writes for a
 last one (it copies only what the second let through) and the next write starts the WAL
 over.  Every ``prune_interval_s`` retention and ``max_inbox`` are applied
-in chunks likewise.  Each such transaction waits for a moment the loop is idle (at most
-``IDLE_WAIT_S``) and is then small (``INDEX_CHUNK`` rows; ``BUSY_CHUNK`` when the loop
-stayed busy): see ``_Pace``.
+in chunks likewise.  Each such transaction (``INDEX_CHUNK`` rows) waits for a moment
+the loop is idle (at most ``IDLE_WAIT_S``): see ``_Pace``.
 
 A duplicate msg_id (never produced by the hub's id generator) fails only that message:
 the chunk is retried one message at a time.  Cancellation: a write that started on the
@@ -59,19 +58,17 @@ from tidings.store.records import (
 )
 from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
 
-__all__ = ["BUSY_CHUNK", "IDLE_WAIT_S", "INDEX_CHUNK", "MAINTENANCE_INTERVAL_S", "MERGE_PAGES",
-           "SqliteStore", "WAL_RESTART_BYTES", "WRITE_CHUNK"]
+__all__ = ["IDLE_WAIT_S", "INDEX_CHUNK", "MAINTENANCE_INTERVAL_S", "MERGE_PAGES", "SqliteStore",
+           "WAL_RESTART_BYTES", "WRITE_CHUNK"]
 
 T = TypeVar("T")
 WRITE_CHUNK = 128
-#: Rows per maintenance transaction (indexing, pruning) taken when the loop is idle, and
-#: when it stayed busy for IDLE_WAIT_S.  Waiting for an idle loop is what keeps a step
+#: Rows per maintenance transaction (indexing, pruning).  Waiting for an idle loop is what keeps a step
 #: (~2-3 ms at 256 rows) off the messages' path; with that wait, 64-row steps measured no
 #: lower open-loop p99 than 256-row ones but cost twice the CPU per indexed row (12.5 vs
 #: 6.6 us), and after a closed-loop burst they left the open loop's p99 at 8.7-10.7 ms
 #: against 3.3-8.2 (docs/performance.md, fourth session, "index step size").
 INDEX_CHUNK = 256
-BUSY_CHUNK = 256
 IDLE_WAIT_S = 0.01
 MERGE_PAGES = 16  # ~0.03 ms typical, <= 4 ms measured per merge transaction
 MAINTENANCE_INTERVAL_S = 1.0
@@ -91,29 +88,27 @@ class _StateBatch:
 
 
 class _Pace:
-    """When each transaction of one maintenance pass (indexing, merging, pruning) runs,
-    and how many rows it takes.  Each waits for a moment the event loop has nothing
-    else to run (no task runnable, no I/O ready) and takes ``INDEX_CHUNK`` rows, so it
-    delays only the messages that arrive while it runs, by one step (with a plain
-    ``sleep(0)`` between steps a step ran in every turn of the loop, and a message
-    waited for one at each of its hops).  Once the loop stays busy for
-    ``IDLE_WAIT_S`` (saturated), the rest of the pass yields with ``sleep(0)`` between
-    steps of ``BUSY_CHUNK`` rows, so maintenance keeps up with any write rate."""
+    """When each transaction of one maintenance pass (indexing, merging, pruning) runs.
+    Each waits for a moment the event loop has nothing else to run (no task runnable,
+    no I/O ready), so it delays only the messages that arrive while it runs, by one step
+    (with a plain ``sleep(0)`` between steps a step ran in every turn of the loop, and a
+    message waited for one at each of its hops).  Once the loop stays busy for
+    ``IDLE_WAIT_S`` (saturated), the rest of the pass only yields with ``sleep(0)``
+    between steps, so maintenance keeps up with any write rate."""
 
     __slots__ = ("busy",)
 
     def __init__(self) -> None:
         self.busy = False
 
-    async def step(self) -> int:
-        """Wait for this pass's next transaction; return how many rows it may take."""
+    async def step(self) -> None:
+        """Wait for this pass's next transaction."""
         if self.busy:
             await trio.sleep(0)
-            return BUSY_CHUNK
+            return
         with trio.move_on_after(IDLE_WAIT_S) as waited:
             await trio.testing.wait_all_tasks_blocked()
         self.busy = waited.cancelled_caught
-        return BUSY_CHUNK if self.busy else INDEX_CHUNK
 
 
 class SqliteStore:
@@ -281,12 +276,12 @@ class SqliteStore:
     # -- maintenance ---------------------------------------------------------------------
 
     async def _index_all(self, pace: _Pace | None = None) -> None:
-        """Index every pending row, one chunk per transaction (paced: ``_Pace``)."""
+        """Index every pending row, ``INDEX_CHUNK`` per transaction (paced: ``_Pace``)."""
         pace = pace or _Pace()
         while True:
-            chunk = await pace.step()
+            await pace.step()
             await self._writable()
-            if self.db.index_pending(chunk) < chunk:
+            if self.db.index_pending(INDEX_CHUNK) < INDEX_CHUNK:
                 return
 
     async def _merge_index(self, pace: _Pace) -> None:
@@ -299,18 +294,18 @@ class SqliteStore:
 
     async def prune(self, now_ms: int, retention_days: float | None) -> int:
         pace = _Pace()
-        while True:  # expired idempotency keys, one chunk per transaction
-            chunk = await pace.step()
+        while True:  # expired idempotency keys, INDEX_CHUNK per transaction
+            await pace.step()
             await self._writable()
-            if self.db.forget_keys(now_ms, chunk) < chunk:
+            if self.db.forget_keys(now_ms, INDEX_CHUNK) < INDEX_CHUNK:
                 break
         await self._index_all(pace)  # the index must hold every row a step deletes
         pending = await self._read(self.db.prune_plan, now_ms, retention_days)
         deleted = 0
         while pending:
-            chunk = await pace.step()
+            await pace.step()
             await self._writable()
-            deleted += self.db.prune_step(pending, chunk)
+            deleted += self.db.prune_step(pending, INDEX_CHUNK)
         return deleted
 
     async def checkpoint(self) -> None:
