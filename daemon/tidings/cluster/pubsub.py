@@ -49,6 +49,15 @@ Sink = Callable[[list[Any]], None]
 _PUBLISHED = frozenset((b"message", b"smessage"))  # we subscribe without handlers
 
 
+def _published(response: Any) -> dict[str, Any] | None:
+    """coredis' message dict for a published message as coredis' reader builds the
+    response (the hot path: no ``_handle_message``), else None."""
+    kind = response[0]
+    if kind in _PUBLISHED and len(response) == 3:
+        return {"type": kind.decode(), "pattern": None, "channel": response[1], "data": response[2]}
+    return None
+
+
 class _PushTap:
     """Stands in for the send side of a coredis connection's push buffer: a published
     message goes to ``sink`` at once, from coredis' reader task, in the read that
@@ -63,11 +72,10 @@ class _PushTap:
         self._buffer, self._sink, self._checked_in = buffer, sink, checked_in
 
     def send_nowait(self, response: Any) -> None:
-        kind = response[0]
-        if kind in _PUBLISHED and len(response) == 3:  # the hot path, as coredis builds it
+        message = _published(response)
+        if message is not None:
             self._checked_in()
-            self._sink([{"type": kind.decode(), "pattern": None,
-                         "channel": response[1], "data": response[2]}])
+            self._sink([message])
         else:
             self._buffer.send_nowait(response)
 
@@ -91,12 +99,9 @@ async def _drain(ps: Any, connection: Any, checked_in: Callable[[], None]) -> No
             checked_in()
             out = []
             for response in batch:
-                kind = response[0]
-                if kind in _PUBLISHED and len(response) == 3:  # the hot path, as coredis builds it
-                    out.append({"type": kind.decode(), "pattern": None,
-                                "channel": response[1], "data": response[2]})
-                    continue
-                message = await ps._handle_message(response)  # no checkpoint: sync handlers
+                message = _published(response)
+                if message is None:
+                    message = await ps._handle_message(response)  # no checkpoint: sync handlers
                 if message is not None:
                     out.append(message)
             if out:
