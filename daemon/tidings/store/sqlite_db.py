@@ -519,10 +519,9 @@ class SqliteDatabase(WebhookTables):
                 if len(ids) < budget:
                     pending.pop()
                 if ids:
-                    c.execute(_SQL_FTS_DEL, (orjson.dumps(ids),))
-                    c.execute(SQL_CONV_DEL, (orjson.dumps(ids),))
-                    c.execute(SQL_RETENTION_DEL, (orjson.dumps(ids),))
-                    c.execute(_SQL_DEL, (orjson.dumps(ids),))
+                    id_list = orjson.dumps(ids)
+                    for sql in (_SQL_FTS_DEL, SQL_CONV_DEL, SQL_RETENTION_DEL, _SQL_DEL):  # indexes first
+                        c.execute(sql, (id_list,))
                 budget -= len(ids)
                 deleted += len(ids)
         return deleted
