@@ -37,7 +37,6 @@ def child(config_path: str, lag_probe: bool) -> None:
     import gc
 
     import trio
-
     from tidings.config import load_config
     from tidings.server.daemon import serve
     from tidings.store import sqlite_db
