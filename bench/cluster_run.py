@@ -302,9 +302,9 @@ def disturbed(res: dict, a: argparse.Namespace) -> str:
     ``--disturbed-lag-ms`` late (send lag max), it was off the CPU that long, and so was
     everything else on the box (its receipts are late too): a stall of the box.  More
     than ``--disturbed-bg`` cores used by processes outside the run (``bg_cores``, e.g.
-    another engineer's tests) is foreign load.  On this 2-core box either one puts a
-    5 s window's p99 over 10 ms whatever the servers do (docs/cluster.md, "fifth
-    session")."""
+    another engineer's tests) is foreign load.  On this 2-core box either one put a 5 s
+    window's p99 over 10 ms in 12 of 13 repetitions, whatever the servers did
+    (docs/cluster.md, "fifth session")."""
     if res.get("mode") != "open" and "send_lag_ms" not in res:
         return ""
     why = []
