@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import shutil
 import socket
@@ -55,12 +56,14 @@ def free_port() -> int:
 
 
 class Redis:
-    def __init__(self) -> None:
+    def __init__(self, probe: bool = False) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="tidings-bench-redis-")
         self.port = free_port()
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.tmp.name,
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning"],
+             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning",
+             *(["--latency-monitor-threshold", "2"] if probe else []),
+             *os.environ.get("BENCH_REDIS_ARGS", "").split()],  # diagnostics only, e.g. "--appendonly no"
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=R.renice)
         deadline = time.monotonic() + 10
@@ -94,6 +97,19 @@ class Redis:
                 stats[name[8:]] = {k: float(d[k]) for k in ("calls", "usec", "usec_per_call")}
         return stats
 
+    def diagnostics(self) -> dict:
+        """What Redis saw of stalls over the run (``--probe``): AOF counters of INFO
+        persistence, LATENCY LATEST (events over 2 ms), SLOWLOG (commands over 10 ms)."""
+        def cli(*args: str) -> str:
+            return subprocess.run(["redis-cli", "-p", str(self.port), *args], check=False,
+                                  capture_output=True, text=True, timeout=10).stdout
+        keep = ("aof_rewrites", "aof_rewrite_in_progress", "aof_last_rewrite_time_sec", "aof_current_size",
+                "aof_base_size", "aof_delayed_fsync", "aof_pending_bio_fsync", "aof_last_write_status")
+        info = dict(ln.split(":", 1) for ln in cli("INFO", "persistence").splitlines() if ":" in ln)
+        return {"persistence": {k: info.get(k, "").strip() for k in keep},
+                "latency_latest": cli("LATENCY", "LATEST").split(),
+                "slowlog_len": cli("SLOWLOG", "LEN").strip()}
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -115,6 +131,7 @@ class Node(R.Server):
 
     def command(self) -> list[str]:
         self.tmp = tempfile.TemporaryDirectory(prefix=f"tidings-bench-{self.name}-")
+        self.probe_out = Path(tempfile.gettempdir()) / f"tidings-nodeprobe-{os.getpid()}-{self.name}.json"
         cfg = Path(self.tmp.name) / "tidings.toml"
         cfg.write_text("\n".join([
             "[server]", 'host = "127.0.0.1"', f"port = {self.fixed_port}",
@@ -126,7 +143,25 @@ class Node(R.Server):
             "max_connections = 20000", "max_connections_per_user = 16", "",
             "[cluster]", f"redis_url = {json.dumps(self.redis_url)}", "",
         ]))
+        if self.args.probe:  # the same daemon with loop-stall probes (bench/nodeprobe.py)
+            return [sys.executable, str(Path(__file__).resolve().parent / "nodeprobe.py"),
+                    "serve", "--config", str(cfg)]
         return [*R.tidings_cmd(), "serve", "--config", str(cfg)]
+
+    def env(self) -> dict[str, str] | None:
+        env = super().env()
+        if self.args.probe:
+            env = dict(env or os.environ, NODEPROBE_OUT=str(self.probe_out))
+        return env
+
+    def probe_events(self) -> dict | None:
+        """bench/nodeprobe.py's events (after stop()), or None."""
+        try:
+            events = json.loads(self.probe_out.read_text())
+            self.probe_out.unlink()
+            return events
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def _drain(self) -> None:  # like Server._drain, but wait for every worker's listening line
         assert self.proc and self.proc.stderr
@@ -198,7 +233,7 @@ def measure(setup: str, mode: str, a: argparse.Namespace) -> dict:
             nodes = [R.Server(setup, a).start()]
             urls = (nodes[0].url(), None)
         else:
-            redis = Redis()
+            redis = Redis(probe=a.probe)
             if kind == "redis1":
                 nodes = [Node("n1", a, redis.url, variant=variant).start()]
                 urls = (nodes[0].url(), None)
@@ -222,9 +257,13 @@ def measure(setup: str, mode: str, a: argparse.Namespace) -> dict:
         if redis:
             try:
                 cstats = redis.commandstats()
+                res["redis_diagnostics"] = redis.diagnostics()
             except Exception as e:  # noqa: BLE001
                 R.log(f"  commandstats failed: {e}")
             redis.stop()
+    if a.probe:
+        res["node_probes"] = [n.probe_events() for n in nodes if isinstance(n, Node)]
+        stalls(res)
     if cstats:
         res["redis_commandstats"] = cstats
         ev = sum(v["calls"] for k, v in cstats.items() if k in ("evalsha", "eval", "fcall"))
@@ -233,16 +272,78 @@ def measure(setup: str, mode: str, a: argparse.Namespace) -> dict:
             res["msgs_per_script_call"] = res["sent"] / ev
     res.update(setup=setup, mode=mode, pre_quiet_cores=quiet, server_exit=rcs, server_alive_at_end=alive,
                server_log_tail=[ln for n in nodes for ln in list(n.lines)[-3:]])
+    svc, lag = res.get("service_latency_ms") or {}, res.get("send_lag_ms") or {}
+    res["disturbed"] = disturbed(res, a)
+    rd = res.get("redis_diagnostics") or {}
+    if rd.get("latency_latest"):  # event, time, latest ms, max ms (latency-monitor-threshold)
+        ll = rd["latency_latest"]
+        R.log("    redis latency max ms: " + ", ".join(f"{ll[i]} {ll[i + 3]}" for i in range(0, len(ll) - 3, 4))
+              + f"; aof_delayed_fsync {rd['persistence'].get('aof_delayed_fsync')}")
     R.log(f"  {mode:<6} {setup:<9} {res['msgs_per_s']:>7} msgs/s  p50 {res['p50_ms']} p99 {res['p99_ms']} ms  "
+          f"(from the actual send p99 {svc.get('p99')}; send lag p99 {lag.get('p99')} max {lag.get('max')}; "
+          f"max {res.get('max_ms')}; 100 ms slices with > 10 ms: "
+          f"{sum(1 for b in res.get('buckets_100ms', []) if b[3])}) "
           f"srv {res.get('server_cores', 0):.2f} redis {res.get('redis_cores', 0):.2f} "
           f"gen {res.get('gen_cores_sampled', 0):.2f} bg {res.get('bg_cores', 0):.2f} "
           + "".join(f"{k[:-6]} {v:.2f} " for k, v in res.items() if k.startswith("node") and k.endswith("_cores"))
           + f" errors {res['errors']} "
           f"closes {res['unexpected_closes']} missing {res.get('missing', 0)} spread {res.get('conn_spread')} "
-          f"msgs/script {res.get('msgs_per_script_call', 0):.1f}")
+          f"msgs/script {res.get('msgs_per_script_call', 0):.1f}"
+          + (f"  DISTURBED: {res['disturbed']}" if res["disturbed"] else ""))
     if res["errors"] or res["unexpected_closes"] or res["connect_errors"]:
         R.log(f"    !! {res.get('last_error_frame') or res.get('last_error')}")
     return res
+
+
+def disturbed(res: dict, a: argparse.Namespace) -> str:
+    """Why this repetition measured the box rather than the servers, or "".
+
+    Open loop only.  The generator sends on a schedule; when it is itself more than
+    ``--disturbed-lag-ms`` late (send lag max), it was off the CPU that long, and so was
+    everything else on the box (its receipts are late too): a stall of the box.  More
+    than ``--disturbed-bg`` cores used by processes outside the run (``bg_cores``, e.g.
+    another engineer's tests) is foreign load.  On this 2-core box either one put a 5 s
+    window's p99 over 10 ms in 12 of 13 repetitions, whatever the servers did
+    (docs/cluster.md, "fifth session")."""
+    if res.get("mode") != "open" and "send_lag_ms" not in res:
+        return ""
+    why = []
+    lag_max = (res.get("send_lag_ms") or {}).get("max") or 0
+    if lag_max > a.disturbed_lag_ms:
+        why.append(f"generator {lag_max:.0f} ms late")
+    if res.get("bg_cores", 0) > a.disturbed_bg:
+        why.append(f"other load {res['bg_cores']:.2f} cores")
+    return ", ".join(why)
+
+
+def stalls(res: dict) -> None:
+    """--probe: print, for each 100 ms of the window holding messages over 10 ms, what
+    the nodes' probes (loop lag, long task steps, gc) and the generator saw then."""
+    t0 = res.get("window_start_epoch_ms")
+    if t0 is None:
+        return
+    R.log(f"    redis: {res.get('redis_diagnostics')}")
+    for i, ev in enumerate(res.get("node_probes") or []):
+        if not ev:
+            continue
+        inwin = [x for x in ev["lags"] if t0 <= x[0] < t0 + res["duration_s"] * 1e3]
+        R.log(f"    node{i + 1}: loop lag > 2 ms in the window: {len(inwin)}, max "
+              f"{max((x[1] for x in inwin), default=0):.1f} ms; gc > 1 ms: "
+              f"{[(g[1], g[2]) for g in ev['gc'] if t0 <= g[0] < t0 + res['duration_s'] * 1e3]}")
+    for start, n, over5, over10, mx, lagmx in res.get("buckets_100ms", []):
+        if not over10:
+            continue
+        lo, hi = t0 + start - 30, t0 + start + 130  # a stall can precede the slice it hurts
+        seen = []
+        for i, ev in enumerate(res.get("node_probes") or []):
+            if not ev:
+                continue
+            lg = [x[1] for x in ev["lags"] if lo <= x[0] < hi]
+            st = [f"{x[3]} {x[1]}/{x[2]}cpu" for x in ev["steps"] if lo <= x[0] < hi]
+            gcs = [f"gen{x[1]} {x[2]}" for x in ev["gc"] if lo <= x[0] < hi]
+            seen.append(f"node{i + 1} lag max {max(lg, default=0):.1f} steps {st[:3]} gc {gcs}")
+        R.log(f"    t+{start / 1e3:.1f}s: {n} msgs, >5 ms {over5}, >10 ms {over10}, max {mx} ms, "
+              f"send lag max {lagmx} ms | " + " | ".join(seen))
 
 
 def label(setup: str) -> str:
@@ -275,6 +376,16 @@ def table(rows: list[dict], setups: list[str], title: str) -> str:
             f"| {sum(r.get('missing', 0) for r in rs)} |")
     out.append("")
     out.append("Per-run msgs/s: " + "; ".join(f"{s}: {[r['msgs_per_s'] for r in by[s]]}" for s in setups if by[s]))
+    if any("send_lag_ms" in r for r in rows):
+        out.append("")
+        out.append("p99 ms per repetition (* = disturbed: the generator stalled or other load, see "
+                   "`disturbed()`), and the median of the undisturbed ones:")
+        for s in setups:
+            if by[s]:
+                clean = [r["p99_ms"] for r in by[s] if not r.get("disturbed")]
+                out.append(f"- {s}: " + " / ".join(f"{r['p99_ms']:.1f}{'*' if r.get('disturbed') else ''}"
+                                                     for r in by[s])
+                           + f"; undisturbed median {fmt(med(clean)) if clean else '-'} ({len(clean)} of {len(by[s])})")
     mps = {s: R.med([r.get("msgs_per_script_call") for r in by[s]]) for s in setups if by[s]}
     mps = {s: v for s, v in mps.items() if v}
     if mps:
@@ -312,6 +423,16 @@ def main() -> int:
                     help="py-spy every node process of every run (rate: BENCH_PYSPY_RATE, default 100 Hz) "
                          "and print bench/pyspy_top.py of each; profiled figures are not comparable with "
                          "unprofiled ones")
+    ap.add_argument("--disturbed-lag-ms", type=float, default=10.0,
+                    help="open loop: a repetition whose generator was more than this late sending is "
+                         "marked disturbed (a stall of the box)")
+    ap.add_argument("--disturbed-bg", type=float, default=0.1,
+                    help="open loop: ... or that had more than this many cores of other load")
+    ap.add_argument("--probe", action="store_true",
+                    help="run the nodes under bench/nodeprobe.py (loop lag, long task steps, gc), turn "
+                         "on Redis' latency monitor, and print what they saw in each 100 ms of the "
+                         "window that held messages over 10 ms; probed figures are not comparable "
+                         "with unprobed ones")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                     help="another checkout (its daemon/ first on PYTHONPATH): name setups "
                          "<setup>@NAME, e.g. redis1@before (before/after in one run)")

@@ -362,6 +362,15 @@ async function runWorker(opts, wid) {
   let measuring = false, running = false, mStart = 0, mEnd = Infinity;
   let measured = 0;            // receipts counted for throughput
   let outstanding = 0;         // open loop: in-window messages not yet received
+  // open loop: per 100 ms of scheduled time in the window, [messages, > 5 ms, > 10 ms,
+  // max latency us, max send lag us]: when the tail happened (a stall, or spread out)
+  const buckets = new Map();
+  function bucket(st) {
+    const k = Math.floor((st - mStart) / 1e5);
+    let b = buckets.get(k);
+    if (!b) { b = [0, 0, 0, 0, 0]; buckets.set(k, b); }
+    return b;
+  }
   // open loop: scheduled stamp -> actual send time (only needed for svc histogram);
   // we embed both in the body: "~ts=<sched>;<actual>;xxx".
   const open = opts.mode === 'open';
@@ -389,6 +398,9 @@ async function runWorker(opts, wid) {
       let a = 0; for (j = j + 1; j < data.length; j++) { const ch = data[j]; if (ch < 48 || ch > 57) break; a = a * 10 + (ch - 48); }
       if (st >= mStart && st < mEnd) {
         lat.add(t - st); svc.add(t - a); measured++; outstanding--;
+        const b = bucket(st), l = t - st;
+        b[0]++; if (l > 5000) b[1]++; if (l > 10000) b[2]++; if (l > b[3]) b[3] = l;
+        if (a - st > b[4]) b[4] = a - st;
       }
     } else {
       if (measuring && t >= mStart && t < mEnd) { lat.add(t - st); measured++; }
@@ -491,7 +503,8 @@ async function runWorker(opts, wid) {
   stats.stopping = true;
   send({
     type: 'result', wid, stats, measured, outstanding: open ? outstanding : 0,
-    lat: lat.toJSON(), svc: svc.toJSON(), lag: lag.toJSON(),
+    lat: lat.toJSON(), svc: svc.toJSON(), lag: lag.toJSON(), buckets: [...buckets.entries()],
+    windowStartEpochMs: performance.timeOrigin + mStart / 1000,
     cpuMs: cpuEnd ? (cpuEnd.user + cpuEnd.system) / 1000 : null,
   });
   for (const ws of socks) { try { ws.close(1000); } catch { /* ignore */ } }
@@ -595,8 +608,15 @@ async function runPrimary(opts) {
   const res = await waitFor((m) => m.type === 'result', opts.procs);
   const lat = new Hist(), svc = new Hist(), lag = new Hist();
   let measured = 0, outstanding = 0, cpuMs = 0;
+  const buckets = new Map();
   for (const m of res) {
     lat.merge(m.lat); svc.merge(m.svc); lag.merge(m.lag);
+    for (const [k, v] of m.buckets || []) {
+      const b = buckets.get(k) || [0, 0, 0, 0, 0];
+      for (let i = 0; i < 3; i++) b[i] += v[i];
+      b[3] = Math.max(b[3], v[3]); b[4] = Math.max(b[4], v[4]);
+      buckets.set(k, b);
+    }
     measured += m.measured; outstanding += m.outstanding; cpuMs += m.cpuMs || 0;
   }
   const out = {
@@ -615,6 +635,10 @@ async function runPrimary(opts) {
     out.service_latency_ms = svc.summaryMs();  // from the actual send (coordinated omission NOT corrected)
     out.send_lag_ms = lag.summaryMs();         // generator's own lateness vs the schedule
     out.missing = outstanding;                 // in-window messages never received before the drain timeout
+    // per 100 ms of the window: [start ms, messages, > 5 ms, > 10 ms, max ms, max send lag ms]
+    out.window_start_epoch_ms = res[0].windowStartEpochMs;
+    out.buckets_100ms = [...buckets.entries()].sort((x, y) => x[0] - y[0])
+      .map(([k, b]) => [k * 100, b[0], b[1], b[2], Math.round(b[3] / 100) / 10, Math.round(b[4] / 100) / 10]);
   }
   process.stdout.write(JSON.stringify(out) + '\n');
   for (const c of workers) c.disconnect();
