@@ -4,6 +4,7 @@ engine in tests/test_store.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -33,12 +34,12 @@ def rows(d: SqliteDatabase, table: str = "messages") -> int:
 
 
 def fts_integrity_check(d: SqliteDatabase) -> None:
-    with d._write() as c:
+    with d.fts._transaction() as c:
         c.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
 
 
 def fts_matches(d: SqliteDatabase, word: str) -> int:
-    with d._read() as c:
+    with d.fts._transaction() as c:
         return c.execute("SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH ?",
                          (word,)).fetchone()[0]
 
@@ -184,24 +185,151 @@ def test_index_pending_takes_at_most_a_chunk(db, chunk):
     db.append_many([msg("a", "b", "tea") for _ in range(5)])
     done = [db.index_pending(chunk) for _ in range(6)]
     assert sum(done) == 5 and max(done) == chunk and done[-1] == 0
-    assert fts_matches(db, "tea") == 5
+    assert rows(db, "conversations") == rows(db, "retention") == 5
+    assert fts_matches(db, "tea") == 0  # the full-text index is the worker's
+    steps = [db.fts.index_step(chunk) for _ in range(6)]
+    assert sum(steps) == 5 and max(steps) == chunk and steps[-1] == 0
+    assert fts_matches(db, "tea") == 5 and db.fts.indexed_id() == 5
 
 
-def test_indexing_leaves_segment_merges_to_merge_index(db):
-    """FTS5's automerge is off: it merged inside index_pending's transactions (up to
-    15 ms of the loop each, docs/performance.md); merge_index merges in small steps."""
-    with db._read() as c:
-        assert c.execute("SELECT v FROM messages_fts_config WHERE k = 'automerge'").fetchone() == (0,)
-    for i in range(8):  # 8 one-segment transactions: automerge would have merged at 4
-        db.append_many([msg("a", "b", f"tea {i}")])
-        assert db.index_pending() == 1
-    before = rows(db, "messages_fts_data")
-    steps = 0
-    while db.merge_index(1):
-        steps += 1
-    assert steps >= 1 and rows(db, "messages_fts_data") < before
-    assert fts_matches(db, "tea") == 8
+def main_tables(path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        conn.close()
+
+
+def test_the_full_text_index_has_its_own_file(tmp_path):
+    """Migration 7: FTS5's inserts and merges must never take the messages file's write
+    lock (docs/performance.md, fifth session): the index is in ``<path>-fts``."""
+    path = tmp_path / "t.db"
+    d = SqliteDatabase.open(path)
+    d.append_many([msg("a", "b", "pizza")])
+    assert len(d.search("a", "pizza", 10, 0)[0]) == 1
+    d.close()
+    assert not {t for t in main_tables(path) if "fts" in t}
+    assert "messages_fts" in main_tables(str(path) + "-fts")
+    assert oct(os.stat(str(path) + "-fts").st_mode & 0o777) == oct(0o600)
+
+
+def test_an_open_index_step_never_blocks_appends(db):
+    """The side connection reads the messages file (attached read-only) in a deferred
+    transaction: with an index step open mid-way, the writer appends and checkpoints
+    without waiting (busy timeout 0: a lock would fail at once)."""
+    db.append_many([msg("a", "b", "tea") for _ in range(3)])
+    db._writer.execute("PRAGMA busy_timeout = 0")
+    with db.fts._transaction() as c:
+        c.execute("INSERT INTO messages_fts (rowid, text, owners) "
+                  "SELECT id, text, owners FROM m.messages WHERE id <= 3")
+        c.execute("UPDATE meta SET value = 3 WHERE key = 'indexed_id'")
+        assert db.append_many([msg("a", "b", "tea")]) == [4]
+        assert db.index_pending() == 4
+        db.checkpoint()  # (PASSIVE: it stops short of what the step's snapshot needs)
+    assert db.fts.catch_up() == 1
+    assert fts_matches(db, "tea") == 4
     fts_integrity_check(db)
+
+
+def test_version_6_database_migrates_and_search_finds_its_messages(tmp_path):
+    path = tmp_path / "v6.db"
+    conn = sqlite3.connect(path)
+    for statements in MIGRATIONS[:6]:
+        for sql in statements:
+            conn.execute(sql)
+    conn.execute("INSERT INTO messages (msg_id, recipient, seq, sender, conv, body, ts) "
+                 "VALUES ('m1', 'b', 1, 'a', 'a\x1fb', '\"old pizza\"', 1)")
+    conn.execute("INSERT INTO messages_fts (rowid, text, owners) SELECT id, text, owners FROM messages")
+    conn.execute("UPDATE meta SET value = 1 WHERE key = 'fts_indexed_id'")
+    conn.execute("PRAGMA user_version = 6")
+    conn.commit()
+    conn.close()
+    d = SqliteDatabase.open(path)
+    assert not {t for t in main_tables(path) if "fts" in t}
+    assert d.fts.indexed_id() == 0  # re-indexed in the background (here: by search)
+    assert d.append_many([msg("a", "b", "new pizza")]) == [2]
+    assert sorted(m.seq for m in d.search("a", "pizza", 10, 0)[0]) == [1, 2]
+    assert d.fts.indexed_id() == 2
+    fts_integrity_check(d)
+    d.close()
+
+
+def test_a_deleted_index_file_is_rebuilt(tmp_path):
+    path = tmp_path / "t.db"
+    d = SqliteDatabase.open(path)
+    d.append_many([msg("a", "b", f"pizza {i}") for i in range(5)])
+    assert len(d.search("a", "pizza", 10, 0)[0]) == 5
+    d.close()
+    for suffix in ("-fts", "-fts-wal", "-fts-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(str(path) + suffix)
+    d = SqliteDatabase.open(path)
+    assert d.fts.indexed_id() == 0 and fts_matches(d, "pizza") == 0
+    assert len(d.search("a", "pizza", 10, 0)[0]) == 5
+    fts_integrity_check(d)
+    d.close()
+
+
+def test_an_index_file_ahead_of_the_database_is_emptied(tmp_path):
+    """A side file whose mark is above every id the messages file ever held is not this
+    file's (e.g. a database restored from an older backup): it would hide new rows
+    below its mark and name old texts with their ids, so it starts over."""
+    path = tmp_path / "t.db"
+    d = SqliteDatabase.open(path)
+    d.append_many([msg("a", "b", "old pizza") for _ in range(3)])
+    d.search("a", "pizza", 10, 0)
+    d.close()
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(str(path) + suffix)
+    d = SqliteDatabase.open(path)
+    assert d.fts.indexed_id() == 0
+    d.append_many([msg("a", "b", "new pizza")])
+    assert [m.body for m in d.search("a", "pizza", 10, 0)[0]] == [b'"new pizza"']
+    d.close()
+
+
+def test_prune_unindexes_rows_and_a_replayed_delete_is_harmless(tmp_path):
+    d = SqliteDatabase.open(tmp_path / "t.db", max_inbox=2)
+    d.append_many([msg("a", "b", f"tea {i}") for i in range(5)])
+    assert len(d.search("a", "tea", 10, 0)[0]) == 2
+    assert fts_matches(d, "tea") == 5  # hidden by max_inbox, still stored
+    assert d.prune(0, None) == 3
+    assert fts_matches(d, "tea") == 2
+    d.fts.delete([1, 2, 3])  # as after a crash between the side and the main delete
+    d.fts.delete([1, 2, 3, 4])  # and a row that is still stored: only the index loses it
+    assert fts_matches(d, "tea") == 1
+    fts_integrity_check(d)
+    d.close()
+
+
+def test_deleting_unindexed_rows_keeps_them_out_of_the_index(db):
+    """Rows deleted above the mark are passed over: no later step indexes them while the
+    main transaction deletes them."""
+    db.append_many([msg("a", "b", "tea") for _ in range(5)])
+    db.fts.delete([3])
+    assert db.fts.indexed_id() == 3 and fts_matches(db, "tea") == 2
+    assert db.fts.catch_up() == 2
+    with db.fts._transaction() as c:
+        assert [r[0] for r in c.execute("SELECT rowid FROM messages_fts")] == [1, 2, 4, 5]
+
+
+def test_ids_are_not_reused_after_pruning_rows_above_every_mark(tmp_path):
+    """Prune can delete rows the history index has not reached (max_inbox); the full-text
+    index may hold them: their ids are never handed out again."""
+    path = tmp_path / "t.db"
+    d = SqliteDatabase.open(path)
+    d.append_many([msg("a", "b", "tea") for _ in range(3)])
+    d.fts.catch_up()
+    assert d.prune_step([("b", 3)], 10) == 3
+    d.close()
+    d = SqliteDatabase.open(path)
+    assert d.fts.indexed_id() == 3
+    d.append_many([msg("a", "b", "tea")])
+    with d._read() as c:
+        assert c.execute("SELECT id FROM messages").fetchall() == [(4,)]
+    assert len(d.search("a", "tea", 10, 0)[0]) == 1
+    d.close()
 
 
 def test_prune_indexes_pending_rows_before_deleting_them(tmp_path):
@@ -485,20 +613,20 @@ async def test_a_wal_past_the_limit_is_restarted_with_writes_held(tmp_path, monk
         await store.aclose()
 
 
-async def test_checkpoint_merges_the_index_in_bounded_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(sqlite_mod, "MERGE_PAGES", 1)
+async def test_the_full_text_index_is_written_in_a_worker_thread(tmp_path):
+    """Maintenance and search index on the index's own connection, off the loop thread;
+    search still finds a message appended just before it."""
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    original = store.db.fts.index_step
+    store.db.fts.index_step = lambda *a: (threads.append(threading.get_ident()), original(*a))[1]
     try:
-        for i in range(8):  # 8 index segments
-            await store.append([msg("a", "b", f"tea {i}")])
-            assert store.db.index_pending() == 1
-        calls: list[tuple[int, bool]] = []
-        original = store.db.merge_index
-        store.db.merge_index = lambda pages: (calls.append((pages, r := original(pages))), r)[1]
+        await store.append([msg("a", "b", "tea")])
         await store.checkpoint()
-        assert len(calls) >= 2 and all(p == 1 for p, _ in calls)  # one small step each
-        assert [r for _, r in calls] == [True] * (len(calls) - 1) + [False]  # until done
-        assert len((await store.search("a", "tea", 10))[0]) == 8
+        await store.append([msg("a", "b", "tea")])
+        assert len((await store.search("a", "tea", 10))[0]) == 2
+        assert threads and loop_thread not in threads
     finally:
         await store.aclose()
 

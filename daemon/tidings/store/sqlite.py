@@ -8,8 +8,13 @@ Where each call runs (measured, docs/performance.md)
   A hop to a worker thread per commit cost more than the commit itself: 3-5 ms waiting
   for the thread and the GIL, which was the daemon's median latency.  With
   ``synchronous = NORMAL`` a WAL commit is a write to the page cache, no fsync.
-  Every writer of the database file is on this thread (appends, cursors, full-text
-  indexing, pruning), so none ever waits on another's lock.
+  Every writer of the database file is on this thread (appends, cursors, history and
+  retention indexing, pruning), so none ever waits on another's lock.
+* **The full-text index** is its own file (:mod:`tidings.store.sqlite_fts`), written
+  only in a worker thread (``_fts``, one at a time): its inserts and FTS5's segment
+  merges (17-23 ms per step once the index had grown, on the loop thread before,
+  docs/performance.md, fifth session) never run on the loop thread and never hold the
+  database file's write lock.
 * **Reads** run in a worker thread on the read connection (WAL: they never wait for
   the writer, and a slow page read never stalls the loop).  ``inbox_state`` -- one per
   connection opened -- is batched: every call made while the reader is busy joins one
@@ -19,18 +24,17 @@ Where each call runs (measured, docs/performance.md)
 
 Maintenance (``run``)
 ---------------------
-Every ``MAINTENANCE_INTERVAL_S``: rows appended since are added to the full-text index
-in chunks (on the loop thread), the index's segments are merged ``MERGE_PAGES`` pages
-per transaction (FTS5's automerge did that inside the indexing transactions: up to 15
-ms each), then a
-PASSIVE checkpoint copies the WAL into the database from a thread.  While writes go on
+Every ``MAINTENANCE_INTERVAL_S``: rows appended since are added to ``conversations``
+and ``retention`` in chunks (on the loop thread), and to the full-text index (its
+``catch_up`` in the worker thread; FTS5's automerge merges there), then a PASSIVE
+checkpoint copies the WAL into the database from a thread.  While writes go on
 such a checkpoint never catches up with the end of the WAL, and SQLite would restart
 the WAL only from inside a commit (its autocheckpoint: a 30-40 ms stall of that commit).
 So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine runs one more PASSIVE
 checkpoint (it copies what was written during the first), then holds new writes for a
 last one (it copies only what the second let through) and the next write starts the WAL
 over.  Every ``prune_interval_s`` retention and ``max_inbox`` are applied
-in chunks likewise.  Each such transaction (``INDEX_CHUNK`` rows) waits for a moment
+in chunks likewise (each chunk's rows leave the full-text index first, in the worker).  Each such transaction (``INDEX_CHUNK`` rows) waits for a moment
 the loop is idle (at most ``IDLE_WAIT_S``): see ``_Pace``.
 
 A duplicate msg_id (never produced by the hub's id generator) fails only that message:
@@ -58,7 +62,7 @@ from tidings.store.records import (
 )
 from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
 
-__all__ = ["IDLE_WAIT_S", "INDEX_CHUNK", "MAINTENANCE_INTERVAL_S", "MERGE_PAGES", "SqliteStore",
+__all__ = ["IDLE_WAIT_S", "INDEX_CHUNK", "MAINTENANCE_INTERVAL_S", "SqliteStore",
            "WAL_RESTART_BYTES", "WRITE_CHUNK"]
 
 T = TypeVar("T")
@@ -70,7 +74,6 @@ WRITE_CHUNK = 128
 #: against 3.3-8.2 (docs/performance.md, fourth session, "index step size").
 INDEX_CHUNK = 256
 IDLE_WAIT_S = 0.01
-MERGE_PAGES = 16  # ~0.03 ms typical, <= 4 ms measured per merge transaction
 MAINTENANCE_INTERVAL_S = 1.0
 WAL_RESTART_BYTES = 16 * 1024 * 1024
 
@@ -120,6 +123,7 @@ class SqliteStore:
         self.db = db
         self._limits = limits
         self._read_limiter = trio.CapacityLimiter(1)
+        self._fts_limiter = trio.CapacityLimiter(1)  # the full-text index's one thread
         self._states: _StateBatch | None = None  # the inbox_state batch open for joining
         self._held: trio.Event | None = None  # set while writes wait for a WAL restart
         self._maintenance_errors = log.LogOnce(interval=60.0)
@@ -139,6 +143,11 @@ class SqliteStore:
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
+
+    async def _fts(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a call of the full-text index in its worker thread (never abandoned on
+        cancellation: the thread finishes with its connection)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._fts_limiter)
 
     # -- writes (loop thread) ------------------------------------------------------------
 
@@ -218,7 +227,7 @@ class SqliteStore:
     async def search(self, user: str, query: str, limit: int,
                      offset: int = 0) -> tuple[list[StoredMessage], bool]:
         await self._index_all()  # every stored message is searchable
-        return await self._read(self.db.search, user, query, limit, offset)
+        return await self._read(self.db.read_search, user, query, limit, offset)
 
     async def last_seen(self, users: Sequence[str]) -> dict[str, int | None]:
         return await self._read(self.db.last_seen, list(users))
@@ -276,21 +285,16 @@ class SqliteStore:
     # -- maintenance ---------------------------------------------------------------------
 
     async def _index_all(self, pace: _Pace | None = None) -> None:
-        """Index every pending row, ``INDEX_CHUNK`` per transaction (paced: ``_Pace``)."""
+        """Index every pending row: ``conversations`` and ``retention`` ``INDEX_CHUNK``
+        rows per transaction on the loop thread (paced: ``_Pace``), then the full-text
+        index's ``catch_up`` in its worker thread."""
         pace = pace or _Pace()
         while True:
             await pace.step()
             await self._writable()
             if self.db.index_pending(INDEX_CHUNK) < INDEX_CHUNK:
-                return
-
-    async def _merge_index(self, pace: _Pace) -> None:
-        """Merge index segments ``MERGE_PAGES`` per transaction until none need it."""
-        while True:
-            await pace.step()
-            await self._writable()
-            if not self.db.merge_index(MERGE_PAGES):
-                return
+                break
+        await self._fts(self.db.fts.catch_up)
 
     async def prune(self, now_ms: int, retention_days: float | None) -> int:
         pace = _Pace()
@@ -299,13 +303,15 @@ class SqliteStore:
             await self._writable()
             if self.db.forget_keys(now_ms, INDEX_CHUNK) < INDEX_CHUNK:
                 break
-        await self._index_all(pace)  # the index must hold every row a step deletes
+        await self._index_all(pace)  # retention plans from indexed rows
         pending = await self._read(self.db.prune_plan, now_ms, retention_days)
         deleted = 0
-        while pending:
+        while pending:  # prune_step's three parts, each where it belongs
+            picked = await self._read(self.db.prune_pick, pending, INDEX_CHUNK)
+            await self._fts(self.db.fts.delete, [i for _, ids in picked for i in ids])
             await pace.step()
             await self._writable()
-            deleted += self.db.prune_step(pending, INDEX_CHUNK)
+            deleted += self.db.prune_delete(picked)
         return deleted
 
     async def checkpoint(self) -> None:
@@ -313,7 +319,6 @@ class SqliteStore:
         (see the module docstring).  Raises StoreError."""
         pace = _Pace()
         await self._index_all(pace)
-        await self._merge_index(pace)
         frames, _done = await trio.to_thread.run_sync(self.db.checkpoint)
         if frames * (PAGE_BYTES + 24) < WAL_RESTART_BYTES:
             return

@@ -1,37 +1,35 @@
-"""SqliteDatabase: the sqlite engine's synchronous half (stdlib sqlite3, WAL, FTS5).  Sans-IO.
+"""SqliteDatabase: the sqlite engine's synchronous half (stdlib sqlite3, WAL).  Sans-IO.
 
 Theory of operation
 -------------------
 Semantics are those of :mod:`tidings.store.records` (read its docstring first); this
-module maps them onto one SQLite file.  :class:`tidings.store.sqlite.SqliteStore` calls
-it from trio (threads, maintenance); this module never imports trio.
+module maps them onto one SQLite file (and the full-text index's own).
+:class:`tidings.store.sqlite.SqliteStore` calls it from trio (threads, maintenance);
+this module never imports trio.
 
-* ``messages``: one row per message, ``id`` INTEGER PRIMARY KEY (the FTS rowid),
+* ``messages``: one row per message, ``id`` INTEGER PRIMARY KEY (never reused: the
+  full-text index's rowid; ``pruned_id`` in ``meta`` keeps ids above pruned ones),
   ``msg_id`` UNIQUE, ``(recipient, seq)`` UNIQUE index for inbox reads, and a
   ``conv`` column (the sorted pair of users joined by U+001F; queries also check
   sender/recipient, so a user id containing U+001F cannot make two conversations
   collide).
-* ``conversations``: ``(conv, msg_id)``, history's index, filled by
-  ``index_pending`` with the full-text index (so a commit does not rewrite an index
-  page per conversation it touches); history reads the rows above that high-water
-  mark with a scan of their id range (``sqlite_schema.read_history``).
+* ``conversations``: ``(conv, msg_id)``, history's index, filled by ``index_pending``
+  (so a commit does not rewrite an index page per conversation it touches); history
+  reads the rows above its high-water mark (``fts_indexed_id`` in ``meta``, a name from
+  when the full-text index shared it) with a scan of their id range
+  (``sqlite_schema.read_history``).
 * ``retention``: ``(ts, id)``, retention's index, filled by ``index_pending`` likewise
   (a ``messages (ts)`` index cost a WAL frame per commit: a quarter of a one-message
-  commit's pages); ``prune_plan`` reads it, so retention sees indexed rows only, which
-  is what prune may delete anyway (every row it deletes must be in the full-text index).
+  commit's pages); ``prune_plan`` reads it, so retention sees indexed rows only.
 * Two VIRTUAL generated columns feed full-text search: ``text`` (the body's
   string value if the body JSON is a string, else the raw JSON text) and
   ``owners`` (``u<hex(sender)> u<hex(recipient)>``, so FTS5 itself restricts a
   search to the user's messages instead of ranking everyone's).
-* ``messages_fts``: external-content FTS5 table over those columns, kept in
-  sync explicitly by ``index_pending`` and ``prune`` (the only writers of
-  ``messages``; rows are never updated), one INSERT ... SELECT statement per
-  transaction. Not with triggers: SQLite 3.40's FTS5 flushes its pending terms
-  at every statement savepoint, so a per-row trigger writes one index segment
-  per message (measured 6k rows/s against ~50k+ this way).  FTS5's ``automerge`` is
-  off (set at every open): it merged segments inside ``index_pending``'s transaction,
-  up to 15 ms per 256-row chunk; ``merge_index`` does that work in small steps
-  instead (``crisismerge`` stays as the backstop).  Merging never changes results.
+* The full-text index is a second file, ``<path>-fts`` (:mod:`tidings.store.sqlite_fts`,
+  ``self.fts``; migration 7 dropped ``messages_fts`` from this one): its own connection
+  indexes these columns (``index_step``) and merges FTS5 segments without this file's
+  write lock; the reader attaches it (as ``side``) and ``read_search`` joins it with
+  ``messages`` by rowid.  ``prune_step`` removes rows from it before deleting them here.
 * ``users``: per user ``last_seen``, and ``last_seq`` as of the
   last prune of that inbox.  The highest seq ever assigned to a user is
   ``MAX(users.last_seq, MAX(messages.seq))`` (``_LAST_SEQ_OF``): appends do not write
@@ -44,9 +42,9 @@ it from trio (threads, maintenance); this module never imports trio.
   :mod:`tidings.store.sqlite_schema`, which also holds MIGRATIONS and ``_LAST_SEQ_OF``.
 * ``webhook_*``: what webhooks keep (:mod:`tidings.store.sqlite_webhooks`).
 
-Concurrency: two connections opened with ``check_same_thread=False``, each
-guarded by a ``threading.Lock``: the writer (every write, one ``BEGIN
-IMMEDIATE`` transaction per call, or per batch of at most PRUNE_BATCH rows in
+Concurrency: two connections (plus the index's own) opened with
+``check_same_thread=False``, each guarded by a ``threading.Lock``: the writer (every
+write, one ``BEGIN IMMEDIATE`` transaction per call, or per batch of at most PRUNE_BATCH rows in
 ``prune`` so the write lock is never held long) and a ``query_only`` reader
 (multi-statement reads run in one read transaction, i.e. one WAL snapshot). WAL
 lets the reader proceed while the writer commits. ``synchronous=NORMAL``: a
@@ -85,6 +83,7 @@ from tidings.store.records import (
     prune_cutoff_ms,
 )
 from tidings.store.search import parse_query
+from tidings.store.sqlite_fts import FtsIndex
 from tidings.store.sqlite_schema import (
     _COLS, _IN_PAIR, _LAST_SEQ_OF, MIGRATIONS, SQL_CONV_ADD_RANGE, SQL_CONV_DEL, SQL_INDEXED_ID,
     SQL_RETENTION_ADD_RANGE, SQL_RETENTION_CUTS, SQL_RETENTION_DEL, find_key, forget_keys, read_devices,
@@ -105,15 +104,12 @@ _I64 = 2**63 - 1
 
 _SQL_INSERT = ("INSERT INTO messages (id, msg_id, recipient, seq, sender, conv, body, ts) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+# The highest id ever stored: ids are never reused (the side index relies on it).
 _SQL_NEXT_ID = ("SELECT MAX((SELECT COALESCE(MAX(id), 0) FROM messages), "
-                "(SELECT value FROM meta WHERE key = 'fts_indexed_id'))")
-_SQL_FTS_ADD_RANGE = ("INSERT INTO messages_fts (rowid, text, owners) "
-                      "SELECT id, text, owners FROM messages WHERE id > ? AND id <= ?")
-_SQL_FTS_AUTOMERGE_OFF = "INSERT INTO messages_fts (messages_fts, rank) VALUES ('automerge', 0)"
-_SQL_FTS_MERGE = "INSERT INTO messages_fts (messages_fts, rank) VALUES ('merge', ?)"
-_SQL_FTS_DEL = ("INSERT INTO messages_fts (messages_fts, rowid, text, owners) "
-                "SELECT 'delete', id, text, owners FROM messages "
-                "WHERE id IN (SELECT value FROM json_each(?))")
+                "(SELECT value FROM meta WHERE key = 'fts_indexed_id'), "
+                "COALESCE((SELECT value FROM meta WHERE key = 'pruned_id'), 0))")
+_SQL_PRUNED_ID = ("INSERT INTO meta (key, value) VALUES ('pruned_id', ?) ON CONFLICT (key) "
+                  "DO UPDATE SET value = MAX(value, excluded.value)")
 _SQL_DEL = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))"
 _SQL_LAST_SEQS = (f"SELECT value, {_LAST_SEQ_OF.format(u='value')} FROM json_each(?)")
 _SQL_KEEP_LAST_SEQ = (f"INSERT INTO users (user, last_seq) SELECT :u, {_LAST_SEQ_OF.format(u=':u')} "
@@ -148,9 +144,10 @@ class SqliteDatabase(WebhookTables):
     are ignored)."""
 
     def __init__(self, path: str, writer: sqlite3.Connection,
-                 reader: sqlite3.Connection, max_inbox: int | None = None,
+                 reader: sqlite3.Connection, fts: FtsIndex, max_inbox: int | None = None,
                  key_window_ms: int = 86_400_000) -> None:
         self.path = path
+        self.fts = fts  # the full-text index (its own file and connection)
         self.max_inbox = max_inbox
         self.key_window_ms = key_window_ms
         self._writer: sqlite3.Connection | None = writer
@@ -178,7 +175,7 @@ class SqliteDatabase(WebhookTables):
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         except OSError as e:
             raise StoreUnavailable(f"cannot open store {path}: {e.strerror or e}") from e
-        writer = reader = None
+        writer = reader = fts = None
         try:
             writer = cls._connect(path)
             mode = writer.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -188,17 +185,20 @@ class SqliteDatabase(WebhookTables):
             writer.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
             writer.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
             cls._migrate(writer, path)
-            writer.execute(_SQL_FTS_AUTOMERGE_OFF)  # merge_index merges, in small steps
+            fts = FtsIndex.open(path, writer.execute(_SQL_NEXT_ID).fetchone()[0])
             reader = cls._connect(path)
             reader.execute("PRAGMA query_only = 1")
+            reader.execute("ATTACH DATABASE ? AS side", (fts.path,))
         except BaseException as e:
+            if fts is not None:
+                fts.close()
             for conn in (reader, writer):
                 if conn is not None:
                     conn.close()
             if isinstance(e, sqlite3.Error):
                 raise StoreUnavailable(f"cannot open store {path}: {e}") from e
             raise
-        return cls(path, writer, reader, max_inbox, key_window_ms)
+        return cls(path, writer, reader, fts, max_inbox, key_window_ms)
 
     @staticmethod
     def _connect(path: str) -> sqlite3.Connection:
@@ -328,12 +328,11 @@ class SqliteDatabase(WebhookTables):
         return original
 
     def index_pending(self, max_rows: int = 20000) -> int:
-        """Add up to ``max_rows`` stored-but-unindexed messages to the full-text index,
-        in one transaction; return how many.  Appends do not index (FTS5 writes a new
-        segment per transaction: ~45 % of a small append's cost); the hub calls this
-        about every second, and ``search`` and ``prune`` call it first, so search
-        still sees every stored message and prune never deletes an unindexed row
-        from the index."""
+        """Add up to ``max_rows`` stored-but-unindexed messages to ``conversations`` and
+        ``retention``, in one transaction; return how many.  Appends do not index (a
+        commit would rewrite an index page per conversation it touches); the engine
+        calls this about every second and ``prune`` calls it first, so retention sees
+        every stored row.  The full-text index is ``self.fts``'s (``index_all``)."""
         with self._write() as c:
             (done,) = c.execute(SQL_INDEXED_ID).fetchone()
             (top,) = c.execute(
@@ -343,21 +342,17 @@ class SqliteDatabase(WebhookTables):
                 return 0
             (count,) = c.execute("SELECT COUNT(*) FROM messages WHERE id > ? AND id <= ?",
                                  (done, top)).fetchone()
-            c.execute(_SQL_FTS_ADD_RANGE, (done, top))
             c.execute(SQL_CONV_ADD_RANGE, (done, top))
             c.execute(SQL_RETENTION_ADD_RANGE, (done, top))
             c.execute("UPDATE meta SET value = ? WHERE key = 'fts_indexed_id'", (top,))
             return count
 
-    def merge_index(self, pages: int) -> bool:
-        """Merge full-text index segments, writing about ``pages`` pages, in one
-        transaction; return whether there was anything to merge (FTS5's positive
-        'merge': levels with ``usermerge`` segments, or a merge already begun).  Call
-        until False to keep the index as compact as automerge would."""
-        with self._write() as c:
-            before = c.total_changes
-            c.execute(_SQL_FTS_MERGE, (pages,))
-            return c.total_changes - before >= 2  # FTS5's documented "work was done"
+    def index_all(self) -> None:
+        """``index_pending`` and the full-text index's ``catch_up`` until nothing is
+        pending: every message stored before the call is in every index."""
+        while self.index_pending():
+            pass
+        self.fts.catch_up()
 
     def read_inbox(self, user: str, after_seq: int, limit: int) -> list[StoredMessage]:
         """Up to ``limit`` messages of ``user``'s inbox with seq > after_seq, ascending."""
@@ -437,11 +432,18 @@ class SqliteDatabase(WebhookTables):
                offset: int = 0) -> tuple[list[StoredMessage], bool]:
         """Messages user sent or received matching all phrases of ``query`` (see
         tidings.store.parse_query), best bm25 first (ties: newest first); plus
-        whether more results follow."""
+        whether more results follow.  Indexes what is pending first (``index_all``), so
+        every stored message is searchable; ``read_search`` is the read alone."""
+        parse_query(query)
+        check_page(limit, offset)
+        self.index_all()
+        return self.read_search(user, query, limit, offset)
+
+    def read_search(self, user: str, query: str, limit: int,
+                    offset: int = 0) -> tuple[list[StoredMessage], bool]:
+        """``search`` without indexing: sees the messages the full-text index holds."""
         phrases = parse_query(query)
         check_page(limit, offset)
-        while self.index_pending():  # every stored message is searchable
-            pass
         terms = " AND ".join('"' + " ".join(p) + '"' for p in phrases)
         match = f'{{owners}} : "u{user.encode().hex()}" AND {{text}} : ({terms})'
         try:
@@ -479,7 +481,7 @@ class SqliteDatabase(WebhookTables):
         Returns the number deleted.  (The engine runs the same steps with pauses.)"""
         while self.forget_keys(now_ms, PRUNE_BATCH) == PRUNE_BATCH:
             pass
-        while self.index_pending():  # the index must hold every row it deletes
+        while self.index_pending():  # retention plans from indexed rows
             pass
         pending = self.prune_plan(now_ms, retention_days)
         deleted = 0
@@ -506,23 +508,44 @@ class SqliteDatabase(WebhookTables):
         return sorted(cuts.items(), reverse=True)
 
     def prune_step(self, pending: list[tuple[str, int]], budget: int) -> int:
-        """Delete up to ``budget`` rows of the plan in one transaction, popping the
-        users that are done from the end of ``pending``; return the count."""
-        deleted = 0
-        with self._write() as c:
+        """Delete up to ``budget`` rows of the plan, popping the users that are done from
+        the end of ``pending``; return the count.  ``prune_pick``, then the full-text
+        index's ``delete`` (its own file), then ``prune_delete`` (one transaction): a
+        crash between leaves rows present but unsearchable until the next prune."""
+        picked = self.prune_pick(pending, budget)
+        self.fts.delete([i for _, ids in picked for i in ids])
+        return self.prune_delete(picked)
+
+    def prune_pick(self, pending: list[tuple[str, int]],
+                   budget: int) -> list[tuple[str, list[int]]]:
+        """The ids of up to ``budget`` rows of the plan, per user (read connection),
+        popping the users they finish from the end of ``pending``.  Only prune deletes
+        rows and new rows get higher seqs, so the pick stays valid until deleted."""
+        picked: list[tuple[str, list[int]]] = []
+        with self._read() as c:
             while pending and budget:
                 user, cut = pending[-1]
-                c.execute(_SQL_KEEP_LAST_SEQ, {"u": user})  # before its rows go
                 ids = [r[0] for r in c.execute(
                     "SELECT id FROM messages WHERE recipient = ? AND seq <= ? "
                     "ORDER BY seq LIMIT ?", (user, cut, budget))]
                 if len(ids) < budget:
                     pending.pop()
+                picked.append((user, ids))
+                budget -= len(ids)
+        return picked
+
+    def prune_delete(self, picked: Sequence[tuple[str, list[int]]]) -> int:
+        """Delete the ``prune_pick``ed rows (and their history and retention entries) in
+        one transaction, saving each user's last seq first; return the count."""
+        deleted = 0
+        with self._write() as c:
+            for user, ids in picked:
+                c.execute(_SQL_KEEP_LAST_SEQ, {"u": user})  # before its rows go
                 if ids:
                     id_list = orjson.dumps(ids)
-                    for sql in (_SQL_FTS_DEL, SQL_CONV_DEL, SQL_RETENTION_DEL, _SQL_DEL):  # indexes first
+                    for sql in (SQL_CONV_DEL, SQL_RETENTION_DEL, _SQL_DEL):  # indexes first
                         c.execute(sql, (id_list,))
-                budget -= len(ids)
+                    c.execute(_SQL_PRUNED_ID, (max(ids),))
                 deleted += len(ids)
         return deleted
 
@@ -563,6 +586,7 @@ class SqliteDatabase(WebhookTables):
 
     def close(self) -> None:
         """Close the connections; later calls raise StoreUnavailable. Idempotent."""
+        self.fts.close()
         with self._wlock, self._rlock, self._cplock:
             for conn in (self._checkpointer, self._reader, self._writer):
                 if conn is not None:

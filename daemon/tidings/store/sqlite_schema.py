@@ -3,8 +3,9 @@ statements.  Sans-IO (stdlib sqlite3 on a connection the caller holds in a trans
 
 Tables
 ------
-* ``messages``, ``messages_fts``, ``meta``, ``conversations``, ``retention``: see
-  :mod:`tidings.store.sqlite_db`.
+* ``messages``, ``meta``, ``conversations``, ``retention``: see
+  :mod:`tidings.store.sqlite_db`; the full-text index has its own file since migration 7
+  (:mod:`tidings.store.sqlite_fts`).
 * ``users``: per user ``last_seen`` and ``last_seq`` as of the last prune (see
   ``_LAST_SEQ_OF``).  Its ``cursor`` column is unused since migration 4 (one cursor per
   user before devices existed; migration 4 copied it to each user's ``default`` device).
@@ -133,21 +134,28 @@ MIGRATIONS: list[tuple[str, ...]] = [
            WHERE id <= (SELECT value FROM meta WHERE key = 'fts_indexed_id')""",
         "DROP INDEX messages_ts",
     ),
+    # 7: the full-text index moves to its own file (sqlite_fts), written by a worker
+    #    thread: its merges of a grown index took 17-23 ms of the loop thread per step
+    #    (docs/performance.md, fifth session).  The side file re-indexes every message
+    #    in the background; ``fts_indexed_id`` now marks ``conversations`` and
+    #    ``retention`` only.
+    ("DROP TABLE IF EXISTS messages_fts",),
 ]
 
 #: The highest seq ever assigned to the user ``{u}`` (an SQL expression): appends do not
 #: write ``users``; prune saves ``last_seq`` there before it deletes (sqlite_db).
 _LAST_SEQ_OF = ("MAX(COALESCE((SELECT last_seq FROM users WHERE user = {u}), 0), "
                 "COALESCE((SELECT MAX(seq) FROM messages WHERE recipient = {u}), 0))")
-#: The highest message id in the full-text index, ``conversations`` and ``retention``.
+#: The highest message id in ``conversations`` and ``retention`` (the key's name is from
+#: when the full-text index shared it; that index keeps its own mark, sqlite_fts).
 SQL_INDEXED_ID = "SELECT value FROM meta WHERE key = 'fts_indexed_id'"
-#: Index rows ``id > ? AND id <= ?`` for history (with the full-text index: index_pending).
+#: Index rows ``id > ? AND id <= ?`` for history (index_pending).
 SQL_CONV_ADD_RANGE = ("INSERT INTO conversations (conv, msg_id) "
                       "SELECT conv, msg_id FROM messages WHERE id > ? AND id <= ?")
 #: Unindex the rows whose ids are in the JSON array ``?`` (before prune deletes them).
 SQL_CONV_DEL = ("DELETE FROM conversations WHERE (conv, msg_id) IN (SELECT conv, msg_id "
                 "FROM messages WHERE id IN (SELECT value FROM json_each(?)))")
-#: Index rows ``id > ? AND id <= ?`` for retention (with the full-text index: index_pending).
+#: Index rows ``id > ? AND id <= ?`` for retention (index_pending).
 SQL_RETENTION_ADD_RANGE = ("INSERT INTO retention (ts, id) "
                            "SELECT ts, id FROM messages WHERE id > ? AND id <= ?")
 #: Unindex the rows whose ids are in the JSON array ``?`` (before prune deletes them).
