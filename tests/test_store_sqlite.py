@@ -5,9 +5,11 @@ engine in tests/test_store.py."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sqlite3
 import threading
+import time
 
 import pytest
 import trio
@@ -19,6 +21,7 @@ from tidings.store import sqlite as sqlite_mod
 from tidings.store import sqlite_db
 from tidings.store.sqlite import SqliteStore
 from tidings.store.sqlite_db import MIGRATIONS, SqliteDatabase
+from tidings.store.sqlite_fts import INDEX_STEP_ROWS
 
 
 @pytest.fixture
@@ -627,6 +630,35 @@ async def test_the_full_text_index_is_written_in_a_worker_thread(tmp_path):
         await store.append([msg("a", "b", "tea")])
         assert len((await store.search("a", "tea", 10))[0]) == 2
         assert threads and loop_thread not in threads
+    finally:
+        await store.aclose()
+
+
+async def test_maintenance_indexes_the_full_text_index_in_spaced_steps(tmp_path, monkeypatch):
+    """A maintenance pass adds pending rows to the full-text index ``FTS_STEP_ROWS`` per
+    worker step with ``FTS_STEP_GAP_S`` between steps (not one burst); search catches
+    up at once."""
+    monkeypatch.setattr(sqlite_mod, "FTS_STEP_ROWS", 4)
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    steps: list[tuple[int, float]] = []
+    original = store.db.fts.index_step
+
+    def observed(max_rows: int = INDEX_STEP_ROWS) -> int:
+        steps.append((max_rows, time.monotonic()))
+        return original(max_rows)
+
+    store.db.fts.index_step = observed
+    try:
+        await store.append([msg("a", "b", "tea") for _ in range(10)])
+        await store.checkpoint()
+        assert [rows for rows, _ in steps] == [4, 4, 4]  # 4 + 4 + 2: the last is short
+        gaps = [later - earlier for (_, earlier), (_, later) in itertools.pairwise(steps)]
+        assert all(gap >= sqlite_mod.FTS_STEP_GAP_S for gap in gaps)
+        assert store.db.fts.indexed_id() == 10
+        steps.clear()
+        await store.append([msg("a", "b", "tea") for _ in range(10)])
+        assert len((await store.search("a", "tea", 50))[0]) == 20
+        assert steps and all(rows == INDEX_STEP_ROWS for rows, _ in steps)  # catch_up
     finally:
         await store.aclose()
 
