@@ -25,8 +25,9 @@ Where each call runs (measured, docs/performance.md)
 Maintenance (``run``)
 ---------------------
 Every ``MAINTENANCE_INTERVAL_S``: rows appended since are added to ``conversations``
-and ``retention`` in chunks (on the loop thread), and to the full-text index (its
-``catch_up`` in the worker thread; FTS5's automerge merges there), then a PASSIVE
+and ``retention`` in chunks (on the loop thread), and to the full-text index (in the
+worker thread, ``FTS_STEP_ROWS`` per step, ``FTS_STEP_GAP_S`` apart; FTS5's automerge
+merges there), then a PASSIVE
 checkpoint copies the WAL into the database from a thread.  While writes go on
 such a checkpoint never catches up with the end of the WAL, and SQLite would restart
 the WAL only from inside a commit (its autocheckpoint: a 30-40 ms stall of that commit).
