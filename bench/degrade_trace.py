@@ -37,6 +37,7 @@ def child(config_path: str, lag_probe: bool) -> None:
     import gc
 
     import trio
+    from loopprobe import LongSteps, short_name, sleep_lag, timed
     from tidings.config import load_config
     from tidings.server.daemon import serve
     from tidings.store import sqlite_db
@@ -47,14 +48,8 @@ def child(config_path: str, lag_probe: bool) -> None:
     loop_thread = threading.get_ident()
     gc_start: dict[int, float] = {}
 
-    class Steps(trio.abc.Instrument):
-        def before_task_step(self, task: trio.lowlevel.Task) -> None:
-            self.t0 = time.perf_counter()
-
-        def after_task_step(self, task: trio.lowlevel.Task) -> None:
-            t1 = time.perf_counter()
-            if t1 - self.t0 > 0.001:
-                events.append((self.t0, t1, "step", ".".join(task.name.rsplit(".", 2)[-2:]), True))
+    def on_long_step(task: trio.lowlevel.Task, t0: float, ms: float, cpu_ms: float) -> None:
+        events.append((t0, t0 + ms / 1e3, "step", short_name(task), True))
 
     def on_gc(phase: str, info: dict) -> None:
         tid = threading.get_ident()
@@ -64,19 +59,15 @@ def child(config_path: str, lag_probe: bool) -> None:
             t0 = gc_start.get(tid, time.perf_counter())
             events.append((t0, time.perf_counter(), "gc", str(info["generation"]), tid == loop_thread))
 
-    def timed(name: str, fn: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                label = name + ("-full" if kwargs.get("full") else "")
-                events.append((t0, time.perf_counter(), "db", label, threading.get_ident() == loop_thread))
-        return wrapper
+    def db_call(name: str) -> Any:
+        def on_done(t0: float, t1: float, kwargs: dict[str, Any]) -> None:
+            label = name + ("-full" if kwargs.get("full") else "")
+            events.append((t0, t1, "db", label, threading.get_ident() == loop_thread))
+        return on_done
 
     for name, fn in list(vars(sqlite_db.SqliteDatabase).items()):
         if type(fn) is type(timed) and not name.startswith("_"):
-            setattr(sqlite_db.SqliteDatabase, name, timed(name, fn))
+            setattr(sqlite_db.SqliteDatabase, name, timed(fn, db_call(name)))
 
     def commands() -> None:
         for line in sys.stdin:
@@ -87,22 +78,16 @@ def child(config_path: str, lag_probe: bool) -> None:
                     lags.clear()
                 print(json.dumps(rep), flush=True)
 
-    async def probe() -> None:
-        while True:
-            t0 = time.perf_counter()
-            await trio.sleep(0.001)
-            lags.append((t0, time.perf_counter() - t0 - 0.001))
-
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             if lag_probe:
-                nursery.start_soon(probe)
+                nursery.start_soon(sleep_lag, lambda t0, lag: lags.append((t0, lag)))
             await serve(load_config(config_path), config_path=config_path)
             nursery.cancel_scope.cancel()
 
     gc.callbacks.append(on_gc)
     threading.Thread(target=commands, daemon=True).start()
-    trio.run(main, instruments=[Steps()])
+    trio.run(main, instruments=[LongSteps(on_long_step, threshold_ms=1.0)])
 
 
 def _ms(xs: list[float]) -> str:

@@ -39,7 +39,7 @@ def child(config_path: str) -> None:
     import gc
 
     import trio
-
+    from loopprobe import LongSteps, short_name, sleep_lag, timed
     from tidings.config import load_config
     from tidings.server.daemon import serve
 
@@ -49,24 +49,12 @@ def child(config_path: str) -> None:
     gc_t0 = [0.0]
     lock = threading.Lock()
 
-    class Steps(trio.abc.Instrument):
-        def __init__(self) -> None:
-            self.t0 = 0.0
-            self.c0 = 0.0
-
-        def before_task_step(self, task: trio.lowlevel.Task) -> None:
-            self.t0 = time.perf_counter()
-            self.c0 = time.thread_time()
-
-        def after_task_step(self, task: trio.lowlevel.Task) -> None:
-            ms = (time.perf_counter() - self.t0) * 1e3
-            if ms > 2.0:
-                name = ".".join(task.name.rsplit(".", 2)[-2:])
-                s = steps.setdefault(name, [0, 0.0, 0.0, 0.0])
-                s[0] += 1
-                s[1] = max(s[1], ms)
-                s[2] += ms
-                s[3] += (time.thread_time() - self.c0) * 1e3  # CPU of the loop thread
+    def on_long_step(task: trio.lowlevel.Task, t0: float, ms: float, cpu_ms: float) -> None:
+        s = steps.setdefault(short_name(task), [0, 0.0, 0.0, 0.0])
+        s[0] += 1
+        s[1] = max(s[1], ms)
+        s[2] += ms
+        s[3] += cpu_ms  # CPU of the loop thread
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
@@ -100,43 +88,33 @@ def child(config_path: str) -> None:
                 gcs.clear()
             print(json.dumps(rep), flush=True)
 
-    async def probe() -> None:
-        while True:
-            t0 = time.perf_counter()
-            await trio.sleep(0.001)
-            lags.append(time.perf_counter() - t0 - 0.001)
-
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(probe)
+            nursery.start_soon(sleep_lag, lambda t0, lag: lags.append(lag))
             await serve(load_config(config_path), config_path=config_path)
             nursery.cancel_scope.cancel()
 
     calls: dict[str, list[float]] = {}  # SqliteDatabase method -> [count > 2 ms, max ms, total ms > 2 ms]
 
-    def timed(name: str, fn: Any) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                ms = (time.perf_counter() - t0) * 1e3
-                if ms > 2.0:
-                    c = calls.setdefault(name, [0, 0.0, 0.0])
-                    c[0] += 1
-                    c[1] = max(c[1], ms)
-                    c[2] += ms
-        return wrapper
+    def db_call(name: str) -> Any:
+        def on_done(t0: float, t1: float, kwargs: dict[str, Any]) -> None:
+            ms = (t1 - t0) * 1e3
+            if ms > 2.0:
+                c = calls.setdefault(name, [0, 0.0, 0.0])
+                c[0] += 1
+                c[1] = max(c[1], ms)
+                c[2] += ms
+        return on_done
 
     if os.environ.get("LOOPLAG_TRACE_DB"):
         from tidings.store import sqlite_db
         for name, fn in list(vars(sqlite_db.SqliteDatabase).items()):
-            if type(fn) is type(timed) and not name.startswith("__") and name not in ("_read", "_write", "_transaction"):
-                setattr(sqlite_db.SqliteDatabase, name, timed(name, fn))
+            if type(fn) is type(db_call) and not name.startswith("__") and name not in ("_read", "_write", "_transaction"):
+                setattr(sqlite_db.SqliteDatabase, name, timed(fn, db_call(name)))
     steps["db:"] = calls  # type: ignore[assignment]
     gc.callbacks.append(on_gc)
     threading.Thread(target=commands, daemon=True).start()
-    trio.run(main, instruments=[Steps()])
+    trio.run(main, instruments=[LongSteps(on_long_step)])
 
 
 def parent(a: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import trio
+from loopprobe import LongSteps, short_name, sleep_lag
 
 
 def main() -> int:
@@ -35,21 +36,8 @@ def main() -> int:
     gcs: list[list[float]] = []
     gc_t0 = [0.0]
 
-    class Steps(trio.abc.Instrument):
-        def __init__(self) -> None:
-            self.t0 = 0.0
-            self.c0 = 0.0
-
-        def before_task_step(self, task: trio.lowlevel.Task) -> None:
-            self.t0 = time.perf_counter()
-            self.c0 = time.thread_time()
-
-        def after_task_step(self, task: trio.lowlevel.Task) -> None:
-            ms = (time.perf_counter() - self.t0) * 1e3
-            if ms > 2.0:
-                steps.append([time.time() * 1e3, round(ms, 2),
-                              round((time.thread_time() - self.c0) * 1e3, 2),
-                              ".".join(task.name.rsplit(".", 2)[-2:])])
+    def on_long_step(task: trio.lowlevel.Task, t0: float, ms: float, cpu_ms: float) -> None:
+        steps.append([time.time() * 1e3, round(ms, 2), round(cpu_ms, 2), short_name(task)])
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
@@ -59,24 +47,20 @@ def main() -> int:
             if ms > 1.0:
                 gcs.append([time.time() * 1e3, info["generation"], round(ms, 2)])
 
-    async def probe() -> None:
-        while True:
-            t0 = time.perf_counter()
-            await trio.sleep(0.001)
-            lag = time.perf_counter() - t0 - 0.001
-            if lag > 0.002:
-                lags.append([time.time() * 1e3, round(lag * 1e3, 2)])
+    def on_lag(t0: float, lag: float) -> None:
+        if lag > 0.002:
+            lags.append([time.time() * 1e3, round(lag * 1e3, 2)])
 
     real_run = trio.run
 
     def probed_run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         async def with_probe() -> Any:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(probe)
+                nursery.start_soon(sleep_lag, on_lag)
                 result = await fn(*args)
                 nursery.cancel_scope.cancel()
             return result
-        kwargs["instruments"] = [*kwargs.get("instruments", ()), Steps()]
+        kwargs["instruments"] = [*kwargs.get("instruments", ()), LongSteps(on_long_step)]
         return real_run(with_probe, **kwargs)
 
     trio.run = probed_run  # type: ignore[assignment]
