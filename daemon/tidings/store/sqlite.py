@@ -34,9 +34,9 @@ the WAL only from inside a commit (its autocheckpoint: a 30-40 ms stall of that 
 So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine runs one more PASSIVE
 checkpoint (it copies what was written during the first), then holds new writes for a
 last one (it copies only what the second let through) and the next write starts the WAL
-over.  Every ``prune_interval_s`` retention and ``max_inbox`` are applied
-in chunks likewise (each chunk's rows leave the full-text index first, in the worker).  Each such transaction (``INDEX_CHUNK`` rows) waits for a moment
-the loop is idle (at most ``IDLE_WAIT_S``): see ``_Pace``.
+over.  Every ``prune_interval_s`` retention and ``max_inbox`` are applied in chunks
+likewise (each chunk's rows leave the full-text index first, in the worker).  Each such
+transaction (``INDEX_CHUNK`` rows) waits for a moment the loop is idle (at most ``IDLE_WAIT_S``): see ``_Pace``.
 
 A duplicate msg_id (never produced by the hub's id generator) fails only that message:
 the chunk is retried one message at a time.  Cancellation: a write that started on the
@@ -63,8 +63,8 @@ from tidings.store.records import (
 )
 from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
 
-__all__ = ["FTS_STEP_GAP_S", "FTS_STEP_ROWS", "IDLE_WAIT_S", "INDEX_CHUNK", "MAINTENANCE_INTERVAL_S", "SqliteStore",
-           "WAL_RESTART_BYTES", "WRITE_CHUNK"]
+__all__ = ["FTS_STEP_GAP_S", "FTS_STEP_ROWS", "IDLE_WAIT_S", "INDEX_CHUNK", "MAINTENANCE_INTERVAL_S",
+           "SqliteStore", "WAL_RESTART_BYTES", "WRITE_CHUNK"]
 
 T = TypeVar("T")
 WRITE_CHUNK = 128
