@@ -27,16 +27,16 @@ Maintenance (``run``)
 Every ``MAINTENANCE_INTERVAL_S``: rows appended since are added to ``conversations``
 and ``retention`` in chunks (on the loop thread), and to the full-text index (in the
 worker thread, ``FTS_STEP_ROWS`` per step, ``FTS_STEP_GAP_S`` apart; FTS5's automerge
-merges there), then a PASSIVE
-checkpoint copies the WAL into the database from a thread.  While writes go on
-such a checkpoint never catches up with the end of the WAL, and SQLite would restart
+merges there), then a PASSIVE checkpoint copies the WAL into the database from a
+thread.  While writes go on such a checkpoint never catches up with the end of the WAL, and SQLite would restart
 the WAL only from inside a commit (its autocheckpoint: a 30-40 ms stall of that commit).
 So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine runs one more PASSIVE
 checkpoint (it copies what was written during the first), then holds new writes for a
 last one (it copies only what the second let through) and the next write starts the WAL
 over.  Every ``prune_interval_s`` retention and ``max_inbox`` are applied in chunks
 likewise (each chunk's rows leave the full-text index first, in the worker).  Each such
-transaction (``INDEX_CHUNK`` rows) waits for a moment the loop is idle (at most ``IDLE_WAIT_S``): see ``_Pace``.
+transaction (``INDEX_CHUNK`` rows) waits for a moment the loop is idle (at most
+``IDLE_WAIT_S``): see ``_Pace``.
 
 A duplicate msg_id (never produced by the hub's id generator) fails only that message:
 the chunk is retried one message at a time.  Cancellation: a write that started on the
