@@ -28,8 +28,9 @@ Every ``MAINTENANCE_INTERVAL_S``: rows appended since are added to ``conversatio
 and ``retention`` in chunks (on the loop thread), and to the full-text index (in the
 worker thread, ``FTS_STEP_ROWS`` per step, ``FTS_STEP_GAP_S`` apart; FTS5's automerge
 merges there), then a PASSIVE checkpoint copies the WAL into the database from a
-thread.  While writes go on such a checkpoint never catches up with the end of the WAL, and SQLite would restart
-the WAL only from inside a commit (its autocheckpoint: a 30-40 ms stall of that commit).
+thread.  While writes go on such a checkpoint never catches up with the end of the WAL,
+and SQLite would restart the WAL only from inside a commit (its autocheckpoint: a 30-40
+ms stall of that commit).
 So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine runs one more PASSIVE
 checkpoint (it copies what was written during the first), then holds new writes for a
 last one (it copies only what the second let through) and the next write starts the WAL
@@ -63,16 +64,18 @@ from tidings.store.records import (
 )
 from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
 
-__all__ = ["FTS_STEP_GAP_S", "FTS_STEP_ROWS", "IDLE_WAIT_S", "INDEX_CHUNK", "MAINTENANCE_INTERVAL_S",
-           "SqliteStore", "WAL_RESTART_BYTES", "WRITE_CHUNK"]
+__all__ = ["FTS_STEP_GAP_S", "FTS_STEP_ROWS", "IDLE_WAIT_S", "INDEX_CHUNK",
+           "MAINTENANCE_INTERVAL_S", "SqliteStore", "WAL_RESTART_BYTES", "WRITE_CHUNK"]
 
 T = TypeVar("T")
 WRITE_CHUNK = 128
-#: Rows per maintenance transaction (indexing, pruning).  Waiting for an idle loop is what keeps a step
-#: (~2-3 ms at 256 rows) off the messages' path; with that wait, 64-row steps measured no
-#: lower open-loop p99 than 256-row ones but cost twice the CPU per indexed row (12.5 vs
-#: 6.6 us), and after a closed-loop burst they left the open loop's p99 at 8.7-10.7 ms
-#: against 3.3-8.2 (docs/performance.md, fourth session, "index step size").
+#: Rows per maintenance transaction on the loop thread (history and retention indexing,
+#: pruning).  Waiting for an idle loop is what keeps a step (~2-3 ms at 256 rows) off the
+#: messages' path; with that wait, 64-row steps measured no lower open-loop p99 than
+#: 256-row ones but cost twice the CPU per indexed row (12.5 vs 6.6 us, when the full-text
+#: index was still indexed here), and after a closed-loop burst they left the open loop's
+#: p99 at 8.7-10.7 ms against 3.3-8.2 (docs/performance.md, fourth session, "index step
+#: size").
 INDEX_CHUNK = 256
 IDLE_WAIT_S = 0.01
 #: Maintenance adds rows to the full-text index (worker thread) this many per step, with
@@ -97,7 +100,7 @@ class _StateBatch:
 
 
 class _Pace:
-    """When each transaction of one maintenance pass (indexing, merging, pruning) runs.
+    """When each loop-thread transaction of one maintenance pass (indexing, pruning) runs.
     Each waits for a moment the event loop has nothing else to run (no task runnable,
     no I/O ready), so it delays only the messages that arrive while it runs, by one step
     (with a plain ``sleep(0)`` between steps a step ran in every turn of the loop, and a

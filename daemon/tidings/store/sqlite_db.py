@@ -86,8 +86,8 @@ from tidings.store.search import parse_query
 from tidings.store.sqlite_fts import FtsIndex
 from tidings.store.sqlite_schema import (
     _COLS, _IN_PAIR, _LAST_SEQ_OF, MIGRATIONS, SQL_CONV_ADD_RANGE, SQL_CONV_DEL, SQL_INDEXED_ID,
-    SQL_RETENTION_ADD_RANGE, SQL_RETENTION_CUTS, SQL_RETENTION_DEL, find_key, forget_keys, read_devices,
-    read_history, remember_key, save_progress,
+    SQL_RETENTION_ADD_RANGE, SQL_RETENTION_CUTS, SQL_RETENTION_DEL, find_key, forget_keys,
+    read_devices, read_history, remember_key, save_progress,
 )
 from tidings.store.sqlite_webhooks import WebhookTables
 
@@ -477,8 +477,9 @@ class SqliteDatabase(WebhookTables):
         """Delete, per recipient, every message up to the newest one older than the
         retention (ts < now - retention) and all but the newest ``max_inbox`` (which
         reads already hide); always an inbox prefix, so seqs stay contiguous.  Forgets
-        expired idempotency keys and indexes pending rows first, then deletes in transactions of at most PRUNE_BATCH rows.
-        Returns the number deleted.  (The engine runs the same steps with pauses.)"""
+        expired idempotency keys and indexes pending rows first, then deletes in
+        transactions of at most PRUNE_BATCH rows.  Returns the number deleted.  (The
+        engine runs the same steps with pauses.)"""
         while self.forget_keys(now_ms, PRUNE_BATCH) == PRUNE_BATCH:
             pass
         while self.index_pending():  # retention plans from indexed rows
