@@ -120,3 +120,15 @@ def test_the_lock_serialises_transactions(owner):
     owner.conn.execute("COMMIT")
     owner.lock.release()
     assert count(owner) == 2
+
+
+def test_one_transaction_object_serves_many_uses(owner):
+    t = txn(owner)
+    for name in ("m2", "m3"):
+        with t as c:
+            c.execute("INSERT INTO t VALUES (?)", (name,))
+    with pytest.raises(DuplicateMessage), t as c:
+        c.execute("INSERT INTO t VALUES ('m3')")
+    with t as c:
+        assert c.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 3
+    assert not owner.lock.locked()

@@ -151,6 +151,9 @@ class SqliteDatabase(WebhookTables):
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
         self._cplock = threading.Lock()
+        # one each, reused: a Transaction keeps state only while it holds its lock
+        self._wtx = Transaction(self, self._wlock, "_writer", "BEGIN IMMEDIATE")
+        self._rtx = Transaction(self, self._rlock, "_reader", "BEGIN")
         self._checkpointer: sqlite3.Connection | None = None
 
     # ------------------------------------------------------------ opening
@@ -225,11 +228,11 @@ class SqliteDatabase(WebhookTables):
     def _write(self) -> Transaction:
         """One write transaction on the writer connection (see Transaction: sqlite
         errors become DuplicateMessage or StoreUnavailable, with the path)."""
-        return Transaction(self, self._wlock, "_writer", "BEGIN IMMEDIATE")
+        return self._wtx
 
     def _read(self) -> Transaction:
         """One read transaction (a consistent snapshot) on the reader connection."""
-        return Transaction(self, self._rlock, "_reader", "BEGIN")
+        return self._rtx
 
     # ------------------------------------------------------------ messages
 
@@ -240,7 +243,7 @@ class SqliteDatabase(WebhookTables):
         if not msgs:
             return []
         known = self._last
-        with self._write() as c:
+        with self._wtx as c:
             last = {}
             missing = [r for r in {m.recipient: 0 for m in msgs} if r not in known]
             if missing:

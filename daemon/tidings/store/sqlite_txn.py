@@ -34,7 +34,9 @@ class Transaction:
     the block, the BEGIN or the COMMIT raises, the transaction is rolled back and an
     sqlite3 error becomes DuplicateMessage (a msg_id constraint) or StoreUnavailable
     (naming ``owner.path``); any other exception (cancellation included: nothing here
-    awaits) propagates as it is.  The lock is released in every case, last."""
+    awaits) propagates as it is.  The lock is released in every case, last.  One
+    object may serve any number of uses, one at a time (its state is set and cleared
+    while it holds the lock), and saves building one per commit."""
 
     __slots__ = ("_begin", "_conn", "_lock", "_name", "_owner")
 
