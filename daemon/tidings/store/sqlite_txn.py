@@ -4,7 +4,7 @@
 (``_read``, ``_write``).  A plain class rather than a ``contextlib.contextmanager``
 generator because the writer runs on the event-loop thread once per commit: entering
 and leaving the generator form cost ~5.6 us, this class ~1.1 us (CPython 3.11 on the
-2-core bench box; docs/performance.md, sixth session, "commit cost").
+2-core bench box; docs/performance.md, sixth session, branch commitcost).
 """
 
 from __future__ import annotations
