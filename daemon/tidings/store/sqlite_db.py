@@ -68,17 +68,16 @@ malformed FTS expression BadQuery, anything else StoreUnavailable naming the pat
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
 from tidings.store.records import (
-    DEFAULT_DEVICE, BadQuery, DeviceState, DuplicateMessage, InboxState, NewMessage, Original,
+    DEFAULT_DEVICE, BadQuery, DeviceState, InboxState, NewMessage, Original,
     Progress, StoredMessage, StoreUnavailable, UnknownMessage, check_page, key_is_live,
     prune_cutoff_ms,
 )
@@ -89,6 +88,7 @@ from tidings.store.sqlite_schema import (
     SQL_RETENTION_ADD_RANGE, SQL_RETENTION_CUTS, SQL_RETENTION_DEL, find_key, forget_keys,
     read_devices, read_history, remember_key, save_progress,
 )
+from tidings.store.sqlite_txn import Transaction, rollback
 from tidings.store.sqlite_webhooks import WebhookTables
 
 __all__ = ["MIGRATIONS", "PRUNE_BATCH", "SqliteDatabase"]
@@ -127,12 +127,6 @@ def _conv(a: str, b: str) -> str:
     return f"{a}\x1f{b}" if a <= b else f"{b}\x1f{a}"
 
 
-def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            conn.execute("ROLLBACK")
-
-
 class SqliteDatabase(WebhookTables):
     """One SQLite file. Create with :meth:`open`; see :mod:`tidings.store.base` for the
     contract of each method (here synchronous and thread-safe).
@@ -157,6 +151,9 @@ class SqliteDatabase(WebhookTables):
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
         self._cplock = threading.Lock()
+        # one each, reused: a Transaction keeps state only while it holds its lock
+        self._wtx = Transaction(self, self._wlock, "_writer", "BEGIN IMMEDIATE")
+        self._rtx = Transaction(self, self._rlock, "_reader", "BEGIN")
         self._checkpointer: sqlite3.Connection | None = None
 
     # ------------------------------------------------------------ opening
@@ -223,38 +220,19 @@ class SqliteDatabase(WebhookTables):
             conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
             conn.execute("COMMIT")
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             raise
 
     # -------------------------------------------------------- transactions
 
-    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """One write transaction on the writer connection."""
-        return self._transaction(self._wlock, "_writer", "BEGIN IMMEDIATE")
+    def _write(self) -> Transaction:
+        """One write transaction on the writer connection (see Transaction: sqlite
+        errors become DuplicateMessage or StoreUnavailable, with the path)."""
+        return self._wtx
 
-    def _read(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+    def _read(self) -> Transaction:
         """One read transaction (a consistent snapshot) on the reader connection."""
-        return self._transaction(self._rlock, "_reader", "BEGIN")
-
-    @contextlib.contextmanager
-    def _transaction(self, lock: threading.Lock, name: str, begin: str) -> Iterator[sqlite3.Connection]:
-        """A transaction on one connection under its lock; sqlite errors become
-        DuplicateMessage (a msg_id constraint) or StoreUnavailable (with the path)."""
-        with lock:
-            conn = getattr(self, name)
-            if conn is None:
-                raise StoreUnavailable(f"store {self.path} is closed")
-            try:
-                conn.execute(begin)
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as e:
-                _rollback(conn)
-                if isinstance(e, sqlite3.IntegrityError) and "msg_id" in str(e):
-                    raise DuplicateMessage(f"duplicate msg_id: {e}") from e
-                if isinstance(e, sqlite3.Error):
-                    raise StoreUnavailable(f"store {self.path}: {e}") from e
-                raise
+        return self._rtx
 
     # ------------------------------------------------------------ messages
 
@@ -265,9 +243,9 @@ class SqliteDatabase(WebhookTables):
         if not msgs:
             return []
         known = self._last
-        with self._write() as c:
+        with self._wtx as c:
             last = {}
-            missing = [r for r in dict.fromkeys(m.recipient for m in msgs) if r not in known]
+            missing = [r for r in {m.recipient: 0 for m in msgs} if r not in known]
             if missing:
                 last.update(c.execute(_SQL_LAST_SEQS, (orjson.dumps(missing),)))
             row_id = self._next_id
@@ -294,7 +272,10 @@ class SqliteDatabase(WebhookTables):
                              _conv(m.sender, m.recipient), m.body, m.ts))
                 if m.key is not None and window:
                     keyed[(m.sender, r, m.key)] = (Original(m.msg_id, seq, 0), m.ts)
-            c.executemany(_SQL_INSERT, rows)
+            if len(rows) == 1:  # (executemany's setup costs ~2 us more for one row)
+                c.execute(_SQL_INSERT, rows[0])
+            elif rows:
+                c.executemany(_SQL_INSERT, rows)
             for (sender, target, key), (original, ts) in keyed.items():
                 remember_key(c, sender, target, key, original.msg_id, original.seq, ts)
         if len(known) + len(last) > LAST_SEQ_CACHE:
