@@ -46,6 +46,7 @@ from typing import Any
 import trio
 from coredis._packer import Packer
 from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.exceptions import RedisError
 from coredis.parser import NotEnoughData, Parser
 
 __all__ = ["Batch", "WireConnection", "wire_target"]
@@ -103,7 +104,9 @@ class WireConnection:
         self._unanswered: collections.deque[tuple[list[Any], int]] = collections.deque()
         self._reading = False  # a waiter reads the socket
         self._turn: trio.Event | None = None  # waiters not reading wait on it
-        self._writing: trio.Event | None = None  # a batch is half written: the next waits
+        # held while a batch is written: only awaited when one did not fit the socket
+        # buffer (FIFO, so batches go in the order ``send`` was called)
+        self._sending = trio.StrictFIFOLock()
         self.error: BaseException | None = None  # set once: the connection is closed
 
     @classmethod
@@ -147,26 +150,31 @@ class WireConnection:
         """Write ``commands`` (each ``(name, *args)``) after every batch sent before;
         returns once all of it is on the socket.  Raises the connection's error when it
         is closed (nothing of this batch was written then)."""
-        while self._writing is not None:  # rare: a batch bigger than the socket buffer
-            await self._writing.wait()
-        if self.error is not None:
-            raise self.error
         data = b"".join(self._packer.pack_commands(commands))
-        replies = [_UNSET] * len(commands)
-        self._unanswered.extend((replies, i) for i in range(len(replies)))
+        lock = self._sending
+        if lock.locked():  # rare: a batch bigger than the socket buffer is being written
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
         try:
-            sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.close(RedisConnectionError(f"lane: connection lost while sending: {exc}"))
-            raise self.error from None  # type: ignore[misc]
-        if sent < len(data):
-            await self._send_rest(memoryview(data)[sent:])
+            if self.error is not None:
+                raise self.error
+            replies = [_UNSET] * len(commands)
+            self._unanswered.extend((replies, i) for i in range(len(replies)))
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.close(RedisConnectionError(f"lane: connection lost while sending: {exc}"))
+                raise self.error from None  # type: ignore[misc]
+            if sent < len(data):
+                await self._send_rest(memoryview(data)[sent:])
+        finally:
+            lock.release()
         return Batch(self, replies)
 
     async def _send_rest(self, rest: memoryview) -> None:
-        self._writing = writing = trio.Event()
         try:
             with trio.move_on_after(self._timeout) as scope:
                 while rest and self.error is None:
@@ -185,9 +193,6 @@ class WireConnection:
         except BaseException:  # cancelled half-written: the stream is unusable
             self.close(RedisConnectionError("lane: a send was cancelled half-written"))
             raise
-        finally:
-            self._writing = None
-            writing.set()
         if self.error is not None:
             raise self.error
 
@@ -246,7 +251,8 @@ class WireConnection:
                 turn, self._turn = self._turn, None
                 if turn is not None:
                     turn.set()  # the others look whether theirs came (then wait anew)
-        except Exception as exc:  # a protocol error: the stream cannot be trusted
+        except (RedisError, ValueError, TypeError, IndexError) as exc:  # a protocol error:
+            # the stream cannot be trusted
             self.close(RedisConnectionError(f"lane: bad reply from Redis: {exc!r}"))
 
     def close(self, error: BaseException) -> None:
