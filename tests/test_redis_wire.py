@@ -17,7 +17,6 @@ from store_harness import msg
 
 require_coredis()
 import coredis  # noqa: E402
-
 from tidings.store import StoreLimits, StoreUnavailable  # noqa: E402
 from tidings.store.redis import open_redis_store  # noqa: E402
 from tidings.store.redis_wire import WireConnection, wire_target  # noqa: E402
