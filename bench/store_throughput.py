@@ -8,7 +8,10 @@ runs it).
 
 Appends ``--messages`` messages (``--body`` byte string bodies, ``--senders`` senders,
 ``--recipients`` recipients) in batches of ``--batch`` through ``Store.append`` and
-prints msgs/s per engine (median of ``--reps``).  sqlite writes a file in a temporary
+prints msgs/s per engine (median of ``--reps``) and this process's CPU per message and
+per ``append`` call (the store's client side: with ``--batch 4 --publish`` what the
+sending node of a cluster pays per script call in the open loop, docs/cluster.md
+"sixth session").  sqlite writes a file in a temporary
 directory; redis starts a private ``redis-server`` on a free port (no persistence)
 unless ``--redis-url`` is given (that server is FLUSHALLed: never point it at data you
 keep).  ``max_inbox`` is 10,000, as in the default config.  docs/cluster.md quotes the
@@ -93,27 +96,34 @@ async def open_engine(name: str, args: argparse.Namespace, workdir: Path,
         await store.aclose()
 
 
-async def measure(name: str, args: argparse.Namespace, workdir: Path, rep: int) -> float:
+async def measure(name: str, args: argparse.Namespace, workdir: Path,
+                  rep: int) -> tuple[float, float]:
+    """(msgs/s, this process's CPU seconds per message)."""
     body = orjson.dumps("x" * args.body)
     msgs = [NewMessage(f"{rep}-{i:09d}", f"s{i % args.senders}", f"u{i % args.recipients}",
                        body, 1_000 + i) for i in range(args.messages)]
     async with open_engine(name, args, workdir, rep) as store:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for k in range(0, len(msgs), args.batch):
             results = await store.append(msgs[k:k + args.batch])
             if not all(r.ok for r in results):
                 sys.exit(f"{name}: append failed: {next(r.error for r in results if not r.ok)}")
-        return len(msgs) / (time.perf_counter() - t0)
+        t1, c1 = time.perf_counter(), time.process_time()
+        return len(msgs) / (t1 - t0), (c1 - c0) / len(msgs)
 
 
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="tidings-bench-store-") as d:
         for name in args.engines.split(","):
-            rates = [await measure(name, args, Path(d), rep) for rep in range(args.reps)]
+            runs = [await measure(name, args, Path(d), rep) for rep in range(args.reps)]
+            rates = [r for r, _cpu in runs]
+            cpu = statistics.median(c for _r, c in runs) * 1e6
             print(f"{name:7s} append: {statistics.median(rates):9.0f} msgs/s "
                   f"(min {min(rates):.0f}, max {max(rates):.0f}; {args.messages} messages "
                   f"in batches of {args.batch}, {args.recipients} recipients"
-                  f"{', publish' if name == 'redis' and args.publish else ''})")
+                  f"{', publish' if name == 'redis' and args.publish else ''}); "
+                  f"CPU {cpu:.1f} us/msg, {cpu * args.batch:.0f} us/call "
+                  f"(per rep: {', '.join(f'{c * 1e6:.1f}' for _r, c in runs)})")
 
 
 def parse_args() -> argparse.Namespace:

@@ -23,12 +23,23 @@ from tidings.store.redis_lua import channel_for, decode_envelope  # noqa: E402
 NO_LIMITS = StoreLimits()
 
 
+@pytest.fixture(params=["wire", "coredis"])
+def lane_path(request, monkeypatch):
+    """Both ways the standalone lane sends: its own connection (store/redis_wire.py),
+    and coredis' multiplexed connection (what it uses over TLS)."""
+    if request.param == "coredis":
+        import tidings.store.redis_lane as lane
+
+        monkeypatch.setattr(lane, "wire_target", lambda client: None)
+    return request.param
+
+
 async def _calls(r, command: str) -> int:
     stats = await r.info("commandstats")
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
-async def test_script_flush_is_recovered_by_reloading_and_resending_once(redis_server):
+async def test_script_flush_is_recovered_by_reloading_and_resending_once(redis_server, lane_path):
     async with open_redis_store(redis_server.url, limits=NO_LIMITS, node_id="t") as s:
         r = coredis.Redis.from_url(redis_server.url)
         async with r:
@@ -45,7 +56,7 @@ async def test_script_flush_is_recovered_by_reloading_and_resending_once(redis_s
             assert len(await s.read_inbox("b", 0, 10)) == 2
 
 
-async def test_no_script_exists_before_evalsha(redis_server):
+async def test_no_script_exists_before_evalsha(redis_server, lane_path):
     """coredis' pipeline() sent SCRIPT EXISTS before every batch: one more round trip."""
     async with open_redis_store(redis_server.url, limits=NO_LIMITS, node_id="t") as s:
         r = coredis.Redis.from_url(redis_server.url)
@@ -57,7 +68,8 @@ async def test_no_script_exists_before_evalsha(redis_server):
             assert await _calls(r, "script|exists") == before
 
 
-async def test_a_batch_of_many_recipients_is_one_script_call_in_per_recipient_order(redis_server):
+async def test_a_batch_of_many_recipients_is_one_script_call_in_per_recipient_order(redis_server,
+                                                                                   lane_path):
     users = ["x", "y{1}", "z"]
     batch = [msg("s", users[i % 3], body=i) for i in range(300)]
     async with open_redis_store(redis_server.url, limits=NO_LIMITS, node_id="t") as s:
@@ -82,8 +94,9 @@ async def test_a_batch_of_many_recipients_is_one_script_call_in_per_recipient_or
             assert published == list(range(1, 101))
 
 
-async def test_submitted_batches_run_in_submit_order_whoever_waits_first(redis_server):
+async def test_submitted_batches_run_in_submit_order_whoever_waits_first(redis_server, lane_path):
     async with open_redis_store(redis_server.url, limits=NO_LIMITS, node_id="t") as s:
+        assert (s._lane._wire is None) == (lane_path == "coredis")
         first = [msg("a", "b", body=i) for i in range(50)]
         second = [msg("a", "b", body=i) for i in range(50, 60)]
         results_1 = await s.append_submit(first)

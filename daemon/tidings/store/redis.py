@@ -126,7 +126,9 @@ class RedisStore(RedisDevices, RedisWebhooks):
     name = "redis"
 
     def __init__(self, client: Any, *, limits: StoreLimits, node_id: str,
-                 publish: str = "PUBLISH", cluster: bool = False) -> None:
+                 publish: str = "PUBLISH", cluster: bool = False,
+                 connect_timeout: float = CONNECT_TIMEOUT_S,
+                 command_timeout: float = COMMAND_TIMEOUT_S) -> None:
         self._r = client
         self._limits = limits
         self.max_inbox = limits.max_inbox
@@ -137,7 +139,8 @@ class RedisStore(RedisDevices, RedisWebhooks):
         #: Redis Cluster: one append script per recipient (scripts are single-slot).
         self.cluster = cluster
         self._closed = False
-        self._lane = Lane(client, cluster=cluster)
+        self._lane = Lane(client, cluster=cluster, connect_timeout=connect_timeout,
+                          command_timeout=command_timeout)
         self._append_script = self._lane.script(APPEND_LUA)
         self._history = client.register_script(HISTORY_LUA)
         self._prune = client.register_script(PRUNE_LUA)
@@ -375,8 +378,10 @@ class RedisStore(RedisDevices, RedisWebhooks):
         await prune_periodically(self, self._limits)
 
     async def aclose(self) -> None:
-        """Mark closed (the client itself is closed by open_redis_store's exit)."""
+        """Mark closed and close the lane's connection (the client itself is closed by
+        open_redis_store's exit)."""
         self._closed = True
+        await self._lane.aclose()
 
 
 def _client(url: str, *, cluster: bool, connect_timeout: float, command_timeout: float,
@@ -412,7 +417,8 @@ async def open_redis_store(url: str, *, limits: StoreLimits, node_id: str,
         try:
             await stack.enter_async_context(client)
             store = RedisStore(client, limits=limits, node_id=node_id, publish=pub,
-                               cluster=cluster)
+                               cluster=cluster, connect_timeout=connect_timeout,
+                               command_timeout=command_timeout)
             await store.load_scripts()
         except _TRANSIENT as exc:
             raise _unavailable(exc, "connect") from None

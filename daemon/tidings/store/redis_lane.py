@@ -18,14 +18,18 @@ Contract:
 * ``NOSCRIPT`` (Redis restarted, ``SCRIPT FLUSH``, a failover): a script that was not
   found did not run, so the lane loads the scripts again and resends exactly those
   calls, once.  Nothing is ever resent after it may have run.
-* Standalone Redis: the calls are queued on one multiplexed coredis connection and
-  flushed together (one write, one round trip).  :meth:`Lane.submit` returns once they
-  are queued, so a caller may submit the next batch before this one's replies are in
-  (the hub's writer keeps two appends in flight): Redis runs them in submit order,
-  because every submit goes to the same connection (pinned while it is usable; it stays
-  in coredis' pool, multiplexed with other commands).  Redis Cluster (``cluster=True``): a
-  coredis cluster pipeline of ``EVALSHA`` commands (routed by their keys; a script
-  touches one slot), also without ``SCRIPT EXISTS``.
+* Standalone Redis over plain TCP or a Unix socket: the calls go out on the lane's own
+  connection (:mod:`tidings.store.redis_wire`: packed and written with one ``send`` by
+  the caller, replies parsed by whoever waits, no coredis request or task per call),
+  opened at :meth:`Lane.load` and again after it failed.  :meth:`Lane.submit` returns
+  once the calls are on the socket, so a caller may submit the next batch before this
+  one's replies are in (the hub's writer keeps two appends in flight): Redis runs them
+  in submit order (one connection, batches written whole in submit order).  Over TLS:
+  the calls are queued on one multiplexed coredis connection instead (pinned while it
+  is usable; it stays in coredis' pool, multiplexed with other commands), with the same
+  contract.  Redis Cluster (``cluster=True``): a coredis cluster pipeline of ``EVALSHA``
+  commands (routed by their keys; a script touches one slot), also without
+  ``SCRIPT EXISTS``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from typing import Any
 
 import attrs
 import coredis.exceptions
+import trio
+
+from tidings.store.redis_wire import Batch, WireConnection, wire_target
 
 __all__ = ["Call", "Lane", "Pending", "Script"]
 
@@ -66,11 +73,17 @@ class Call:
 class Lane:
     """See the module docstring."""
 
-    def __init__(self, client: Any, *, cluster: bool) -> None:
+    def __init__(self, client: Any, *, cluster: bool, connect_timeout: float = 2.0,
+                 command_timeout: float = 5.0) -> None:
         self._r = client
         self._cluster = cluster
         self._scripts: dict[str, Script] = {}
         self._conn: Any = None  # the connection every submit goes to while it lives
+        # standalone, no TLS: the lane's own connection (redis_wire), opened on demand
+        self._target = None if cluster else wire_target(client)
+        self._wire: WireConnection | None = None
+        self._opening: trio.Lock | None = None
+        self._timeouts = (connect_timeout, command_timeout)
         #: NOSCRIPT recoveries (for tests and statistics).
         self.reloads = 0
 
@@ -81,8 +94,16 @@ class Lane:
         return s
 
     async def load(self) -> None:
+        """Load every script (and open the lane's own connection when it has one)."""
         for s in self._scripts.values():
             await self._r.script_load(s.source)
+        if self._target is not None:
+            await self._wire_connection()
+
+    async def aclose(self) -> None:
+        """Close the lane's own connection (its unanswered calls fail)."""
+        if self._wire is not None:
+            self._wire.close(coredis.exceptions.ConnectionError("lane: closed"))
 
     async def run(self, calls: Sequence[Call]) -> list[Any]:
         """Send ``calls`` and wait for their replies (see the module docstring)."""
@@ -95,6 +116,16 @@ class Lane:
         replies here (a cluster pipeline runs as a whole)."""
         if self._cluster:
             return Pending(self, calls, None, await self._send_cluster(calls))
+        if self._target is not None:
+            try:
+                wire = await self._wire_connection()
+                batch = await wire.send([
+                    (b"EVALSHA", c.what.sha, len(c.keys), *c.keys, *c.args)
+                    if isinstance(c.what, Script) else (c.what.encode(), *c.keys, *c.args)
+                    for c in calls])
+            except _ERRORS as exc:  # nothing was sent, or its outcome is unknown
+                return Pending(self, calls, None, [exc] * len(calls))
+            return Pending(self, calls, batch, None)
         requests: list[Any] = []
         try:
             conn = await self._connection()
@@ -122,6 +153,22 @@ class Lane:
         if conn is None or not conn.usable:
             conn = self._conn = fresh
         return conn
+
+    async def _wire_connection(self) -> WireConnection:
+        """The lane's own connection; a new one when it failed (one task opens it, the
+        others wait for that one)."""
+        wire = self._wire
+        if wire is not None and wire.usable:
+            return wire
+        if self._opening is None:
+            self._opening = trio.Lock()
+        async with self._opening:
+            wire = self._wire
+            if wire is None or not wire.usable:
+                connect, command = self._timeouts
+                wire = self._wire = await WireConnection.open(
+                    self._target, connect_timeout=connect, command_timeout=command)  # type: ignore[arg-type]
+        return wire
 
     async def _send_cluster(self, calls: Sequence[Call]) -> list[Any]:
         try:
@@ -154,7 +201,7 @@ _ERRORS = (coredis.exceptions.RedisError, OSError, TimeoutError)
 class Pending:
     """Submitted calls; :meth:`replies` waits for them (once)."""
 
-    def __init__(self, lane: Lane, calls: Sequence[Call], requests: list[Any] | None,
+    def __init__(self, lane: Lane, calls: Sequence[Call], requests: list[Any] | Batch | None,
                  replies: list[Any] | None) -> None:
         self._lane, self._calls, self._requests, self._replies = lane, calls, requests, replies
 
@@ -182,6 +229,8 @@ class Pending:
         return self._replies if self._replies is not None else await self._wait()
 
     async def _wait(self) -> list[Any]:
+        if type(self._requests) is Batch:
+            return await self._requests.replies()
         out: list[Any] = []
         for request in self._requests or ():
             if isinstance(request, BaseException):

@@ -1,0 +1,271 @@
+"""The write lane's own Redis connection (standalone Redis over plain TCP or a Unix
+socket): commands packed and written with one non-blocking ``send`` by the caller, the
+replies read and parsed by whichever caller is waiting for one, with no task of its own.
+
+Why: through coredis 6.9 every script call of the hub's writer cost a ``Request`` (a
+dataclass, a telemetry hook, an anyio ``Event``), a hop through a memory stream to the
+connection's writer task (woken, packing, sending through anyio's stream wrappers), a
+wake-up of its reader task (each read inside its own ``fail_after``), and a
+``move_on_after`` around the wait: ~150-200 us of CPU per call in a micro-benchmark
+against ~40 here, and the sending node of a two-node cluster makes ~1,100 calls a
+second at 5,000 msgs/s (docs/cluster.md, "sixth session").  coredis still parses the
+replies (its compiled :class:`coredis.parser.Parser`) and packs the commands (its
+``Packer``); nothing else of it is on this path.
+
+Contract (:class:`WireConnection`):
+
+* :func:`wire_target` says whether a client's pool can be reached this way (plain TCP
+  or a Unix socket; not TLS: that stays on coredis); :meth:`WireConnection.open`
+  connects, authenticates (``AUTH``), selects the database and names the client, within
+  ``connect_timeout``.
+* :meth:`send` writes a batch of commands and returns their :class:`Batch` once all of
+  it is on the socket (usually at once: one non-blocking ``send``, no checkpoint).
+  Batches are written whole and in the order ``send`` was called (a batch that does not
+  fit the socket buffer holds the others back until it is written), so Redis runs them
+  in that order.
+* :meth:`Batch.replies` waits for the batch's replies, in order: each is the reply or the
+  exception Redis answered (``NOSCRIPT`` as :class:`coredis.exceptions.NoScriptError`,
+  as coredis parses it).  Only one waiter reads the socket at a time; each reply
+  resolves the oldest unanswered command, whoever waits for it, and a waiter that
+  leaves (cancelled) hands the reading to the next.
+* Failure: end of stream, a socket error, a protocol error, or no reply within
+  ``command_timeout`` of a waiter starting to wait (a hung Redis) closes the
+  connection, and every unanswered command gets that exception
+  (:class:`coredis.exceptions.ConnectionError` or :class:`TimeoutError`): its outcome is
+  unknown.  A batch cancelled half-written closes it too.  The lane opens a new
+  connection for the next batch; nothing is resent here.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+from coredis._packer import Packer
+from coredis.exceptions import ConnectionError as RedisConnectionError
+from coredis.exceptions import RedisError
+from coredis.parser import NotEnoughData, Parser
+
+__all__ = ["Batch", "WireConnection", "wire_target"]
+
+RECEIVE_SIZE = 65536
+_UNSET: Any = object()
+
+
+def wire_target(client: Any) -> dict[str, Any] | None:
+    """Where and how to connect for a coredis standalone client (``host``/``port`` or
+    ``path``, ``username``, ``password``, ``db``, ``client_name``), or None when its
+    connections need what this module does not do (TLS)."""
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None)
+    location = getattr(pool, "location", None)
+    if kwargs is None or location is None or kwargs.get("ssl_context") is not None:
+        return None
+    target = {k: kwargs.get(k) for k in ("username", "password", "db", "client_name")}
+    if hasattr(location, "path"):
+        target["path"] = location.path
+    elif hasattr(location, "host") and hasattr(location, "port"):
+        target["host"], target["port"] = location.host, location.port
+    else:
+        return None
+    return target
+
+
+class Batch:
+    """Commands written together; :meth:`replies` waits for theirs (see the module
+    docstring)."""
+
+    __slots__ = ("_conn", "_replies")
+
+    def __init__(self, conn: WireConnection, replies: list[Any]) -> None:
+        self._conn, self._replies = conn, replies
+
+    async def replies(self) -> list[Any]:
+        """One reply (or exception) per command, in order."""
+        replies = self._replies
+        if replies and replies[-1] is _UNSET:  # FIFO: the last one answered = all are
+            await self._conn._wait(replies)
+        return list(replies)
+
+
+class WireConnection:
+    """One connection to a standalone Redis (see the module docstring)."""
+
+    def __init__(self, stream: trio.SocketStream, command_timeout: float) -> None:
+        self._stream = stream
+        self._fd = stream.socket.fileno()
+        self._timeout = command_timeout
+        self._parser = Parser()
+        self._packer = Packer("utf-8")
+        # (the reply list, index) of every command written and not yet answered, in order
+        self._unanswered: collections.deque[tuple[list[Any], int]] = collections.deque()
+        self._reading = False  # a waiter reads the socket
+        self._turn: trio.Event | None = None  # waiters not reading wait on it
+        # held while a batch is written: only awaited when one did not fit the socket
+        # buffer (FIFO, so batches go in the order ``send`` was called)
+        self._sending = trio.StrictFIFOLock()
+        self.error: BaseException | None = None  # set once: the connection is closed
+
+    @classmethod
+    async def open(cls, target: dict[str, Any], *, connect_timeout: float,
+                   command_timeout: float) -> WireConnection:
+        """Connect to ``target`` (from :func:`wire_target`) and prepare the session;
+        raises ``coredis.exceptions.ConnectionError``, ``TimeoutError`` or the error Redis
+        answered (e.g. a wrong password)."""
+        try:
+            with trio.fail_after(connect_timeout):
+                if "path" in target:
+                    stream = await trio.open_unix_socket(target["path"])
+                else:
+                    stream = await trio.open_tcp_stream(target["host"], int(target["port"]))
+        except (OSError, trio.TooSlowError) as exc:
+            raise RedisConnectionError(f"lane: cannot connect: {exc or type(exc).__name__}") from None
+        conn = cls(stream, command_timeout)
+        hello: list[tuple[Any, ...]] = []
+        if target.get("password") is not None:
+            user = target.get("username")
+            hello.append((b"AUTH", *([user] if user else []), target["password"]))
+        if target.get("db"):
+            hello.append((b"SELECT", int(target["db"])))
+        if target.get("client_name"):
+            hello.append((b"CLIENT", b"SETNAME", target["client_name"]))
+        if hello:
+            try:
+                for reply in await (await conn.send(hello)).replies():
+                    if isinstance(reply, BaseException):
+                        raise reply
+            except BaseException:
+                conn.close(RedisConnectionError("lane: session setup failed"))
+                raise
+        return conn
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None
+
+    async def send(self, commands: Sequence[tuple[Any, ...]]) -> Batch:
+        """Write ``commands`` (each ``(name, *args)``) after every batch sent before;
+        returns once all of it is on the socket.  Raises the connection's error when it
+        is closed (nothing of this batch was written then)."""
+        data = b"".join(self._packer.pack_commands(commands))
+        lock = self._sending
+        if lock.locked():  # rare: a batch bigger than the socket buffer is being written
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        try:
+            if self.error is not None:
+                raise self.error
+            replies = [_UNSET] * len(commands)
+            self._unanswered.extend((replies, i) for i in range(len(replies)))
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self.close(RedisConnectionError(f"lane: connection lost while sending: {exc}"))
+                raise self.error from None  # type: ignore[misc]
+            if sent < len(data):
+                await self._send_rest(memoryview(data)[sent:])
+        finally:
+            lock.release()
+        return Batch(self, replies)
+
+    async def _send_rest(self, rest: memoryview) -> None:
+        try:
+            with trio.move_on_after(self._timeout) as scope:
+                while rest and self.error is None:
+                    try:
+                        await trio.lowlevel.wait_writable(self._fd)
+                    except trio.ClosedResourceError:
+                        break  # closed by another task (a timeout): its error stands
+                    try:
+                        rest = rest[os.write(self._fd, rest):]
+                    except BlockingIOError:
+                        pass
+            if scope.cancelled_caught:
+                self.close(TimeoutError(f"lane: no room to send for {self._timeout} s"))
+        except OSError as exc:
+            self.close(RedisConnectionError(f"lane: connection lost while sending: {exc}"))
+        except BaseException:  # cancelled half-written: the stream is unusable
+            self.close(RedisConnectionError("lane: a send was cancelled half-written"))
+            raise
+        if self.error is not None:
+            raise self.error
+
+    async def _wait(self, replies: list[Any]) -> None:
+        """Until ``replies`` is filled (read the socket when nobody else does)."""
+        deadline = trio.current_time() + self._timeout
+        while replies[-1] is _UNSET:
+            if self._reading:
+                turn = self._turn
+                if turn is None:
+                    turn = self._turn = trio.Event()
+                with trio.move_on_at(deadline):
+                    await turn.wait()
+                if trio.current_time() >= deadline and replies[-1] is _UNSET:
+                    self.close(TimeoutError(f"lane: no reply in {self._timeout} s"))
+                continue
+            self._reading = True
+            try:
+                with trio.move_on_at(deadline) as scope:
+                    try:
+                        await trio.lowlevel.wait_readable(self._fd)
+                    except trio.ClosedResourceError:
+                        continue  # closed by another task: the replies hold its error
+                if scope.cancelled_caught:
+                    self.close(TimeoutError(f"lane: no reply in {self._timeout} s"))
+                else:
+                    self._read()
+            finally:
+                self._reading = False
+                turn, self._turn = self._turn, None
+                if turn is not None:
+                    turn.set()  # a reader left: the others look again (one reads next)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self._fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(RedisConnectionError(f"lane: connection lost while receiving: {exc}"))
+            return
+        if not data:
+            self.close(RedisConnectionError("lane: Redis closed the connection"))
+            return
+        parser, unanswered = self._parser, self._unanswered
+        parser.feed(data)
+        try:
+            while True:
+                response = parser.parse(False, None)
+                if isinstance(response, NotEnoughData):
+                    return
+                if not unanswered:
+                    raise ValueError("a reply nobody asked for")
+                replies, i = unanswered.popleft()
+                replies[i] = response[1]
+                turn, self._turn = self._turn, None
+                if turn is not None:
+                    turn.set()  # the others look whether theirs came (then wait anew)
+        except (RedisError, ValueError, TypeError, IndexError) as exc:  # a protocol error:
+            # the stream cannot be trusted
+            self.close(RedisConnectionError(f"lane: bad reply from Redis: {exc!r}"))
+
+    def close(self, error: BaseException) -> None:
+        """Close the connection (once); every unanswered command gets ``error``."""
+        if self.error is not None:
+            return
+        self.error = error
+        while self._unanswered:
+            replies, i = self._unanswered.popleft()
+            replies[i] = error
+        sock = self._stream.socket
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+        turn, self._turn = self._turn, None
+        if turn is not None:
+            turn.set()

@@ -1,0 +1,147 @@
+"""The write lane's own Redis connection (store/redis_wire.py): what it connects to, the
+session it sets up (password, database, client name), batches bigger than the socket
+buffer written whole and in order, waiters that leave, and a protocol error.
+
+Every test runs its own redis-server (tests/redis_fixture.py).  Restarts and a hung
+server are covered through the store in tests/test_store_redis.py.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import trio
+from redis_fixture import redis_server, require_coredis  # noqa: F401
+from store_harness import msg
+
+require_coredis()
+import coredis  # noqa: E402
+from tidings.store import StoreLimits, StoreUnavailable  # noqa: E402
+from tidings.store.redis import open_redis_store  # noqa: E402
+from tidings.store.redis_wire import WireConnection, wire_target  # noqa: E402
+
+NO_LIMITS = StoreLimits()
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("redis://127.0.0.1:6400/0", {"host": "127.0.0.1", "port": 6400}),
+    ("redis://u:pw@h:7/3", {"host": "h", "port": 7, "username": "u", "password": "pw", "db": 3}),
+    ("unix:///run/redis.sock?db=2", {"path": "/run/redis.sock", "db": 2}),
+    ("rediss://h:7", None),  # TLS: the lane stays on coredis' connection
+])
+def test_wire_target(url, expected):
+    target = wire_target(coredis.Redis.from_url(url, client_name="n"))
+    if expected is None:
+        assert target is None
+    else:
+        assert {k: v for k, v in target.items() if v is not None} == {**expected, "client_name": "n"}
+
+
+def _with_password(redis_server, password: str) -> None:
+    import socket
+    with socket.create_connection(("127.0.0.1", redis_server.port), timeout=5) as s:
+        s.sendall(f"CONFIG SET requirepass {password}\r\n".encode())
+        assert s.recv(64).startswith(b"+OK")
+
+
+async def test_the_session_has_the_urls_password_database_and_client_name(redis_server):
+    _with_password(redis_server, "s3cret")
+    url = f"redis://:s3cret@127.0.0.1:{redis_server.port}/2"
+    async with open_redis_store(url, limits=NO_LIMITS, node_id="n7") as s:
+        assert [a.seq for a in await s.append([msg("a", "b"), msg("a", "b")])] == [1, 2]
+        assert [m.seq for m in await s.read_inbox("b", 0, 10)] == [1, 2]  # coredis, db 2
+        r = coredis.Redis.from_url(f"redis://:s3cret@127.0.0.1:{redis_server.port}/0")
+        async with r:
+            assert await r.dbsize() == 0  # nothing went to database 0
+            names = [c["name"] for c in await r.client_list()]
+            assert names.count("tidings-store:n7") >= 2  # coredis' and the lane's
+    with pytest.raises(StoreUnavailable):
+        bad = f"redis://:wrong@127.0.0.1:{redis_server.port}/2"
+        async with open_redis_store(bad, limits=NO_LIMITS, node_id="n7"):
+            pass  # pragma: no cover
+
+
+async def test_batches_bigger_than_the_socket_buffer_go_whole_in_send_order(redis_server):
+    """A batch of ~6 MB does not fit the socket buffer; batches sent meanwhile from other
+    tasks wait for it and follow it in order, and every reply reaches its batch."""
+    async with open_redis_store(redis_server.url, limits=NO_LIMITS, node_id="t") as s:
+        big = [msg("a", "b", body="x" * 60_000) for _ in range(100)]
+        results: dict[str, list[int]] = {}
+        order: list[str] = []
+
+        async def submit(name: str, batch: list) -> None:
+            pending = await s.append_submit(batch)
+            order.append(name)
+            results[name] = [a.seq for a in await pending()]
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(submit, "big", big)
+                await trio.testing.wait_all_tasks_blocked()  # "big" waits for room
+                for i in range(3):
+                    nursery.start_soon(submit, f"small{i}", [msg("a", "b")])
+                    await trio.testing.wait_all_tasks_blocked()
+        assert order == ["big", "small0", "small1", "small2"]
+        assert results == {"big": list(range(1, 101)), "small0": [101], "small1": [102],
+                           "small2": [103]}
+
+
+async def test_a_waiter_that_leaves_hands_the_reading_over(redis_server):
+    async with open_redis_store(redis_server.url, limits=NO_LIMITS, node_id="t") as s:
+        wire = s._lane._wire
+        # the first command blocks the connection for a while: its waiter reads, then is
+        # cancelled
+        first = await wire.send([(b"BLPOP", b"nothing", b"0.2")])
+        second = await wire.send([(b"PING",), (b"ECHO", b"x")])
+        with trio.move_on_after(0.05):
+            await first.replies()
+        with trio.fail_after(5):
+            assert await second.replies() == [b"PONG", b"x"]
+            assert await first.replies() == [None]  # read by the second's waiter
+        assert wire.usable
+
+
+async def test_two_waiters_each_get_their_replies_whoever_reads(redis_server):
+    async with open_redis_store(redis_server.url, limits=NO_LIMITS, node_id="t") as s:
+        wire = s._lane._wire
+        got: dict[int, list] = {}
+
+        async def wait(i, batch):
+            got[i] = await batch.replies()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                batches = [await wire.send([(b"ECHO", str(i).encode()), (b"PING",)])
+                           for i in range(4)]
+                for i in (3, 1, 0, 2):  # the latest batch's waiter reads first
+                    nursery.start_soon(wait, i, batches[i])
+        assert got == {i: [str(i).encode(), b"PONG"] for i in range(4)}
+
+
+@pytest.mark.parametrize("answer", [b"?what\r\n", b"+OK\r\n+OK\r\n", b""])
+async def test_a_bad_reply_or_eof_fails_the_unanswered_and_closes(answer):
+    """Garbage, a reply nobody asked for, or the end of the stream: every unanswered
+    command gets a ConnectionError (its outcome is unknown) and nothing more is sent."""
+    async def fake_redis(stream):
+        await stream.receive_some(1024)
+        if answer:
+            await stream.send_all(answer)
+            await trio.sleep_forever()
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, fake_redis, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        wire = await WireConnection.open({"host": "127.0.0.1", "port": port},
+                                         connect_timeout=2, command_timeout=2)
+        with trio.fail_after(5):
+            (reply,) = await (await wire.send([(b"PING",)])).replies()
+        if answer.count(b"+OK") == 2:
+            assert reply == b"OK"  # the first is its own; the second is nobody's
+        else:
+            assert isinstance(reply, coredis.exceptions.ConnectionError)
+        assert not wire.usable
+        with pytest.raises(coredis.exceptions.ConnectionError):
+            await wire.send([(b"PING",)])
+        nursery.cancel_scope.cancel()
