@@ -158,7 +158,7 @@ def attribute(events: list[list[Any]], slow: list[list[float]], w0: float, w1: f
             m = max(m, b)
             ends_max.append(m)
 
-        def hit(x: float, y: float) -> bool:
+        def hit(x: float, y: float, starts: list = starts, ends_max: list = ends_max) -> bool:
             i = bisect.bisect_left(starts, y)  # spans starting before y
             return i > 0 and ends_max[i - 1] > x
         n = sum(1 for st, lat in slow if hit(st / 1e3, st / 1e3 + lat / 1e3))
