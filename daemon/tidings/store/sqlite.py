@@ -32,9 +32,10 @@ thread.  While writes go on such a checkpoint never catches up with the end of t
 and SQLite would restart the WAL only from inside a commit (its autocheckpoint: a 30-40
 ms stall of that commit).
 So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine runs one more PASSIVE
-checkpoint (it copies what was written during the first), then holds new writes for a
-last one (it copies only what the second let through) and the next write starts the WAL
-over.  Every ``prune_interval_s`` retention and ``max_inbox`` are applied in chunks
+checkpoint (it copies what was written during the first), fsyncs the database file and
+the WAL and catches up once more (writes going on), then holds new writes for a last one
+(it copies, and fsyncs, only what the one before let through) and the next write starts
+the WAL over.  Every ``prune_interval_s`` retention and ``max_inbox`` are applied in chunks
 likewise (each chunk's rows leave the full-text index first, in the worker).  Each such
 transaction (``INDEX_CHUNK`` rows) waits for a moment the loop is idle (at most
 ``IDLE_WAIT_S``): see ``_Pace``.
