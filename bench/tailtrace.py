@@ -40,7 +40,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 
 
-def child(config_path: str, steps: bool) -> None:
+def child(config_path: str, steps: bool, lag: bool) -> None:
     """The daemon, traced; on each stdin line a JSON list of the events since the last:
     ``[t0, t1, kind, name]`` in epoch seconds."""
     import gc
@@ -111,7 +111,8 @@ def child(config_path: str, steps: bool) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(sleep_lag, on_lag)
+            if lag:
+                nursery.start_soon(sleep_lag, on_lag)
             await serve(load_config(config_path), config_path=config_path)
             nursery.cancel_scope.cancel()
 
@@ -177,7 +178,8 @@ def parent(a: argparse.Namespace) -> None:
     env = dict(os.environ)
     if a.code:
         env["PYTHONPATH"] = f"{a.code}:{BENCH}"
-    p = subprocess.Popen([sys.executable, __file__, "--child", str(cfg), "1" if a.steps else "0"], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, __file__, "--child", str(cfg), "1" if a.steps else "0",
+                          "1" if a.lag else "0"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     port = harness.listening_port(p)
     ns = argparse.Namespace(procs=1, pairs=a.pairs, rate=a.rate, size=100, duration=a.duration, window=20,
@@ -225,7 +227,7 @@ def parent(a: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3] == "1")
+        child(sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1")
     else:
         ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         ap.add_argument("--server", choices=["memory", "sqlite"], default="sqlite")
@@ -240,6 +242,8 @@ if __name__ == "__main__":
         ap.add_argument("--slow-ms", type=float, default=2.0, help="generator's slow-list threshold")
         ap.add_argument("--top", type=int, default=25)
         ap.add_argument("--dump", default="")
+        ap.add_argument("--no-lag-probe", dest="lag", action="store_false",
+                        help="leave out the 1 ms sleep probe (1,000 wake-ups a second)")
         ap.add_argument("--steps", action="store_true",
                         help="also time every task step (a trio Instrument: costs enough CPU at "
                              "5,000 msgs/s to saturate the loop, p50 5 ms)")
