@@ -32,10 +32,9 @@ thread.  While writes go on such a checkpoint never catches up with the end of t
 and SQLite would restart the WAL only from inside a commit (its autocheckpoint: a 30-40
 ms stall of that commit).
 So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine runs one more PASSIVE
-checkpoint (it copies what was written during the first), fsyncs the database file and
-the WAL and catches up once more (writes going on), then holds new writes for a last one
-(it copies, and fsyncs, only what the one before let through) and the next write starts
-the WAL over.  Every ``prune_interval_s`` retention and ``max_inbox`` are applied in chunks
+checkpoint (it copies what was written during the first), then holds new writes for a
+last one (it copies only what the second let through) and the next write starts the WAL
+over.  Every ``prune_interval_s`` retention and ``max_inbox`` are applied in chunks
 likewise (each chunk's rows leave the full-text index first, in the worker).  Each such
 transaction (``INDEX_CHUNK`` rows) waits for a moment the loop is idle (at most
 ``IDLE_WAIT_S``): see ``_Pace``.
@@ -61,8 +60,7 @@ from tidings.store.base import StoreLimits
 from tidings.store.maintenance import prune_periodically
 from tidings.store.records import (
     DEFAULT_DEVICE, Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Original,
-    OutboxEntry, Progress, StoredMessage, StoreError, StoreUnavailable, UndeliveredCheck,
-    WebhookEvent,
+    OutboxEntry, Progress, StoredMessage, StoreError, UndeliveredCheck, WebhookEvent,
 )
 from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
 
@@ -87,23 +85,6 @@ FTS_STEP_ROWS = 1000
 FTS_STEP_GAP_S = 0.01
 MAINTENANCE_INTERVAL_S = 1.0
 WAL_RESTART_BYTES = 16 * 1024 * 1024
-
-
-def _fsync_files(*paths: str) -> None:
-    """fsync each of ``paths`` that exists (worker thread).  Raises StoreUnavailable."""
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise StoreUnavailable(f"store {path}: {e.strerror or e}") from e
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            raise StoreUnavailable(f"store {path}: {e.strerror or e}") from e
-        finally:
-            os.close(fd)
 
 
 class _StateBatch:
@@ -359,14 +340,6 @@ class SqliteStore:
             return
         # Catch up first, writes going on: the held checkpoint then copies only what
         # this one's ~50-80 ms let through, not the whole second (held 4-7 ms, measured).
-        await trio.to_thread.run_sync(self.db.checkpoint)
-        # The held checkpoint completes the WAL, so it fsyncs the database file, and that
-        # wrote back every page the checkpoints before had copied (megabytes): writes
-        # held 7.0 ms median, 9.3 max, engine alone at 5,000 commits/s; 13-27 ms in the
-        # daemon.  Flushed here, writes going on, plus one more catch-up, the held one's
-        # fsyncs cover only that catch-up's copy: held 2.7 ms median, 3.3 max (same
-        # script; docs/performance.md, sixth session, "WAL restart").
-        await trio.to_thread.run_sync(_fsync_files, self.db.path, self.db.path + "-wal")
         await trio.to_thread.run_sync(self.db.checkpoint)
         held = self._held = trio.Event()
         began = time.monotonic()
