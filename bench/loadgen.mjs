@@ -95,6 +95,7 @@ function parseArgs(argv) {
     sourceAddrs: 64,
     drain: 3,
     tickUs: 200,
+    slowMs: 0,
     worker: -1,
   };
   const keys = {
@@ -109,7 +110,7 @@ function parseArgs(argv) {
     '--client-ack': ['clientAck', Number],
     '--connect-concurrency': ['connectConcurrency', Number],
     '--connect-timeout': ['connectTimeout', Number], '--source-addrs': ['sourceAddrs', Number],
-    '--drain': ['drain', Number], '--tick-us': ['tickUs', Number], '--worker': ['worker', Number],
+    '--drain': ['drain', Number], '--tick-us': ['tickUs', Number], '--slow-ms': ['slowMs', Number], '--worker': ['worker', Number],
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -146,6 +147,8 @@ const USAGE = `usage: node loadgen.mjs --mode closed|open|idle --url ws://127.0.
   [--prefix RUNID] (alphanumeric; random by default: user ids are <prefix>s<k>/<prefix>r<k>/<prefix>u<i>)
   [--source-addrs K=64] against a loopback URL, spread connections over 127.0.0.2..127.0.0.(K+1)
                (0 = kernel's choice, 127.0.0.1); see "Source addresses" at the top
+  [--slow-ms T] open: also list every in-window message slower than T ms as
+               [scheduled send, epoch ms; latency ms] ("slow", at most 100,000)
   [--client-ack K] receivers send {"type":"ack","seq":N} every K messages (0 = never)
   [--url2 URL] tidings closed/open: receivers connect here, senders to --url (pairs split
                across two cluster nodes); default: everything on --url
@@ -365,6 +368,7 @@ async function runWorker(opts, wid) {
   // open loop: per 100 ms of scheduled time in the window, [messages, > 5 ms, > 10 ms,
   // max latency us, max send lag us]: when the tail happened (a stall, or spread out)
   const buckets = new Map();
+  const slow = [];             // open loop, --slow-ms: [scheduled epoch ms, latency ms]
   function bucket(st) {
     const k = Math.floor((st - mStart) / 1e5);
     let b = buckets.get(k);
@@ -401,6 +405,9 @@ async function runWorker(opts, wid) {
         const b = bucket(st), l = t - st;
         b[0]++; if (l > 5000) b[1]++; if (l > 10000) b[2]++; if (l > b[3]) b[3] = l;
         if (a - st > b[4]) b[4] = a - st;
+        if (opts.slowMs > 0 && l > opts.slowMs * 1000 && slow.length < 100000) {
+          slow.push([Math.round(performance.timeOrigin * 10 + st / 100) / 10, Math.round(l / 10) / 100]);
+        }
       }
     } else {
       if (measuring && t >= mStart && t < mEnd) { lat.add(t - st); measured++; }
@@ -504,7 +511,7 @@ async function runWorker(opts, wid) {
   send({
     type: 'result', wid, stats, measured, outstanding: open ? outstanding : 0,
     lat: lat.toJSON(), svc: svc.toJSON(), lag: lag.toJSON(), buckets: [...buckets.entries()],
-    windowStartEpochMs: performance.timeOrigin + mStart / 1000,
+    windowStartEpochMs: performance.timeOrigin + mStart / 1000, slow,
     cpuMs: cpuEnd ? (cpuEnd.user + cpuEnd.system) / 1000 : null,
   });
   for (const ws of socks) { try { ws.close(1000); } catch { /* ignore */ } }
@@ -609,7 +616,9 @@ async function runPrimary(opts) {
   const lat = new Hist(), svc = new Hist(), lag = new Hist();
   let measured = 0, outstanding = 0, cpuMs = 0;
   const buckets = new Map();
+  const slow = [];
   for (const m of res) {
+    for (const x of m.slow || []) slow.push(x);
     lat.merge(m.lat); svc.merge(m.svc); lag.merge(m.lag);
     for (const [k, v] of m.buckets || []) {
       const b = buckets.get(k) || [0, 0, 0, 0, 0];
@@ -637,6 +646,7 @@ async function runPrimary(opts) {
     out.missing = outstanding;                 // in-window messages never received before the drain timeout
     // per 100 ms of the window: [start ms, messages, > 5 ms, > 10 ms, max ms, max send lag ms]
     out.window_start_epoch_ms = res[0].windowStartEpochMs;
+    if (opts.slowMs > 0) out.slow = slow.sort((x, y) => x[0] - y[0]);
     out.buckets_100ms = [...buckets.entries()].sort((x, y) => x[0] - y[0])
       .map(([k, b]) => [k * 100, b[0], b[1], b[2], Math.round(b[3] / 100) / 10, Math.round(b[4] / 100) / 10]);
   }
