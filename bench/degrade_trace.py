@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import threading
@@ -131,28 +130,21 @@ def analyse(label: str, rep: dict, res: dict) -> None:
 def parent(a: argparse.Namespace) -> None:
     sys.path.insert(0, str(BENCH))
     import harness
+    from loopprobe import ProbedChild, loadgen_namespace
 
     tmp = tempfile.TemporaryDirectory(prefix="tidings-degrade-")
     cfg = Path(tmp.name) / "t.toml"
     cfg.write_text(harness.tidings_config("sqlite", Path(tmp.name) / "state", a.tidings_set))
-    p = subprocess.Popen([sys.executable, __file__, "--child", str(cfg), "1" if a.lag_probe else "0"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    port = harness.listening_port(p)
-    ns = argparse.Namespace(procs=1, pairs=a.pairs, rate=a.rate, size=100, duration=a.duration, window=20,
-                            warmup=a.warmup, client_ack=a.client_ack)
-
-    def ask() -> dict:
-        p.stdin.write("report\n")
-        p.stdin.flush()
-        return json.loads(p.stdout.readline())
+    daemon = ProbedChild(__file__, str(cfg), ["1" if a.lag_probe else "0"])
+    ns = loadgen_namespace(a)
 
     def on_go(_box: dict) -> None:  # the window starts `warmup` s after go: cut the trace there
-        threading.Thread(target=lambda: (time.sleep(a.warmup), ask()), daemon=True).start()
+        threading.Thread(target=lambda: (time.sleep(a.warmup), daemon.ask()), daemon=True).start()
 
     def one_round(label: str, lg_args: list[str], traced: bool) -> None:
-        res = harness.drive_loadgen(f"ws://127.0.0.1:{port}/ws", lambda: harness.proc_cpu_s(p.pid),
+        res = harness.drive_loadgen(daemon.url, lambda: harness.proc_cpu_s(daemon.proc.pid),
                                     lg_args, a.warmup, a.duration, on_go=on_go)
-        rep = ask()
+        rep = daemon.ask()
         if traced:
             analyse(label, rep, res)
         else:
@@ -169,8 +161,7 @@ def parent(a: argparse.Namespace) -> None:
         for i in range(a.after):
             one_round(f"after{i + 1}", harness.loadgen_args_open(ns), True)
     finally:
-        p.terminate()
-        p.wait(30)
+        daemon.close()
 
 
 if __name__ == "__main__":

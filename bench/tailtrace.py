@@ -29,7 +29,6 @@ import argparse
 import bisect
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -171,6 +170,7 @@ def attribute(events: list[list[Any]], slow: list[list[float]], w0: float, w1: f
 def parent(a: argparse.Namespace) -> None:
     sys.path.insert(0, str(BENCH))
     import harness
+    from loopprobe import ProbedChild, loadgen_namespace
 
     tmp = tempfile.TemporaryDirectory(prefix="tidings-tailtrace-")
     cfg = Path(tmp.name) / "t.toml"
@@ -178,33 +178,24 @@ def parent(a: argparse.Namespace) -> None:
     env = dict(os.environ)
     if a.code:
         env["PYTHONPATH"] = f"{a.code}:{BENCH}"
-    p = subprocess.Popen([sys.executable, __file__, "--child", str(cfg), "1" if a.steps else "0",
-                          "1" if a.lag else "0"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    port = harness.listening_port(p)
-    ns = argparse.Namespace(procs=1, pairs=a.pairs, rate=a.rate, size=100, duration=a.duration, window=20,
-                            warmup=a.warmup, client_ack=a.client_ack)
-
-    def ask() -> list:
-        p.stdin.write("report\n")
-        p.stdin.flush()
-        return json.loads(p.stdout.readline())
+    daemon = ProbedChild(__file__, str(cfg), ["1" if a.steps else "0", "1" if a.lag else "0"], env=env)
+    ns = loadgen_namespace(a)
 
     dump: dict[str, Any] = {}
     plan = ["open"] * max(1, a.rounds - 1) + ["closed"] * a.closed + (["open"] if a.rounds > 1 else [])
     try:
         for i, kind in enumerate(plan):
             if kind == "closed":
-                res = harness.drive_loadgen(f"ws://127.0.0.1:{port}/ws", lambda: harness.proc_cpu_s(p.pid),
+                res = harness.drive_loadgen(daemon.url, lambda: harness.proc_cpu_s(daemon.proc.pid),
                                             harness.loadgen_args_closed(ns), a.warmup, a.duration)
-                ask()
+                daemon.ask()
                 print(f"== round {i} closed: {res.get('msgs_per_s')} msgs/s", flush=True)
                 time.sleep(2.0)
                 continue
             lg = harness.loadgen_args_open(ns) + ["--slow-ms", str(a.slow_ms)]
-            res = harness.drive_loadgen(f"ws://127.0.0.1:{port}/ws", lambda: harness.proc_cpu_s(p.pid),
+            res = harness.drive_loadgen(daemon.url, lambda: harness.proc_cpu_s(daemon.proc.pid),
                                         lg, a.warmup, a.duration)
-            events = ask()
+            events = daemon.ask()
             lat = res.get("latency_ms") or {}
             p99 = lat.get("p99") or 0
             slow = [s for s in res.get("slow", []) if s[1] >= p99]
@@ -219,8 +210,7 @@ def parent(a: argparse.Namespace) -> None:
                                  "buckets": res.get("buckets_100ms")}
             time.sleep(2.0)
     finally:
-        p.terminate()
-        p.wait(30)
+        daemon.close()
     if a.dump:
         Path(a.dump).write_text(json.dumps(dump))
 

@@ -19,6 +19,7 @@ require_coredis()
 import coredis  # noqa: E402
 from tidings.store import StoreLimits, StoreUnavailable  # noqa: E402
 from tidings.store.redis import open_redis_store  # noqa: E402
+from tidings.store.redis_lane import Call, Lane
 from tidings.store.redis_wire import WireConnection, wire_target  # noqa: E402
 
 NO_LIMITS = StoreLimits()
@@ -145,3 +146,31 @@ async def test_a_bad_reply_or_eof_fails_the_unanswered_and_closes(answer):
         with pytest.raises(coredis.exceptions.ConnectionError):
             await wire.send([(b"PING",)])
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("when", ["before the call", "while the call opens a connection"])
+async def test_a_closed_lane_fails_its_calls_and_keeps_no_connection(redis_server, monkeypatch, when):
+    """After ``Lane.aclose`` a call gets ConnectionError and runs nothing: the lane opens
+    no connection of its own again, and one being opened when aclose ran is closed
+    (nothing else would close it)."""
+    r = coredis.Redis.from_url(redis_server.url)
+    async with r:
+        lane = Lane(r, cluster=False)
+        await lane.load()
+        lane._wire.close(coredis.exceptions.ConnectionError("gone"))  # the next call opens one
+        opened = []
+        real_open = WireConnection.open
+
+        async def open_then_close_the_lane(*args, **kwargs):
+            opened.append(await real_open(*args, **kwargs))
+            await lane.aclose()
+            return opened[-1]
+
+        if when == "before the call":
+            await lane.aclose()
+        else:
+            monkeypatch.setattr(WireConnection, "open", open_then_close_the_lane)
+        (reply,) = await lane.run([Call("HSET", ["k"], ["f", "v"])])
+        assert isinstance(reply, coredis.exceptions.ConnectionError)
+        assert await r.exists(["k"]) == 0
+        assert not any(w.usable for w in opened)

@@ -33,6 +33,11 @@ def txn(o, begin: str = "BEGIN IMMEDIATE") -> Transaction:
     return Transaction(o, o.lock, "conn", begin)
 
 
+def txn_state(t: Transaction):
+    """The connection a Transaction holds between enter and exit (None outside)."""
+    return t._conn
+
+
 def test_a_clean_block_commits_and_frees_the_lock(owner):
     with txn(owner) as c:
         assert c is owner.conn and owner.lock.locked() and c.in_transaction
@@ -93,9 +98,11 @@ def test_a_failing_begin_frees_the_lock_and_runs_no_block(owner):
     other.execute("BEGIN IMMEDIATE")  # holds the write lock
     owner.conn.execute("PRAGMA busy_timeout = 0")
     ran = []
-    with pytest.raises(StoreUnavailable, match="locked"), txn(owner) as c:
+    t = txn(owner)
+    with pytest.raises(StoreUnavailable, match="locked"), t as c:
         ran.append(c)
     assert ran == [] and not owner.lock.locked() and not owner.conn.in_transaction
+    assert txn_state(t) is None  # one object serves many uses: nothing left of this one
     other.execute("ROLLBACK")
     other.close()
 

@@ -84,6 +84,7 @@ class Lane:
         self._wire: WireConnection | None = None
         self._opening: trio.Lock | None = None
         self._timeouts = (connect_timeout, command_timeout)
+        self._closed = False  # aclose ran: no connection of its own is opened again
         #: NOSCRIPT recoveries (for tests and statistics).
         self.reloads = 0
 
@@ -101,7 +102,10 @@ class Lane:
             await self._wire_connection()
 
     async def aclose(self) -> None:
-        """Close the lane's own connection (its unanswered calls fail)."""
+        """Close the lane's own connection (its unanswered calls fail); later calls on
+        it fail with ``coredis.exceptions.ConnectionError`` instead of opening a new one
+        (or keeping one that was being opened)."""
+        self._closed = True
         if self._wire is not None:
             self._wire.close(coredis.exceptions.ConnectionError("lane: closed"))
 
@@ -110,10 +114,13 @@ class Lane:
         return await (await self.submit(calls)).replies()
 
     async def submit(self, calls: Sequence[Call]) -> Pending:
-        """Queue ``calls`` for sending and return at once (standalone: they are on the
-        connection's write queue, in call order, when this returns; Redis runs them in
-        that order); ``await pending.replies()`` later.  Redis Cluster: waits for the
-        replies here (a cluster pipeline runs as a whole)."""
+        """Send ``calls`` without waiting for their replies; ``await pending.replies()``
+        later.  Standalone: when this returns they are on the lane's own socket (over
+        TLS: on coredis' connection's write queue), in call order, and Redis runs
+        submitted batches in that order; it waits only to (re)open the connection or for
+        a batch bigger than the socket buffer.  Redis Cluster: waits for the replies here
+        (a cluster pipeline runs as a whole).  Never raises for a failure to send: the
+        calls' replies are that exception."""
         if self._cluster:
             return Pending(self, calls, None, await self._send_cluster(calls))
         if self._target is not None:
@@ -165,9 +172,15 @@ class Lane:
         async with self._opening:
             wire = self._wire
             if wire is None or not wire.usable:
+                if self._closed:
+                    raise coredis.exceptions.ConnectionError("lane: closed")
                 connect, command = self._timeouts
-                wire = self._wire = await WireConnection.open(
+                wire = await WireConnection.open(
                     self._target, connect_timeout=connect, command_timeout=command)  # type: ignore[arg-type]
+                if self._closed:  # aclose ran while it was being opened
+                    wire.close(coredis.exceptions.ConnectionError("lane: closed"))
+                    raise wire.error  # type: ignore[misc]
+                self._wire = wire
         return wire
 
     async def _send_cluster(self, calls: Sequence[Call]) -> list[Any]:

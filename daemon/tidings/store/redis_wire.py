@@ -16,8 +16,8 @@ Contract (:class:`WireConnection`):
 
 * :func:`wire_target` says whether a client's pool can be reached this way (plain TCP
   or a Unix socket; not TLS: that stays on coredis); :meth:`WireConnection.open`
-  connects, authenticates (``AUTH``), selects the database and names the client, within
-  ``connect_timeout``.
+  connects within ``connect_timeout``, then authenticates (``AUTH``), selects the
+  database and names the client in one batch (its replies within ``command_timeout``).
 * :meth:`send` writes a batch of commands and returns their :class:`Batch` once all of
   it is on the socket (usually at once: one non-blocking ``send``, no checkpoint).
   Batches are written whole and in the order ``send`` was called (a batch that does not

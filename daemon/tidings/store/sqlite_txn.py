@@ -53,7 +53,6 @@ class Transaction:
             conn = getattr(self._owner, self._name)
             if conn is None:
                 raise StoreUnavailable(f"store {self._owner.path} is closed")
-            self._conn = conn
             try:
                 conn.execute(self._begin)
             except BaseException as e:
@@ -62,6 +61,7 @@ class Transaction:
         except BaseException:
             self._lock.release()
             raise
+        self._conn = conn  # (only once BEGIN ran: a failed enter leaves no state behind)
         return conn
 
     def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
