@@ -12,15 +12,16 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 from redis_fixture import redis_server, require_coredis  # noqa: F401
 from store_harness import msg
 
 require_coredis()
-import coredis  # noqa: E402
-from tidings.store import StoreLimits, StoreUnavailable  # noqa: E402
-from tidings.store.redis import open_redis_store  # noqa: E402
+import coredis
+from tidings.store import StoreLimits, StoreUnavailable
+from tidings.store.redis import open_redis_store
 from tidings.store.redis_lane import Call, Lane
-from tidings.store.redis_wire import WireConnection, wire_target  # noqa: E402
+from tidings.store.redis_wire import WireConnection, wire_target
 
 NO_LIMITS = StoreLimits()
 
@@ -91,15 +92,18 @@ async def test_batches_bigger_than_the_socket_buffer_go_whole_in_send_order(redi
 async def test_a_waiter_that_leaves_hands_the_reading_over(redis_server):
     async with open_redis_store(redis_server.url, limits=NO_LIMITS, node_id="t") as s:
         wire = s._lane._wire
-        # the first command blocks the connection for a while: its waiter reads, then is
-        # cancelled
-        first = await wire.send([(b"BLPOP", b"nothing", b"0.2")])
+        # the first command holds the connection until the list gets a value: its waiter
+        # starts reading and is cancelled while it reads
+        first = await wire.send([(b"BLPOP", b"hand-over", b"0")])
         second = await wire.send([(b"PING",), (b"ECHO", b"x")])
-        with trio.move_on_after(0.05):
-            await first.replies()
         with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first.replies)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+            await s._r.rpush("hand-over", ["v"])  # (another connection: unblocks BLPOP)
             assert await second.replies() == [b"PONG", b"x"]
-            assert await first.replies() == [None]  # read by the second's waiter
+            assert await first.replies() == [[b"hand-over", b"v"]]  # read by the second's waiter
         assert wire.usable
 
 

@@ -243,9 +243,9 @@ class SqliteDatabase(WebhookTables):
         if not msgs:
             return []
         known = self._last
-        with self._wtx as c:
+        with self._wtx as c:  # (= self._write(); the loop thread's hottest call)
             last = {}
-            missing = [r for r in {m.recipient: 0 for m in msgs} if r not in known]
+            missing = [r for r in dict.fromkeys(m.recipient for m in msgs) if r not in known]
             if missing:
                 last.update(c.execute(_SQL_LAST_SEQS, (orjson.dumps(missing),)))
             row_id = self._next_id
