@@ -34,7 +34,7 @@ def run(messages: int, chunk: int, fts_chunk: int, fts_options: list[str]) -> st
     with tempfile.TemporaryDirectory() as d:
         db = SqliteDatabase.open(os.path.join(d, "t.db"))
         if fts_options:
-            with db.fts._transaction() as c:
+            with db.fts._tx as c:
                 c.execute("DROP TABLE messages_fts")
                 c.execute("CREATE VIRTUAL TABLE messages_fts USING fts5 (text, owners, "
                           f"tokenize='unicode61 remove_diacritics 2', {', '.join(fts_options)})")

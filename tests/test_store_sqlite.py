@@ -37,12 +37,12 @@ def rows(d: SqliteDatabase, table: str = "messages") -> int:
 
 
 def fts_integrity_check(d: SqliteDatabase) -> None:
-    with d.fts._transaction() as c:
+    with d.fts._tx as c:
         c.execute("INSERT INTO messages_fts(messages_fts) VALUES ('integrity-check')")
 
 
 def fts_matches(d: SqliteDatabase, word: str) -> int:
-    with d.fts._transaction() as c:
+    with d.fts._tx as c:
         return c.execute("SELECT COUNT(*) FROM messages_fts WHERE messages_fts MATCH ?",
                          (word,)).fetchone()[0]
 
@@ -222,7 +222,7 @@ def test_an_open_index_step_never_blocks_appends(db):
     without waiting (busy timeout 0: a lock would fail at once)."""
     db.append_many([msg("a", "b", "tea") for _ in range(3)])
     db._writer.execute("PRAGMA busy_timeout = 0")
-    with db.fts._transaction() as c:
+    with db.fts._tx as c:
         c.execute("INSERT INTO messages_fts (rowid, text, owners) "
                   "SELECT id, text, owners FROM m.messages WHERE id <= 3")
         c.execute("UPDATE meta SET value = 3 WHERE key = 'indexed_id'")
@@ -313,7 +313,7 @@ def test_deleting_unindexed_rows_keeps_them_out_of_the_index(db):
     db.fts.delete([3])
     assert db.fts.indexed_id() == 3 and fts_matches(db, "tea") == 2
     assert db.fts.catch_up() == 2
-    with db.fts._transaction() as c:
+    with db.fts._tx as c:
         assert [r[0] for r in c.execute("SELECT rowid FROM messages_fts")] == [1, 2, 4, 5]
 
 

@@ -35,16 +35,16 @@ sqlite3 errors become StoreUnavailable naming the path.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import orjson
 
 from tidings.store.records import StoreUnavailable
+from tidings.store.sqlite_txn import Transaction
 
 __all__ = ["FTS_SUFFIX", "INDEX_STEP_ROWS", "FtsIndex"]
 
@@ -85,6 +85,10 @@ class FtsIndex:
         self.path = path
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
+        # One deferred transaction at a time: it write-locks the side file at its first
+        # write and only ever reads ``m`` (a BEGIN IMMEDIATE would write-lock every
+        # attached file).  Sqlite errors become StoreUnavailable naming this file.
+        self._tx = Transaction(self, self._lock, "_conn", "BEGIN")
 
     @classmethod
     def open(cls, main_path: str, highest_id: int) -> FtsIndex:
@@ -121,35 +125,15 @@ class FtsIndex:
             raise
         return cls(path, conn)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One deferred transaction: it write-locks the side file at its first write and
-        only ever reads ``m`` (a BEGIN IMMEDIATE would write-lock every attached file)."""
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise StoreUnavailable(f"store {self.path} is closed")
-            try:
-                conn.execute("BEGIN")
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as e:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                if isinstance(e, sqlite3.Error):
-                    raise StoreUnavailable(f"store {self.path}: {e}") from e
-                raise
-
     def indexed_id(self) -> int:
         """The high-water mark (see the module docstring)."""
-        with self._transaction() as c:
+        with self._tx as c:
             return c.execute(_SQL_MARK).fetchone()[0]
 
     def index_step(self, max_rows: int = INDEX_STEP_ROWS) -> int:
         """Index up to ``max_rows`` messages above the mark in one transaction (one
         INSERT ... SELECT, plus FTS5's automerge); return how many."""
-        with self._transaction() as c:
+        with self._tx as c:
             (mark,) = c.execute(_SQL_MARK).fetchone()
             (top,) = c.execute(_SQL_TOP, (mark, max_rows)).fetchone()
             if top <= mark:
@@ -174,7 +158,7 @@ class FtsIndex:
         if not ids:
             return
         id_list = orjson.dumps(list(ids))
-        with self._transaction() as c:
+        with self._tx as c:
             (mark,) = c.execute(_SQL_MARK).fetchone()
             top = max(ids)
             if top > mark:

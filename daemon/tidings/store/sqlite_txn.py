@@ -1,7 +1,7 @@
 """Transaction: one SQLite transaction on a connection, under its lock.  Sans-IO.
 
 :class:`tidings.store.sqlite_db.SqliteDatabase` wraps every read and write in one
-(``_read``, ``_write``).  A plain class rather than a ``contextlib.contextmanager``
+(``_read``, ``_write``), and :class:`tidings.store.sqlite_fts.FtsIndex` every call.  A plain class rather than a ``contextlib.contextmanager``
 generator because the writer runs on the event-loop thread once per commit: entering
 and leaving the generator form cost ~5.6 us, this class ~1.1 us (CPython 3.11 on the
 2-core bench box; docs/performance.md, sixth session, branch commitcost).
