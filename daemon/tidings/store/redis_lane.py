@@ -69,6 +69,12 @@ class Call:
     keys: Sequence[str]
     args: Sequence[Any]
 
+    def command(self) -> tuple[Any, ...]:
+        """The command as sent on a standalone connection: ``EVALSHA`` for a script."""
+        if isinstance(self.what, Script):
+            return (b"EVALSHA", self.what.sha, len(self.keys), *self.keys, *self.args)
+        return (self.what.encode(), *self.keys, *self.args)
+
 
 class Lane:
     """See the module docstring."""
@@ -126,10 +132,7 @@ class Lane:
         if self._target is not None:
             try:
                 wire = await self._wire_connection()
-                batch = await wire.send([
-                    (b"EVALSHA", c.what.sha, len(c.keys), *c.keys, *c.args)
-                    if isinstance(c.what, Script) else (c.what.encode(), *c.keys, *c.args)
-                    for c in calls])
+                batch = await wire.send([c.command() for c in calls])
             except _ERRORS as exc:  # nothing was sent, or its outcome is unknown
                 return Pending(self, calls, None, [exc] * len(calls))
             return Pending(self, calls, batch, None)
@@ -137,12 +140,7 @@ class Lane:
         try:
             conn = await self._connection()
             for c in calls:
-                if isinstance(c.what, Script):
-                    requests.append(conn.create_request(
-                        b"EVALSHA", c.what.sha, len(c.keys), *c.keys, *c.args, decode=False))
-                else:
-                    requests.append(conn.create_request(
-                        c.what.encode(), *c.keys, *c.args, decode=False))
+                requests.append(conn.create_request(*c.command(), decode=False))
         except _ERRORS as exc:
             # those queued still get their replies (or their failure); the rest failed
             requests += [exc] * (len(calls) - len(requests))
