@@ -561,6 +561,21 @@ async def test_index_keeps_up_with_a_loop_that_never_idles(tmp_path, monkeypatch
     await store.aclose()
 
 
+def _observe_text_index(store: SqliteStore, rows: int) -> trio.Event:
+    """An event set once an index step leaves the full-text index's mark at ``rows``."""
+    reached = trio.Event()
+    index_step = store.db.fts.index_step
+
+    def observed(*a: int) -> int:  # worker thread
+        n = index_step(*a)
+        if store.db.fts.indexed_id() >= rows:
+            trio.from_thread.run_sync(reached.set)
+        return n
+
+    store.db.fts.index_step = observed
+    return reached
+
+
 async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
@@ -573,6 +588,7 @@ async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypat
         return frames
 
     store.db.checkpoint = observed_checkpoint
+    indexed = _observe_text_index(store, 3)
     try:
         await store.append([msg("a", "b", "pizza") for _ in range(3)])
         assert fts_matches(store.db, "pizza") == 0
@@ -580,8 +596,7 @@ async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypat
             await nursery.start(store.run)
             with trio.fail_after(10):
                 await checkpointed.wait()
-                while store.db.fts.indexed_id() < 3:  # the full-text index's own task
-                    await trio.sleep(0.01)
+                await indexed.wait()  # by the full-text index's own task
             nursery.cancel_scope.cancel()
         assert fts_matches(store.db, "pizza") == 3
     finally:
@@ -599,13 +614,13 @@ async def test_run_checkpoints_while_the_full_text_index_catches_up(tmp_path, mo
     index_step, checkpoint = store.db.fts.index_step, store.db.checkpoint
     store.db.fts.index_step = lambda *a: (calls.append("index"), index_step(*a))[1]
     store.db.checkpoint = lambda: (calls.append("checkpoint"), checkpoint())[1]
+    indexed = _observe_text_index(store, 30)
     try:
         await store.append([msg("a", "b", "tea") for _ in range(30)])
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             with trio.fail_after(10):
-                while store.db.fts.indexed_id() < 30:
-                    await trio.sleep(0.01)
+                await indexed.wait()
             nursery.cancel_scope.cancel()
         assert "checkpoint" in calls[:calls.count("index") - 1]  # before the last steps
         assert fts_matches(store.db, "tea") == 30
