@@ -727,25 +727,6 @@ async def test_maintenance_indexes_the_full_text_index_in_spaced_steps(tmp_path,
         await store.aclose()
 
 
-async def test_a_full_text_backlog_is_indexed_in_big_steps(tmp_path, monkeypatch):
-    """Once ``FTS_BACKLOG_STEPS`` full steps in a row found a backlog (after a burst),
-    the steps take ``INDEX_STEP_ROWS`` rows, so the index keeps up with a burst instead
-    of leaving its catch-up to the next quiet round."""
-    monkeypatch.setattr(sqlite_mod, "FTS_STEP_ROWS", 4)
-    monkeypatch.setattr(sqlite_mod, "FTS_BACKLOG_STEPS", 2)
-    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
-    steps: list[int] = []
-    original = store.db.fts.index_step
-    store.db.fts.index_step = lambda max_rows: (steps.append(max_rows), original(max_rows))[1]
-    try:
-        await store.append([msg("a", "b", "tea") for _ in range(30)])
-        await store._index_text_steps()
-        assert steps == [4, 4, INDEX_STEP_ROWS]  # 4 + 4 + the other 22
-        assert fts_matches(store.db, "tea") == 30
-    finally:
-        await store.aclose()
-
-
 async def test_a_small_wal_is_checkpointed_without_holding_writes(tmp_path):
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
     try:

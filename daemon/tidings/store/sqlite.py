@@ -67,9 +67,8 @@ from tidings.store.records import (
     OutboxEntry, Progress, StoredMessage, StoreError, UndeliveredCheck, WebhookEvent,
 )
 from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
-from tidings.store.sqlite_fts import INDEX_STEP_ROWS
 
-__all__ = ["FTS_BACKLOG_STEPS", "FTS_STEP_GAP_S", "FTS_STEP_ROWS", "IDLE_WAIT_S", "INDEX_CHUNK",
+__all__ = ["FTS_STEP_GAP_S", "FTS_STEP_ROWS", "IDLE_WAIT_S", "INDEX_CHUNK",
            "MAINTENANCE_INTERVAL_S", "SqliteStore", "WAL_RESTART_BYTES", "WRITE_CHUNK"]
 
 T = TypeVar("T")
@@ -88,11 +87,6 @@ IDLE_WAIT_S = 0.01
 #: second, which on a 2-core box took the core the loop and its clients share.
 FTS_STEP_ROWS = 1000
 FTS_STEP_GAP_S = 0.01
-#: After this many full steps in a row (a backlog beyond a second's steady 5,000 msgs/s)
-#: the steps take ``INDEX_STEP_ROWS``: in a closed-loop burst the 1,000-row steps (10-40
-#: ms each then, plus the gap) fell ~100,000 rows behind, and that catch-up landed in the
-#: next open round (docs/performance.md, seventh session).
-FTS_BACKLOG_STEPS = 8
 MAINTENANCE_INTERVAL_S = 1.0
 WAL_RESTART_BYTES = 16 * 1024 * 1024
 
@@ -325,18 +319,14 @@ class SqliteStore:
 
     async def _index_text_steps(self) -> None:
         """Add what is pending to the full-text index in its worker thread,
-        ``FTS_STEP_ROWS`` per step (``INDEX_STEP_ROWS`` once ``FTS_BACKLOG_STEPS`` full
-        steps found a backlog) and ``FTS_STEP_GAP_S`` between steps, so its CPU is spread
-        out instead of taking a core in one burst; a maintenance pass may run between two
-        steps.  Raises StoreError."""
-        full = 0
+        ``FTS_STEP_ROWS`` per step and ``FTS_STEP_GAP_S`` between steps, so its CPU is
+        spread out instead of taking a core in one burst; a maintenance pass may run
+        between two steps.  Raises StoreError."""
         while True:
-            rows = INDEX_STEP_ROWS if full >= FTS_BACKLOG_STEPS else FTS_STEP_ROWS
             async with self._maintenance:
-                indexed = await self._fts(self.db.fts.index_step, rows)
-            if indexed < rows:
+                indexed = await self._fts(self.db.fts.index_step, FTS_STEP_ROWS)
+            if indexed < FTS_STEP_ROWS:
                 return
-            full += 1
             await trio.sleep(FTS_STEP_GAP_S)
 
     async def _index_text(self) -> None:
