@@ -28,11 +28,12 @@ Every ``MAINTENANCE_INTERVAL_S``: rows appended since are added to ``conversatio
 and ``retention`` in chunks (on the loop thread), then a PASSIVE checkpoint copies the
 WAL into the database from a thread.  The full-text index is caught up by its own task
 (``_index_text``: the worker thread, ``FTS_STEP_ROWS`` per step, ``FTS_STEP_GAP_S``
-apart; FTS5's automerge merges there), so a backlog of it never delays a pass: after a
-closed-loop burst its catch-up took seconds, and while the pass waited for it neither
-the checkpoint nor ``conversations`` and ``retention`` kept up, and what piled up
-(hundreds of MB of WAL, ~100,000 rows) came due in the next open round
-(docs/performance.md, seventh session).  While writes go on such a checkpoint never catches up with the end of the WAL,
+apart; FTS5's automerge merges there).  A pass and an index step never run side by
+side (``_maintenance``, FIFO), but a pass waits for at most one step, never for the
+index's whole backlog: after a closed-loop burst that backlog (~100,000 rows) took
+seconds, and a pass that waited for it left its checkpoint and ``conversations`` /
+``retention`` to pile up into the next open round (docs/performance.md, seventh
+session).  While writes go on a checkpoint never catches up with the end of the WAL,
 and SQLite would restart the WAL only from inside a commit (its autocheckpoint: a 30-40
 ms stall of that commit).
 So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine runs one more PASSIVE
