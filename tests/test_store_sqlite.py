@@ -561,6 +561,21 @@ async def test_index_keeps_up_with_a_loop_that_never_idles(tmp_path, monkeypatch
     await store.aclose()
 
 
+def _observe_text_index(store: SqliteStore, rows: int) -> trio.Event:
+    """An event set once an index step leaves the full-text index's mark at ``rows``."""
+    reached = trio.Event()
+    index_step = store.db.fts.index_step
+
+    def observed(*a: int) -> int:  # worker thread
+        n = index_step(*a)
+        if store.db.fts.indexed_id() >= rows:
+            trio.from_thread.run_sync(reached.set)
+        return n
+
+    store.db.fts.index_step = observed
+    return reached
+
+
 async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
@@ -573,6 +588,7 @@ async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypat
         return frames
 
     store.db.checkpoint = observed_checkpoint
+    indexed = _observe_text_index(store, 3)
     try:
         await store.append([msg("a", "b", "pizza") for _ in range(3)])
         assert fts_matches(store.db, "pizza") == 0
@@ -580,8 +596,56 @@ async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypat
             await nursery.start(store.run)
             with trio.fail_after(10):
                 await checkpointed.wait()
+                await indexed.wait()  # by the full-text index's own task
             nursery.cancel_scope.cancel()
-        assert fts_matches(store.db, "pizza") == 3  # indexed before the checkpoint
+        assert fts_matches(store.db, "pizza") == 3
+    finally:
+        await store.aclose()
+
+
+async def test_run_checkpoints_while_the_full_text_index_catches_up(tmp_path, monkeypatch):
+    """``run``'s passes go on between the full-text index's steps while it works off a
+    backlog (as after a burst), instead of waiting for the whole backlog; the index
+    still gets every row."""
+    monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
+    monkeypatch.setattr(sqlite_mod, "FTS_STEP_ROWS", 1)
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    calls: list[str] = []
+    index_step, checkpoint = store.db.fts.index_step, store.db.checkpoint
+    store.db.fts.index_step = lambda *a: (calls.append("index"), index_step(*a))[1]
+    store.db.checkpoint = lambda: (calls.append("checkpoint"), checkpoint())[1]
+    indexed = _observe_text_index(store, 30)
+    try:
+        await store.append([msg("a", "b", "tea") for _ in range(30)])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            with trio.fail_after(10):
+                await indexed.wait()
+            nursery.cancel_scope.cancel()
+        assert "checkpoint" in calls[:calls.count("index") - 1]  # before the last steps
+        assert fts_matches(store.db, "tea") == 30
+    finally:
+        await store.aclose()
+
+
+async def test_a_maintenance_pass_does_not_wait_for_the_full_text_index(tmp_path):
+    """The pass (``conversations``, ``retention``, the WAL checkpoint) never waits for
+    the full-text index: after a closed-loop burst that index's catch-up took seconds,
+    and a pass that waited for it let the WAL and the history backlog pile up into the
+    next open round (docs/performance.md, seventh session).  Search still finds every
+    stored message."""
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    calls: list[str] = []
+    index_step, checkpoint = store.db.fts.index_step, store.db.checkpoint
+    store.db.fts.index_step = lambda *a: (calls.append("index"), index_step(*a))[1]
+    store.db.checkpoint = lambda: (calls.append("checkpoint"), checkpoint())[1]
+    try:
+        await store.append([msg("a", "b", "tea") for _ in range(3)])
+        await store.checkpoint()
+        assert calls == ["checkpoint"]
+        assert store.db.index_pending() == 0  # history and retention caught up
+        assert len((await store.search("a", "tea", 10))[0]) == 3
+        assert store.db.fts.indexed_id() == 3
     finally:
         await store.aclose()
 
@@ -635,7 +699,7 @@ async def test_the_full_text_index_is_written_in_a_worker_thread(tmp_path):
 
 
 async def test_maintenance_indexes_the_full_text_index_in_spaced_steps(tmp_path, monkeypatch):
-    """A maintenance pass adds pending rows to the full-text index ``FTS_STEP_ROWS`` per
+    """The full-text index's task adds pending rows ``FTS_STEP_ROWS`` per
     worker step with ``FTS_STEP_GAP_S`` between steps (not one burst); search catches
     up at once."""
     monkeypatch.setattr(sqlite_mod, "FTS_STEP_ROWS", 4)
@@ -650,7 +714,7 @@ async def test_maintenance_indexes_the_full_text_index_in_spaced_steps(tmp_path,
     store.db.fts.index_step = observed
     try:
         await store.append([msg("a", "b", "tea") for _ in range(10)])
-        await store.checkpoint()
+        await store._index_text_steps()
         assert [rows for rows, _ in steps] == [4, 4, 4]  # 4 + 4 + 2: the last is short
         gaps = [later - earlier for (_, earlier), (_, later) in itertools.pairwise(steps)]
         assert all(gap >= sqlite_mod.FTS_STEP_GAP_S for gap in gaps)

@@ -25,10 +25,15 @@ Where each call runs (measured, docs/performance.md)
 Maintenance (``run``)
 ---------------------
 Every ``MAINTENANCE_INTERVAL_S``: rows appended since are added to ``conversations``
-and ``retention`` in chunks (on the loop thread), and to the full-text index (in the
-worker thread, ``FTS_STEP_ROWS`` per step, ``FTS_STEP_GAP_S`` apart; FTS5's automerge
-merges there), then a PASSIVE checkpoint copies the WAL into the database from a
-thread.  While writes go on such a checkpoint never catches up with the end of the WAL,
+and ``retention`` in chunks (on the loop thread), then a PASSIVE checkpoint copies the
+WAL into the database from a thread.  The full-text index is caught up by its own task
+(``_index_text``: the worker thread, ``FTS_STEP_ROWS`` per step, ``FTS_STEP_GAP_S``
+apart; FTS5's automerge merges there).  A pass and an index step never run side by
+side (``_maintenance``, FIFO), but a pass waits for at most one step, never for the
+index's whole backlog: after a closed-loop burst that backlog (~100,000 rows) took
+seconds, and a pass that waited for it left its checkpoint and ``conversations`` /
+``retention`` to pile up into the next open round (docs/performance.md, seventh
+session).  While writes go on a checkpoint never catches up with the end of the WAL,
 and SQLite would restart the WAL only from inside a commit (its autocheckpoint: a 30-40
 ms stall of that commit).
 So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine runs one more PASSIVE
@@ -133,6 +138,10 @@ class SqliteStore:
         self._limits = limits
         self._read_limiter = trio.CapacityLimiter(1)
         self._fts_limiter = trio.CapacityLimiter(1)  # the full-text index's one thread
+        # A maintenance pass and a full-text index step never overlap (FIFO: each waits
+        # for at most one of the other): run side by side they measured a worse fresh
+        # open-loop p99 (docs/performance.md, seventh session).
+        self._maintenance = trio.StrictFIFOLock()
         self._states: _StateBatch | None = None  # the inbox_state batch open for joining
         self._held: trio.Event | None = None  # set while writes wait for a WAL restart
         self._maintenance_errors = log.LogOnce(interval=60.0)
@@ -294,11 +303,11 @@ class SqliteStore:
     # -- maintenance ---------------------------------------------------------------------
 
     async def _index_all(self, pace: _Pace | None = None) -> None:
-        """Index every pending row: ``conversations`` and ``retention`` ``INDEX_CHUNK``
-        rows per transaction on the loop thread (paced: ``_Pace``), then the full-text
-        index in its worker thread: with ``pace`` (maintenance) ``FTS_STEP_ROWS`` per
-        step and ``FTS_STEP_GAP_S`` between steps, so the worker's CPU is spread over
-        the pass instead of taking a core in one burst; without (search) at once."""
+        """Index every pending row in ``conversations`` and ``retention``,
+        ``INDEX_CHUNK`` rows per transaction on the loop thread (paced: ``_Pace``).
+        Without ``pace`` (search) also catch the full-text index up, in its worker
+        thread, so every stored message is searchable; maintenance leaves that index to
+        ``_index_text``."""
         paced = pace is not None
         pace = pace or _Pace()
         while True:
@@ -308,9 +317,28 @@ class SqliteStore:
                 break
         if not paced:
             await self._fts(self.db.fts.catch_up)
-            return
-        while await self._fts(self.db.fts.index_step, FTS_STEP_ROWS) >= FTS_STEP_ROWS:
+
+    async def _index_text_steps(self) -> None:
+        """Add what is pending to the full-text index in its worker thread,
+        ``FTS_STEP_ROWS`` per step and ``FTS_STEP_GAP_S`` between steps, so its CPU is
+        spread out instead of taking a core in one burst; a maintenance pass may run
+        between two steps.  Raises StoreError."""
+        while True:
+            async with self._maintenance:
+                indexed = await self._fts(self.db.fts.index_step, FTS_STEP_ROWS)
+            if indexed < FTS_STEP_ROWS:
+                return
             await trio.sleep(FTS_STEP_GAP_S)
+
+    async def _index_text(self) -> None:
+        """``_index_text_steps`` every ``MAINTENANCE_INTERVAL_S``, apart from the
+        maintenance pass, until cancelled; failures are logged and retried next time."""
+        while True:
+            await trio.sleep(MAINTENANCE_INTERVAL_S)
+            try:
+                await self._index_text_steps()
+            except StoreError as exc:
+                self._maintenance_errors.log("error", "index_failed", key="index", error=str(exc))
 
     async def prune(self, now_ms: int, retention_days: float | None) -> int:
         pace = _Pace()
@@ -331,8 +359,14 @@ class SqliteStore:
         return deleted
 
     async def checkpoint(self) -> None:
-        """Index what was appended, checkpoint, and restart a WAL that grew too big
-        (see the module docstring).  Raises StoreError."""
+        """Index what was appended (``conversations`` and ``retention``; the full-text
+        index is ``_index_text``'s), checkpoint, and restart a WAL that grew too big (see
+        the module docstring).  Waits for a running full-text index step first.
+        Raises StoreError."""
+        async with self._maintenance:
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
         pace = _Pace()
         await self._index_all(pace)
         frames, _done = await trio.to_thread.run_sync(self.db.checkpoint)
@@ -355,6 +389,7 @@ class SqliteStore:
         """Index, checkpoint and prune until cancelled (see the module docstring)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(prune_periodically, self, self._limits)
+            nursery.start_soon(self._index_text)
             if task_status is not None:
                 task_status.started()
             while True:
