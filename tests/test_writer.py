@@ -1,7 +1,7 @@
-"""The hub's group-commit writer on a pipelined store (server/writer.py): two batches in
-flight for big batches, and small batches coalesced instead of sent one message at a
-time (a small batch waits for the one in flight and is sent at most once per
-``LINGER_S``).
+"""The hub's group-commit writer on a pipelined store (server/writer.py): batches kept
+full instead of sent one message at a time (a batch that is not full waits for the one
+in flight and is sent at most once per ``LINGER_S``), two in flight only for a full
+batch (``store.batch_max``).
 
 The store is a FlakyStore (tests/inprocess.py) with ``append_submit``: it records each
 submitted batch (its size and the clock's time) and, while ``gated``, answers a batch
@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 import trio.testing
-from inprocess import FlakyStore, running_hub
-from tidings.server.writer import COALESCE_BELOW, LINGER_S
+from inprocess import FlakyStore, make_config, running_hub
+from tidings.server.writer import LINGER_S
 from tidings.store import NewMessage, PipelinedStore
 
 
@@ -59,12 +59,15 @@ async def _acks(client, n: int) -> list[tuple[str, int]]:
     return out
 
 
+BATCH_MAX = 40  # store.batch_max of the tests that fill a batch
+
+
 @contextlib.asynccontextmanager
-async def one_batch_in_flight() -> AsyncIterator[tuple[PipelinedFlaky, object]]:
+async def one_batch_in_flight(batch_max: int = 512) -> AsyncIterator[tuple[PipelinedFlaky, object]]:
     """A gated store and alice's client, whose first send (``s0``, to bob) is in flight."""
     store = PipelinedFlaky()
     store.gated = True
-    async with running_hub(store=store) as h:
+    async with running_hub(make_config(store={"batch_max": batch_max}), store=store) as h:
         a = await h.connect("user=alice")
         await a.send(send("bob", 0, "s0"))
         await trio.testing.wait_all_tasks_blocked()
@@ -114,13 +117,28 @@ async def test_a_small_batch_goes_out_at_most_once_per_linger(mock_clock):
         assert store.submitted[2] == (1, t0 + 11 * LINGER_S)
 
 
-async def test_a_big_batch_is_sent_while_another_is_in_flight(mock_clock):
-    async with one_batch_in_flight() as (store, a):
-        await a.send(*[send("bob", i, f"s{i}") for i in range(1, COALESCE_BELOW + 1)])
+async def test_a_batch_that_is_not_full_waits_for_the_one_in_flight(mock_clock):
+    # 39 messages: more than the 32 that went two in flight before, one short of full
+    async with one_batch_in_flight(BATCH_MAX) as (store, a):
+        await a.send(*[send("bob", i, f"s{i}") for i in range(1, BATCH_MAX)])
         await trio.testing.wait_all_tasks_blocked()
-        assert [n for n, _t in store.submitted] == [1, COALESCE_BELOW]  # two in flight
+        assert [n for n, _t in store.submitted] == [1]  # one in flight: it waits
+        store.gates[0].set()
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(LINGER_S)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [n for n, _t in store.submitted] == [1, BATCH_MAX - 1]  # whole, once
+        store.gates[1].set()
+        assert await _acks(a, BATCH_MAX) == [(f"s{i}", i + 1) for i in range(BATCH_MAX)]
+
+
+async def test_a_full_batch_is_sent_while_another_is_in_flight(mock_clock):
+    async with one_batch_in_flight(BATCH_MAX) as (store, a):
+        await a.send(*[send("bob", i, f"s{i}") for i in range(1, BATCH_MAX + 1)])
+        await trio.testing.wait_all_tasks_blocked()
+        assert [n for n, _t in store.submitted] == [1, BATCH_MAX]  # two in flight
         store.gates[1].set()  # the second answered first: still acked after the first
         await trio.testing.wait_all_tasks_blocked()
         store.gates[0].set()
-        assert await _acks(a, COALESCE_BELOW + 1) == [(f"s{i}", i + 1)
-                                                      for i in range(COALESCE_BELOW + 1)]
+        assert await _acks(a, BATCH_MAX + 1) == [(f"s{i}", i + 1)
+                                                 for i in range(BATCH_MAX + 1)]

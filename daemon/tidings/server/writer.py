@@ -15,15 +15,19 @@ the background then (one at a time; a save swaps the pending progress out before
 awaits anything, so what arrives meanwhile goes with the next one).  On shutdown the
 writer waits for all of them before its last progress save.
 
-Small batches are coalesced (pipelined store only).  At an even rate (thousands of
+Batches are kept full (pipelined store only).  At an even rate (thousands of
 messages a second, one at a time) every batch held one or two messages, and each batch
 costs the same round trip whatever its size: a script call and its reply on both ends,
-a publish read on every subscribed node (docs/cluster.md, "fourth session").  So a
-batch of fewer than ``COALESCE_BELOW`` messages is not sent while another is in flight
-(it waits for that one's answer), nor sooner than ``LINGER_S`` after the batch before
-it; what was queued meanwhile joins it.  A message therefore waits at most one round
-trip plus ``LINGER_S`` longer than it would alone; the first message after a quiet
-``LINGER_S`` goes out at once, and big batches (load) still go two in flight.
+a publish read on every subscribed node, and in the append script the per-recipient
+work (the seq read and write, the inbox length) that a bigger batch shares between
+more messages (docs/cluster.md, "fourth session" and "seventh session").  So a batch
+that is not full (fewer than ``store.batch_max`` messages) is not sent while another is
+in flight (it waits for that one's answer), nor sooner than ``LINGER_S`` after the batch
+before it; what was queued meanwhile joins it.  A message therefore waits at most one
+round trip plus ``LINGER_S`` longer than it would alone; the first message after a
+quiet ``LINGER_S`` goes out at once.  A second batch goes out while one is in flight
+only when a full batch is waiting: the queue is then growing, and Redis should not
+idle while the node answers the first.
 """
 
 from __future__ import annotations
@@ -42,10 +46,8 @@ __all__ = ["PIPELINE_DEPTH", "WAKE", "Writer"]
 WAKE = object()
 #: Batches a PipelinedStore may have in flight at once.
 PIPELINE_DEPTH = 2
-#: A batch smaller than this is not sent while another is in flight: it waits for that
-#: one's answer and takes what was queued meanwhile (see the module docstring).
-COALESCE_BELOW = 32
-#: ... and is sent at most this long after the batch before it.
+#: A batch that is not full is sent at most this long after the batch before it (and
+#: not while another is in flight; see the module docstring).
 LINGER_S = 0.001
 
 
@@ -93,9 +95,9 @@ class Writer:
                 if jobs and submit is None:
                     await self._append(jobs)
                 elif jobs:
-                    if len(jobs) < COALESCE_BELOW:
+                    if len(jobs) < batch_max:
                         if prev is not None and not prev.is_set():
-                            await prev.wait()  # a small batch waits for the one in flight
+                            await prev.wait()  # not full: waits for the one in flight
                         if trio.current_time() < last_submit + LINGER_S:
                             await trio.sleep_until(last_submit + LINGER_S)
                         jobs = _take(jobs, rx, batch_max)  # what came meanwhile joins it
