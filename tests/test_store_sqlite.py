@@ -603,6 +603,41 @@ async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypat
         await store.aclose()
 
 
+async def test_checkpoints_do_not_wait_for_a_slow_index_pass(tmp_path, monkeypatch):
+    """The WAL is checkpointed on its own schedule: a history/retention indexing pass
+    that does not end (at 15,000 msgs/s a pass took seconds) does not keep the WAL from
+    being checkpointed and restarted (it grew to SQLite's autocheckpoint, a ~300 ms
+    checkpoint inside a commit on the loop thread)."""
+    monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    checkpoints = trio.Semaphore(0)
+    checkpoint = store.db.checkpoint
+
+    def observed_checkpoint() -> tuple[int, int]:  # runs in a worker thread
+        frames = checkpoint()
+        trio.from_thread.run_sync(checkpoints.release)
+        return frames
+
+    store.db.checkpoint = observed_checkpoint
+    index_started = trio.Event()
+
+    async def endless_index_pass(pace: object = None) -> None:
+        index_started.set()
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(store, "_index_all", endless_index_pass)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            with trio.fail_after(10):
+                await index_started.wait()
+                for _ in range(2):  # two checkpoints while the index pass still runs
+                    await checkpoints.acquire()
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
 async def test_run_checkpoints_while_the_full_text_index_catches_up(tmp_path, monkeypatch):
     """``run``'s passes go on between the full-text index's steps while it works off a
     backlog (as after a burst), instead of waiting for the whole backlog; the index

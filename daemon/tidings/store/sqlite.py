@@ -24,18 +24,23 @@ Where each call runs (measured, docs/performance.md)
 
 Maintenance (``run``)
 ---------------------
-Every ``MAINTENANCE_INTERVAL_S``: rows appended since are added to ``conversations``
-and ``retention`` in chunks (on the loop thread), then a PASSIVE checkpoint copies the
-WAL into the database from a thread.  The full-text index is caught up by its own task
-(``_index_text``: the worker thread, ``FTS_STEP_ROWS`` per step, ``FTS_STEP_GAP_S``
-apart; FTS5's automerge merges there).  A pass and an index step never run side by
-side (``_maintenance``, FIFO), but a pass waits for at most one step, never for the
-index's whole backlog: after a closed-loop burst that backlog (~100,000 rows) took
-seconds, and a pass that waited for it left its checkpoint and ``conversations`` /
-``retention`` to pile up into the next open round (docs/performance.md, seventh
-session).  While writes go on a checkpoint never catches up with the end of the WAL,
-and SQLite would restart the WAL only from inside a commit (its autocheckpoint: a 30-40
-ms stall of that commit).
+Three schedules, each ``MAINTENANCE_INTERVAL_S`` after its own last pass ended, so no
+one waits for another's backlog:
+* **Checkpoints** (``checkpoint_wal``): a PASSIVE checkpoint copies the WAL into the
+  database from a thread.  At 15,000 msgs/s an indexing pass took seconds, and while
+  checkpoints waited behind it the WAL reached SQLite's autocheckpoint: a ~300 ms
+  checkpoint inside a commit on the loop thread (bpftrace, docs/performance.md, seventh
+  session).
+* **History and retention indexing**: rows appended since are added to
+  ``conversations`` and ``retention`` in chunks on the loop thread.
+* **The full-text index** (``_index_text_steps``): the worker thread, ``FTS_STEP_ROWS``
+  per step, ``FTS_STEP_GAP_S`` apart; FTS5's automerge merges there.  After a
+  closed-loop burst its backlog (~100,000 rows) took seconds to work off.
+A checkpoint and a full-text step never run side by side (``_maintenance``, FIFO: each
+waits for at most one of the other; side by side they measured a worse open-loop p99).
+While writes go on a checkpoint never catches up with the end of the WAL, and SQLite
+would restart the WAL only from inside a commit (its autocheckpoint: a 30-300 ms stall
+of that commit).
 So once the WAL exceeds ``WAL_RESTART_BYTES`` the engine runs one more PASSIVE
 checkpoint (it copies what was written during the first), then holds new writes for a
 last one (it copies only what the second let through) and the next write starts the WAL
@@ -307,7 +312,7 @@ class SqliteStore:
         ``INDEX_CHUNK`` rows per transaction on the loop thread (paced: ``_Pace``).
         Without ``pace`` (search) also catch the full-text index up, in its worker
         thread, so every stored message is searchable; maintenance leaves that index to
-        ``_index_text``."""
+        ``_index_text_steps``."""
         paced = pace is not None
         pace = pace or _Pace()
         while True:
@@ -321,8 +326,8 @@ class SqliteStore:
     async def _index_text_steps(self) -> None:
         """Add what is pending to the full-text index in its worker thread,
         ``FTS_STEP_ROWS`` per step and ``FTS_STEP_GAP_S`` between steps, so its CPU is
-        spread out instead of taking a core in one burst; a maintenance pass may run
-        between two steps.  Raises StoreError."""
+        spread out instead of taking a core in one burst; a checkpoint may run between
+        two steps.  Raises StoreError."""
         while True:
             async with self._maintenance:
                 indexed = await self._fts(self.db.fts.index_step, FTS_STEP_ROWS)
@@ -330,15 +335,16 @@ class SqliteStore:
                 return
             await trio.sleep(FTS_STEP_GAP_S)
 
-    async def _index_text(self) -> None:
-        """``_index_text_steps`` every ``MAINTENANCE_INTERVAL_S``, apart from the
-        maintenance pass, until cancelled; failures are logged and retried next time."""
+    async def _periodically(self, job: Callable[[], Any], event: str, key: str) -> None:
+        """``await job()`` ``MAINTENANCE_INTERVAL_S`` after the last one ended, until
+        cancelled; a StoreError is logged (``event``, at most once a minute per
+        ``key``) and the job runs again next time."""
         while True:
             await trio.sleep(MAINTENANCE_INTERVAL_S)
             try:
-                await self._index_text_steps()
+                await job()
             except StoreError as exc:
-                self._maintenance_errors.log("error", "index_failed", key="index", error=str(exc))
+                self._maintenance_errors.log("error", event, key=key, error=str(exc))
 
     async def prune(self, now_ms: int, retention_days: float | None) -> int:
         pace = _Pace()
@@ -360,15 +366,18 @@ class SqliteStore:
 
     async def checkpoint(self) -> None:
         """Index what was appended (``conversations`` and ``retention``; the full-text
-        index is ``_index_text``'s), checkpoint, and restart a WAL that grew too big (see
-        the module docstring).  Waits for a running full-text index step first.
+        index has its own schedule), then ``checkpoint_wal``.  Raises StoreError."""
+        await self._index_all(_Pace())
+        await self.checkpoint_wal()
+
+    async def checkpoint_wal(self) -> None:
+        """Checkpoint, and restart a WAL that grew too big (see the module docstring);
+        indexes nothing.  Waits for a running full-text index step first.
         Raises StoreError."""
         async with self._maintenance:
-            await self._checkpoint()
+            await self._checkpoint_wal()
 
-    async def _checkpoint(self) -> None:
-        pace = _Pace()
-        await self._index_all(pace)
+    async def _checkpoint_wal(self) -> None:
         frames, _done = await trio.to_thread.run_sync(self.db.checkpoint)
         if frames * (PAGE_BYTES + 24) < WAL_RESTART_BYTES:
             return
@@ -386,19 +395,17 @@ class SqliteStore:
                 held_ms=round((time.monotonic() - began) * 1000, 1))
 
     async def run(self, *, task_status: Any = None) -> None:
-        """Index, checkpoint and prune until cancelled (see the module docstring)."""
+        """Checkpoint, index and prune until cancelled, each on its own schedule (see
+        the module docstring)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(prune_periodically, self, self._limits)
-            nursery.start_soon(self._index_text)
+            nursery.start_soon(self._periodically, lambda: self._index_all(_Pace()),
+                               "index_failed", "index")
+            nursery.start_soon(self._periodically, self._index_text_steps,
+                               "text_index_failed", "text_index")
             if task_status is not None:
                 task_status.started()
-            while True:
-                await trio.sleep(MAINTENANCE_INTERVAL_S)
-                try:
-                    await self.checkpoint()
-                except StoreError as exc:
-                    self._maintenance_errors.log("error", "checkpoint_failed", key="checkpoint",
-                                                 error=str(exc))
+            await self._periodically(self.checkpoint_wal, "checkpoint_failed", "checkpoint")
 
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self.db.close)
