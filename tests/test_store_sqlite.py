@@ -685,6 +685,37 @@ async def test_a_maintenance_pass_does_not_wait_for_the_full_text_index(tmp_path
         await store.aclose()
 
 
+async def test_a_checkpoint_does_not_wait_for_a_search_catch_up(tmp_path):
+    """A full-text step waiting for the index's thread (here held by a search's
+    catch-up, which took seconds after a burst) does not hold the checkpoints' lock
+    meanwhile: a checkpoint goes on; the step and the search then finish."""
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    entered, release = trio.Event(), threading.Event()
+    catch_up = store.db.fts.catch_up
+
+    def slow_catch_up() -> int:  # worker thread
+        trio.from_thread.run_sync(entered.set)
+        release.wait()
+        return catch_up()
+
+    store.db.fts.catch_up = slow_catch_up
+    try:
+        await store.append([msg("a", "b", "tea") for _ in range(3)])
+        async with trio.open_nursery() as nursery:
+            try:
+                nursery.start_soon(store.search, "a", "tea", 10)
+                await entered.wait()
+                nursery.start_soon(store._index_text_steps)
+                await trio.testing.wait_all_tasks_blocked()
+                with trio.fail_after(10):
+                    await store.checkpoint_wal()
+            finally:
+                release.set()
+        assert fts_matches(store.db, "tea") == 3
+    finally:
+        await store.aclose()
+
+
 
 # -- the engine restarts the WAL itself -------------------------------------------------------
 

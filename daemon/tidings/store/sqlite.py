@@ -36,8 +36,9 @@ one waits for another's backlog:
 * **The full-text index** (``_index_text_steps``): the worker thread, ``FTS_STEP_ROWS``
   per step, ``FTS_STEP_GAP_S`` apart; FTS5's automerge merges there.  After a
   closed-loop burst its backlog (~100,000 rows) took seconds to work off.
-A checkpoint and a full-text step never run side by side (``_maintenance``, FIFO: each
-waits for at most one of the other; side by side they measured a worse open-loop p99).
+A checkpoint and one of these full-text steps never run side by side (``_maintenance``,
+FIFO: each waits for at most one of the other; side by side they measured a worse
+open-loop p99); a search's catch-up and a prune's delete are not held back by it.
 While writes go on a checkpoint never catches up with the end of the WAL, and SQLite
 would restart the WAL only from inside a commit (its autocheckpoint: a 30-300 ms stall
 of that commit).
@@ -143,9 +144,9 @@ class SqliteStore:
         self._limits = limits
         self._read_limiter = trio.CapacityLimiter(1)
         self._fts_limiter = trio.CapacityLimiter(1)  # the full-text index's one thread
-        # A maintenance pass and a full-text index step never overlap (FIFO: each waits
-        # for at most one of the other): run side by side they measured a worse fresh
-        # open-loop p99 (docs/performance.md, seventh session).
+        # A checkpoint and a full-text index step of ``_index_text_steps`` never overlap
+        # (FIFO: each waits for at most one of the other): run side by side they measured
+        # a worse fresh open-loop p99 (docs/performance.md, seventh session).
         self._maintenance = trio.StrictFIFOLock()
         self._states: _StateBatch | None = None  # the inbox_state batch open for joining
         self._held: trio.Event | None = None  # set while writes wait for a WAL restart
@@ -329,8 +330,11 @@ class SqliteStore:
         spread out instead of taking a core in one burst; a checkpoint may run between
         two steps.  Raises StoreError."""
         while True:
-            async with self._maintenance:
-                indexed = await self._fts(self.db.fts.index_step, FTS_STEP_ROWS)
+            # The index's thread first, then the lock: a step never holds the lock while
+            # it waits for a search's catch-up or a prune's delete (the checkpoint would
+            # wait for those too).  No limiter on the call: this task holds it.
+            async with self._fts_limiter, self._maintenance:
+                indexed = await trio.to_thread.run_sync(self.db.fts.index_step, FTS_STEP_ROWS)
             if indexed < FTS_STEP_ROWS:
                 return
             await trio.sleep(FTS_STEP_GAP_S)
