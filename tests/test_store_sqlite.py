@@ -603,6 +603,29 @@ async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypat
         await store.aclose()
 
 
+def _history_mark(path: os.PathLike[str]) -> int:
+    """The id up to which ``conversations``/``retention`` are indexed, read on a
+    connection of its own (``index_pending`` would index what it counts)."""
+    with contextlib.closing(sqlite3.connect(path)) as c:
+        return c.execute(sqlite_db.SQL_INDEXED_ID).fetchone()[0]
+
+
+async def test_a_history_chunk_waits_for_a_running_checkpoint(tmp_path):
+    """History/retention indexing never writes beside a checkpoint: a chunk waits while
+    the maintenance lock is held (as ``checkpoint_wal`` holds it), then indexes."""
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    try:
+        await store.append([msg("a", "b", "tea") for _ in range(3)])
+        async with trio.open_nursery() as nursery:
+            async with store._maintenance:  # a checkpoint is running
+                nursery.start_soon(store._index_all, sqlite_mod._Pace())
+                await trio.testing.wait_all_tasks_blocked()
+                assert _history_mark(tmp_path / "t.db") == 0  # nothing indexed meanwhile
+        assert _history_mark(tmp_path / "t.db") == 3
+    finally:
+        await store.aclose()
+
+
 async def test_checkpoints_do_not_wait_for_a_slow_index_pass(tmp_path, monkeypatch):
     """The WAL is checkpointed on its own schedule: a history/retention indexing pass
     that does not end (at 15,000 msgs/s a pass took seconds) does not keep the WAL from

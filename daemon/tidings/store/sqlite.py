@@ -36,9 +36,10 @@ one waits for another's backlog:
 * **The full-text index** (``_index_text_steps``): the worker thread, ``FTS_STEP_ROWS``
   per step, ``FTS_STEP_GAP_S`` apart; FTS5's automerge merges there.  After a
   closed-loop burst its backlog (~100,000 rows) took seconds to work off.
-A checkpoint and one of these full-text steps never run side by side (``_maintenance``,
-FIFO: each waits for at most one of the other; side by side they measured a worse
-open-loop p99); a search's catch-up and a prune's delete are not held back by it.
+A checkpoint never runs beside a full-text step or a history/retention chunk
+(``_maintenance``, FIFO: each waits for at most one of the others, never for a whole
+backlog; side by side they measured a worse open-loop p99, docs/performance.md, seventh
+session); a search's full-text catch-up and a prune's delete are not held back by it.
 While writes go on a checkpoint never catches up with the end of the WAL, and SQLite
 would restart the WAL only from inside a commit (its autocheckpoint: a 30-300 ms stall
 of that commit).
@@ -144,9 +145,10 @@ class SqliteStore:
         self._limits = limits
         self._read_limiter = trio.CapacityLimiter(1)
         self._fts_limiter = trio.CapacityLimiter(1)  # the full-text index's one thread
-        # A checkpoint and a full-text index step of ``_index_text_steps`` never overlap
-        # (FIFO: each waits for at most one of the other): run side by side they measured
-        # a worse fresh open-loop p99 (docs/performance.md, seventh session).
+        # A checkpoint never overlaps a full-text step of ``_index_text_steps`` or a
+        # history/retention chunk of ``_index_all`` (FIFO: each waits for at most one of
+        # the others): side by side they measured a worse open-loop p99
+        # (docs/performance.md, seventh session).
         self._maintenance = trio.StrictFIFOLock()
         self._states: _StateBatch | None = None  # the inbox_state batch open for joining
         self._held: trio.Event | None = None  # set while writes wait for a WAL restart
@@ -318,8 +320,10 @@ class SqliteStore:
         pace = pace or _Pace()
         while True:
             await pace.step()
-            await self._writable()
-            if self.db.index_pending(INDEX_CHUNK) < INDEX_CHUNK:
+            async with self._maintenance:  # a chunk never runs beside a checkpoint
+                await self._writable()
+                more = self.db.index_pending(INDEX_CHUNK) >= INDEX_CHUNK
+            if not more:
                 break
         if not paced:
             await self._fts(self.db.fts.catch_up)
