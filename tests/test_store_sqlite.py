@@ -616,11 +616,11 @@ async def test_a_history_chunk_waits_for_a_running_checkpoint(tmp_path):
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
     try:
         await store.append([msg("a", "b", "tea") for _ in range(3)])
-        async with trio.open_nursery() as nursery:
-            async with store._maintenance:  # a checkpoint is running
-                nursery.start_soon(store._index_all, sqlite_mod._Pace())
-                await trio.testing.wait_all_tasks_blocked()
-                assert _history_mark(tmp_path / "t.db") == 0  # nothing indexed meanwhile
+        # the lock (a checkpoint running) is released before the nursery waits
+        async with trio.open_nursery() as nursery, store._maintenance:
+            nursery.start_soon(store._index_all, sqlite_mod._Pace())
+            await trio.testing.wait_all_tasks_blocked()
+            assert _history_mark(tmp_path / "t.db") == 0  # nothing indexed meanwhile
         assert _history_mark(tmp_path / "t.db") == 3
     finally:
         await store.aclose()
