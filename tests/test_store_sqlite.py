@@ -10,6 +10,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -576,18 +577,23 @@ def _observe_text_index(store: SqliteStore, rows: int) -> trio.Event:
     return reached
 
 
-async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypatch):
-    monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
-    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
-    checkpointed = trio.Event()
+def _observe_checkpoints(store: SqliteStore, notify: Callable[[], object]) -> None:
+    """Call ``notify`` on the loop after each of the engine's checkpoints."""
     checkpoint = store.db.checkpoint
 
     def observed_checkpoint() -> tuple[int, int]:  # runs in a worker thread
         frames = checkpoint()
-        trio.from_thread.run_sync(checkpointed.set)
+        trio.from_thread.run_sync(notify)
         return frames
 
     store.db.checkpoint = observed_checkpoint
+
+
+async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    checkpointed = trio.Event()
+    _observe_checkpoints(store, checkpointed.set)
     indexed = _observe_text_index(store, 3)
     try:
         await store.append([msg("a", "b", "pizza") for _ in range(3)])
@@ -634,14 +640,7 @@ async def test_checkpoints_do_not_wait_for_a_slow_index_pass(tmp_path, monkeypat
     monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
     checkpoints = trio.Semaphore(0)
-    checkpoint = store.db.checkpoint
-
-    def observed_checkpoint() -> tuple[int, int]:  # runs in a worker thread
-        frames = checkpoint()
-        trio.from_thread.run_sync(checkpoints.release)
-        return frames
-
-    store.db.checkpoint = observed_checkpoint
+    _observe_checkpoints(store, checkpoints.release)
     index_started = trio.Event()
 
     async def endless_index_pass(pace: object = None) -> None:
