@@ -380,8 +380,9 @@ class SqliteStore:
 
     async def checkpoint_wal(self) -> None:
         """Checkpoint, and restart a WAL that grew too big (see the module docstring);
-        indexes nothing.  Waits for a running full-text index step first.
-        Raises StoreError."""
+        indexes nothing.  Waits for a running full-text step or history chunk first
+        (and a search's history catch-up waits for a running checkpoint between its
+        chunks).  Raises StoreError."""
         async with self._maintenance:
             await self._checkpoint_wal()
 
