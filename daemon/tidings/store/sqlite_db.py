@@ -96,8 +96,9 @@ __all__ = ["MIGRATIONS", "PRUNE_BATCH", "SqliteDatabase"]
 PRUNE_BATCH = 5000
 WRITER_CACHE_KIB = 16384
 # Backstop only: an autocheckpoint runs in the committing writer and fsyncs (30-40 ms
-# here), so callers run checkpoint() from another thread and restart the WAL well
-# before this (256 MiB of 4 KiB pages).
+# here when idle, ~300 ms under load: bpftrace, docs/performance.md, seventh session),
+# so callers run checkpoint() from another thread and restart the WAL well before this
+# (256 MiB of 4 KiB pages).
 AUTOCHECKPOINT_PAGES = 65536
 PAGE_BYTES = 4096
 _I64 = 2**63 - 1
