@@ -396,7 +396,7 @@ class SqliteStore:
         held = self._held = trio.Event()
         began = time.monotonic()
         try:
-            frames, done = await trio.to_thread.run_sync(self.db.checkpoint)
+            frames, done = await trio.to_thread.run_sync(self.db.checkpoint, False)
         finally:
             self._held = None
             held.set()
