@@ -750,64 +750,22 @@ async def test_a_wal_past_the_limit_is_restarted_with_writes_held(tmp_path, monk
         while store.db.wal_bytes() < 2 * limit:  # grow the WAL past the limit
             await store.append([msg("a", f"u{i}", "x" * 200) for i in range(50)])
         held_during: list[bool] = []
-        gentle: list[bool] = []
         original = store.db.checkpoint
 
-        def observed(gently: bool = True) -> tuple[int, int]:  # worker thread
-            held_during.append(store._held is not None)  # is the engine holding writes?
-            gentle.append(gently)
-            return original(gently)
+        def observed() -> tuple[int, int]:  # worker thread: is the engine holding writes?
+            held_during.append(store._held is not None)
+            return original()
 
         store.db.checkpoint = observed
         await store.checkpoint()
         # the plain one, a catch-up (writes go on), then the restart with writes held:
         # the held one copies only what the catch-up let through
         assert held_during == [False, False, True]
-        assert gentle == [True, True, False]  # one plain fsync while writes wait
         assert store._held is None
         await store.append([msg("a", "b")])  # the first write after starts the WAL over
         assert original()[0] * pages < limit
     finally:
         await store.aclose()
-
-
-def test_a_checkpoint_writes_the_wal_back_in_pieces_before_its_fsync(tmp_path, monkeypatch):
-    """With writes going on, the checkpoint first writes the WAL back
-    ``WAL_WRITEBACK_CHUNK`` bytes at a time (so its own fsync does not queue the whole
-    WAL on the disk at once), then copies it; the data is intact."""
-    from tidings.store import writeback  # new in the eighth session
-
-    chunk = 64 * 1024
-    monkeypatch.setattr(sqlite_db, "WAL_WRITEBACK_CHUNK", chunk)
-    calls: list[tuple[str, int, int]] = []
-    real = writeback._sync_file_range
-
-    def recorded(fd: int, offset: int, nbytes: int, flags: int) -> int:
-        calls.append(("range", offset, nbytes))
-        return real(fd, offset, nbytes, flags) if real is not None else 0
-
-    monkeypatch.setattr(writeback, "_sync_file_range", recorded)
-    db = SqliteDatabase.open(tmp_path / "t.db")
-    try:
-        db.append_many([msg("a", f"u{i % 7}", "x" * 3000) for i in range(200)])
-        wal = db.wal_bytes()
-        assert wal > 3 * chunk
-        frames, done = db.checkpoint()
-        ranges = [(offset, nbytes) for _, offset, nbytes in calls]
-        assert ranges == [(offset, chunk) for offset in range(0, wal, chunk)]
-        assert frames == done > 0
-        calls.clear()
-        db.checkpoint(gently=False)
-        assert calls == []
-        assert db.inbox_state("u3").last_seq == len(range(3, 200, 7))
-    finally:
-        db.close()
-
-
-def test_write_back_of_a_missing_file_does_nothing(tmp_path):
-    from tidings.store import writeback
-
-    assert writeback.write_back(str(tmp_path / "none"), 4096) == 0
 
 
 async def test_the_full_text_index_is_written_in_a_worker_thread(tmp_path):

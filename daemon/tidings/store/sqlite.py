@@ -396,7 +396,7 @@ class SqliteStore:
         held = self._held = trio.Event()
         began = time.monotonic()
         try:
-            frames, done = await trio.to_thread.run_sync(self.db.checkpoint, False)
+            frames, done = await trio.to_thread.run_sync(self.db.checkpoint)
         finally:
             self._held = None
             held.set()

@@ -90,7 +90,6 @@ from tidings.store.sqlite_schema import (
 )
 from tidings.store.sqlite_txn import Transaction, rollback
 from tidings.store.sqlite_webhooks import WebhookTables
-from tidings.store.writeback import write_back
 
 __all__ = ["MIGRATIONS", "PRUNE_BATCH", "SqliteDatabase"]
 
@@ -102,10 +101,6 @@ WRITER_CACHE_KIB = 16384
 # (256 MiB of 4 KiB pages).
 AUTOCHECKPOINT_PAGES = 65536
 PAGE_BYTES = 4096
-#: ``checkpoint`` writes the WAL back in pieces of this size before its own fsync: a WAL
-#: write of the writer that must read a block waits behind at most one piece (with one
-#: fsync of ~50 MB it waited 11-29 ms: docs/performance.md, eighth session).
-WAL_WRITEBACK_CHUNK = 1 << 20
 _I64 = 2**63 - 1
 
 _SQL_INSERT = ("INSERT INTO messages (id, msg_id, recipient, seq, sender, conv, body, ts) "
@@ -544,21 +539,16 @@ class SqliteDatabase(WebhookTables):
             return ""
         return ("AND m.seq > (SELECT MAX(seq) FROM messages WHERE recipient = m.recipient) - :k")
 
-    def checkpoint(self, gently: bool = True) -> tuple[int, int]:
+    def checkpoint(self) -> tuple[int, int]:
         """Copy committed WAL pages into the database file (PASSIVE: never waits for
         and never blocks the writer or readers); return ``(frames in the WAL, frames
         now in the database)``: when equal, the next write starts the WAL over.  A frame
         is one page (``PAGE_BYTES``) plus a 24-byte header.  Meant to be called
         periodically from a thread other than the writer's, which keeps checkpoint
-        fsyncs off the append path.  ``gently``: first write the WAL back
-        ``WAL_WRITEBACK_CHUNK`` bytes at a time (:mod:`tidings.store.writeback`), so the
-        checkpoint's own WAL fsync does not queue tens of MB at once while the writer
-        goes on; pass False while writes are held (one fsync is quicker)."""
+        fsyncs off the append path."""
         with self._cplock:
             if self._writer is None:
                 raise StoreUnavailable(f"store {self.path} is closed")
-            if gently:
-                write_back(self.path + "-wal", WAL_WRITEBACK_CHUNK)
             try:
                 if self._checkpointer is None:
                     self._checkpointer = self._connect(self.path)
