@@ -591,6 +591,7 @@ def _observe_checkpoints(store: SqliteStore, notify: Callable[[], object]) -> No
 
 async def test_run_indexes_and_checkpoints_in_the_background(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
+    monkeypatch.setattr(sqlite_mod, "CHECKPOINT_INTERVAL_S", 0.01, raising=False)
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
     checkpointed = trio.Event()
     _observe_checkpoints(store, checkpointed.set)
@@ -638,6 +639,7 @@ async def test_checkpoints_do_not_wait_for_a_slow_index_pass(tmp_path, monkeypat
     being checkpointed and restarted (it grew to SQLite's autocheckpoint, a ~300 ms
     checkpoint inside a commit on the loop thread)."""
     monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
+    monkeypatch.setattr(sqlite_mod, "CHECKPOINT_INTERVAL_S", 0.01, raising=False)
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
     checkpoints = trio.Semaphore(0)
     _observe_checkpoints(store, checkpoints.release)
@@ -660,11 +662,40 @@ async def test_checkpoints_do_not_wait_for_a_slow_index_pass(tmp_path, monkeypat
         await store.aclose()
 
 
+async def test_the_wal_is_checkpointed_several_times_a_second(tmp_path, monkeypatch,
+                                                              autojump_clock):
+    """``run`` checkpoints every ``CHECKPOINT_INTERVAL_S``, not once per maintenance
+    interval: at 5,000 msgs/s the fsync of a whole second's WAL (~50 MB) queued so much
+    on the disk that a WAL write of the loop thread waited 11-29 ms behind it."""
+    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
+    times: list[float] = []
+
+    async def recorded() -> None:
+        times.append(trio.current_time())
+
+    async def idle(*args: object) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(store, "checkpoint_wal", recorded)
+    monkeypatch.setattr(store, "_index_all", idle)
+    monkeypatch.setattr(store, "_index_text_steps", idle)
+    monkeypatch.setattr(sqlite_mod, "prune_periodically", idle)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            await trio.sleep(sqlite_mod.MAINTENANCE_INTERVAL_S + 0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+    assert len(times) >= 4
+
+
 async def test_run_checkpoints_while_the_full_text_index_catches_up(tmp_path, monkeypatch):
     """``run``'s passes go on between the full-text index's steps while it works off a
     backlog (as after a burst), instead of waiting for the whole backlog; the index
     still gets every row."""
     monkeypatch.setattr(sqlite_mod, "MAINTENANCE_INTERVAL_S", 0.01)
+    monkeypatch.setattr(sqlite_mod, "CHECKPOINT_INTERVAL_S", 0.01, raising=False)
     monkeypatch.setattr(sqlite_mod, "FTS_STEP_ROWS", 1)
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
     calls: list[str] = []

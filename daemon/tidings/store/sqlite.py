@@ -24,10 +24,11 @@ Where each call runs (measured, docs/performance.md)
 
 Maintenance (``run``)
 ---------------------
-Three schedules, each ``MAINTENANCE_INTERVAL_S`` after its own last pass ended, so no
-one waits for another's backlog:
+Three schedules, each ``MAINTENANCE_INTERVAL_S`` (checkpoints: ``CHECKPOINT_INTERVAL_S``)
+after its own last pass ended, so no one waits for another's backlog:
 * **Checkpoints** (``checkpoint_wal``): a PASSIVE checkpoint copies the WAL into the
-  database from a thread.  At 15,000 msgs/s an indexing pass took seconds, and while
+  database from a thread; four a second keep each one's WAL fsync small (one a second
+  queued ~50 MB on the disk at 5,000 msgs/s, and the loop's WAL writes waited behind it).  At 15,000 msgs/s an indexing pass took seconds, and while
   checkpoints waited behind it the WAL reached SQLite's autocheckpoint: a ~300 ms
   checkpoint inside a commit on the loop thread (bpftrace, docs/performance.md, seventh
   session).
@@ -76,7 +77,7 @@ from tidings.store.records import (
 )
 from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
 
-__all__ = ["FTS_STEP_GAP_S", "FTS_STEP_ROWS", "IDLE_WAIT_S", "INDEX_CHUNK",
+__all__ = ["CHECKPOINT_INTERVAL_S", "FTS_STEP_GAP_S", "FTS_STEP_ROWS", "IDLE_WAIT_S", "INDEX_CHUNK",
            "MAINTENANCE_INTERVAL_S", "SqliteStore", "WAL_RESTART_BYTES", "WRITE_CHUNK"]
 
 T = TypeVar("T")
@@ -96,7 +97,17 @@ IDLE_WAIT_S = 0.01
 FTS_STEP_ROWS = 1000
 FTS_STEP_GAP_S = 0.01
 MAINTENANCE_INTERVAL_S = 1.0
-WAL_RESTART_BYTES = 16 * 1024 * 1024
+#: PASSIVE checkpoints come this often.  A checkpoint starts with one fsync of the WAL
+#: written since the last; at 5,000 msgs/s that was ~50 MB a second (3.4 pages a
+#: commit), and while its 75-90 ms of writes were queued on the disk a WAL write of the
+#: loop thread that had to read a block first waited behind them (11-29 ms: bpftrace,
+#: docs/performance.md, eighth session).  A quarter of a second keeps each fsync a
+#: quarter as big.
+CHECKPOINT_INTERVAL_S = 0.25
+#: Past this WAL size the engine restarts the WAL (writes held for one checkpoint).  At
+#: 16 MiB, with four checkpoints a second, writes would be held ~3 times a second at
+#: 5,000 msgs/s; at 64 MiB about once a second, as with one checkpoint a second before.
+WAL_RESTART_BYTES = 64 * 1024 * 1024
 
 
 class _StateBatch:
@@ -343,12 +354,13 @@ class SqliteStore:
                 return
             await trio.sleep(FTS_STEP_GAP_S)
 
-    async def _periodically(self, job: Callable[[], Any], event: str, key: str) -> None:
-        """``await job()`` ``MAINTENANCE_INTERVAL_S`` after the last one ended, until
-        cancelled; a StoreError is logged (``event``, at most once a minute per
-        ``key``) and the job runs again next time."""
+    async def _periodically(self, job: Callable[[], Any], event: str, key: str,
+                            interval: float | None = None) -> None:
+        """``await job()`` ``interval`` (default ``MAINTENANCE_INTERVAL_S``) after the
+        last one ended, until cancelled; a StoreError is logged (``event``, at most once
+        a minute per ``key``) and the job runs again next time."""
         while True:
-            await trio.sleep(MAINTENANCE_INTERVAL_S)
+            await trio.sleep(MAINTENANCE_INTERVAL_S if interval is None else interval)
             try:
                 await job()
             except StoreError as exc:
@@ -414,7 +426,8 @@ class SqliteStore:
                                "text_index_failed", "text_index")
             if task_status is not None:
                 task_status.started()
-            await self._periodically(self.checkpoint_wal, "checkpoint_failed", "checkpoint")
+            await self._periodically(self.checkpoint_wal, "checkpoint_failed", "checkpoint",
+                                     CHECKPOINT_INTERVAL_S)
 
     async def aclose(self) -> None:
         await trio.to_thread.run_sync(self.db.close)
