@@ -665,7 +665,7 @@ async def test_checkpoints_do_not_wait_for_a_slow_index_pass(tmp_path, monkeypat
 async def test_the_wal_is_checkpointed_several_times_a_second(tmp_path, monkeypatch,
                                                               autojump_clock):
     """``run`` checkpoints every ``CHECKPOINT_INTERVAL_S``, not once per maintenance
-    interval: at 5,000 msgs/s the fsync of a whole second's WAL (~50 MB) queued so much
+    interval: at 5,000 msgs/s the fsync of a whole second's WAL (tens of MB) queued so much
     on the disk that a WAL write of the loop thread waited 11-29 ms behind it."""
     store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
     times: list[float] = []

@@ -28,7 +28,8 @@ Three schedules, each ``MAINTENANCE_INTERVAL_S`` (checkpoints: ``CHECKPOINT_INTE
 after its own last pass ended, so no one waits for another's backlog:
 * **Checkpoints** (``checkpoint_wal``): a PASSIVE checkpoint copies the WAL into the
   database from a thread; four a second keep each one's WAL fsync small (one a second
-  queued ~50 MB on the disk at 5,000 msgs/s, and the loop's WAL writes waited behind it).  At 15,000 msgs/s an indexing pass took seconds, and while
+  queued tens of MB on the disk at 5,000 msgs/s, and the loop's WAL writes waited behind
+  it).  At 15,000 msgs/s an indexing pass took seconds, and while
   checkpoints waited behind it the WAL reached SQLite's autocheckpoint: a ~300 ms
   checkpoint inside a commit on the loop thread (bpftrace, docs/performance.md, seventh
   session).
@@ -98,7 +99,7 @@ FTS_STEP_ROWS = 1000
 FTS_STEP_GAP_S = 0.01
 MAINTENANCE_INTERVAL_S = 1.0
 #: PASSIVE checkpoints come this often.  A checkpoint starts with one fsync of the WAL
-#: written since the last; at 5,000 msgs/s that was ~50 MB a second (3.4 pages a
+#: written since the last; at 5,000 msgs/s that was tens of MB a second (3.4 pages a
 #: commit), and while its 75-90 ms of writes were queued on the disk a WAL write of the
 #: loop thread that had to read a block first waited behind them (11-29 ms: bpftrace,
 #: docs/performance.md, eighth session).  A quarter of a second keeps each fsync a
