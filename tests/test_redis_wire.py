@@ -1,6 +1,7 @@
 """The write lane's own Redis connection (store/redis_wire.py): what it connects to, the
 session it sets up (password, database, client name), batches bigger than the socket
-buffer written whole and in order, waiters that leave, and a protocol error.
+buffer written whole and in order, waiters that leave, a protocol error, and the
+packer (hiredis') writing what coredis' Packer wrote for every argument type we send.
 
 Every test runs its own redis-server (tests/redis_fixture.py).  Restarts and a hung
 server are covered through the store in tests/test_store_redis.py.
@@ -21,7 +22,7 @@ import coredis
 from tidings.store import StoreLimits, StoreUnavailable
 from tidings.store.redis import open_redis_store
 from tidings.store.redis_lane import Call, Lane
-from tidings.store.redis_wire import WireConnection, wire_target
+from tidings.store.redis_wire import WireConnection, pack_commands, wire_target
 
 NO_LIMITS = StoreLimits()
 
@@ -38,6 +39,32 @@ def test_wire_target(url, expected):
         assert target is None
     else:
         assert {k: v for k, v in target.items() if v is not None} == {**expected, "client_name": "n"}
+
+
+def _coredis_packed(commands) -> bytes:
+    from coredis._packer import Packer
+    return b"".join(Packer("utf-8").pack_commands(list(commands)))
+
+
+@pytest.mark.parametrize("commands", [
+    [(b"PING",)],
+    # an append's arguments: str (ascii, UTF-8, empty), int (0, negative, big), bytes
+    # (empty, a body with CRLF and NUL, one over coredis' 6,000-byte chunking)
+    [(b"EVALSHA", "a" * 40, 2, "tidings:{bob}:u", "tidings:{ix:20000:a}", -1, "PUBLISH",
+      0, 86_400_000, 2**70, "", "éè\u2603\U0001f600", b"", b"{\"t\":\"\r\n\x00\"}",
+      1_764_700_000_000, b"x" * 7000, "sender\nkey")],
+    [(b"HSET", "k", "f", 1), (b"PEXPIREAT", "k", 1_764_700_000_000), (b"CLIENT", b"SETNAME", "n")],
+    [(b"SET", "k", True), (b"SET", "k", False)],  # bool: as coredis (1/0)
+])
+def test_the_packer_writes_what_coredis_wrote(commands):
+    assert pack_commands(commands) == _coredis_packed(commands)
+
+
+def test_the_packer_refuses_what_coredis_refused():
+    with pytest.raises(UnicodeEncodeError):
+        pack_commands([(b"SET", "k", "x\udcff")])
+    with pytest.raises(TypeError):
+        pack_commands([(b"SET", "k", bytearray(b"x"))])
 
 
 def _with_password(redis_server, password: str) -> None:

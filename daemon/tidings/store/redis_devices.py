@@ -32,7 +32,6 @@ room's key for the keys of room sends, so all of it lives in that one slot)::
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +50,7 @@ __all__ = [
 KEY_TTL_EXTRA_MS = MS_PER_DAY
 FORGET_BATCH = 512     # keys forgotten per script call
 FORGET_PIPELINE = 256  # zsets per pipelined round trip
-_HEX = frozenset(string.hexdigits.lower())
+_HEX = "0123456789abcdef"
 
 
 def key_field(sender: str, key: str) -> str:
@@ -72,7 +71,7 @@ def index_day(msg_id: str) -> int | None:
     """The day (since the epoch) of a Tidings msg_id's milliseconds (its first 12 hex
     digits); None for any other id."""
     head = msg_id[:12]
-    if len(head) == 12 and set(head) <= _HEX:
+    if len(head) == 12 and not head.strip(_HEX):  # only lowercase hex digits
         return int(head, 16) // MS_PER_DAY
     return None
 

@@ -434,6 +434,9 @@ class MsgIdGenerator:
         self._clock = clock
         self._last_ms = 0
         self._counter = 0
+        # the hex of ``_last_ms`` and of the node, formatted once (not once per id)
+        self._head = f"{0:012x}"
+        self._tail = f"{self._node:06x}"
 
     def next(self) -> tuple[str, int]:
         """Return ``(msg_id, ts_ms)``."""
@@ -444,7 +447,8 @@ class MsgIdGenerator:
             if self._counter > 0xFFFFFF:  # 16M ids in one ms: borrow the next ms
                 ms += 1
                 self._counter = 0
+                self._last_ms, self._head = ms, f"{ms:012x}"
         else:
             self._counter = 0
-        self._last_ms = ms
-        return f"{ms:012x}{self._counter:06x}{self._node:06x}", ms
+            self._last_ms, self._head = ms, f"{ms:012x}"
+        return f"{self._head}{self._counter:06x}{self._tail}", ms
