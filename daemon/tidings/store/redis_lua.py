@@ -137,11 +137,12 @@ def decode_envelopes(user: str, data: bytes) -> list[StoredMessage]:
 # Returns {seq1, receivers1, first1, seq2, ...} in argument order: first is "" or, for a
 # live key, its stored value (see tidings.store.redis_devices; that message is not
 # stored; seq -2); seq -1 marks a msg_id this recipient already has (not stored either).
-# A key is checked first, then the msg_id (one HMGET on ids per group, and the group's
-# earlier messages: a msg_id twice in one call is stored once).
+# A key is checked first, then the msg_id (a group of one: HSETNX on ids, the check and
+# the write in one command; a larger group: one HMGET on ids, and the group's earlier
+# messages, so a msg_id twice in one call is stored once).
 # Per group (not per message): the seq is reserved with one HINCRBY by the group's size
 # and written back only when a message was not stored (their seqs stay consecutive);
-# the stored msg_ids go into ids with one HSET;
+# a larger group's stored msg_ids go into ids with one HSET;
 # the group's stored messages are published as ONE batch envelope (decode_envelopes),
 # so every message of a group has the same receiver count; consecutive messages of one
 # sender share one ZADD; XLEN runs only once the seq exceeds max_inbox (the inbox holds
@@ -169,8 +170,11 @@ while i <= nargs do
   local top = call('HINCRBY', base .. 'u', 'seq', n)
   local last = top - n
   local seq = last
-  for k = 1, n do idl[k] = A[first + (k - 1) * 6] end
-  local have = call('HMGET', ids, unpack(idl, 1, n))
+  local have = nil
+  if n > 1 then
+    for k = 1, n do idl[k] = A[first + (k - 1) * 6] end
+    have = call('HMGET', ids, unpack(idl, 1, n))
+  end
   local nb, zn, hn, zsender, k = 1, 0, 0, nil, 0
   for b = first, first + n * 6 - 1, 6 do
     k = k + 1
@@ -182,16 +186,23 @@ while i <= nargs do
         live = v
       end
     end
+    local s, dup = string.format('%d', seq + 1), true
     if live then
       out[no + 1], out[no + 2], out[no + 3] = -2, 0, live
-    elseif have[k] or seen[id] == g then
-      out[no + 1], out[no + 2], out[no + 3] = -1, 0, ''
+    elseif have then
+      dup = have[k] or seen[id] == g
+      if dup then out[no + 1], out[no + 2], out[no + 3] = -1, 0, '' end
     else
+      dup = call('HSETNX', ids, id, s) == 0
+      if dup then out[no + 1], out[no + 2], out[no + 3] = -1, 0, '' end
+    end
+    if not dup then
       seq = seq + 1
-      seen[id] = g
-      local s = string.format('%d', seq)
-      hargs[hn + 1], hargs[hn + 2] = id, s
-      hn = hn + 2
+      if have then
+        seen[id] = g
+        hargs[hn + 1], hargs[hn + 2] = id, s
+        hn = hn + 2
+      end
       call('XADD', inbox, s .. '-0', 'm', id, 'f', sender, 'b', body, 't', ts)
       if sender ~= zsender then
         if zn > 0 then call('ZADD', from .. zsender, unpack(zargs, 1, zn)) end
