@@ -162,12 +162,13 @@ for _ = 1, tonumber(A[5]) do
 end
 local nargs = #A
 while i <= nargs do
-  local tag, n, first = A[i], tonumber(A[i + 1]), i + 2
+  local tag, ns, first = A[i], A[i + 1], i + 2
+  local n = tonumber(ns)
   i = first + n * 6
   g = g + 1
   local base = 'tidings:{' .. tag .. '}:'
   local inbox, ids, from = base .. 'inbox', base .. 'ids', base .. 'from:'
-  local top = call('HINCRBY', base .. 'u', 'seq', n)
+  local top = call('HINCRBY', base .. 'u', 'seq', ns)
   local last = top - n
   local seq = last
   local have = nil
@@ -208,7 +209,7 @@ while i <= nargs do
         if zn > 0 then call('ZADD', from .. zsender, unpack(zargs, 1, zn)) end
         zsender, zn = sender, 0
       end
-      zargs[zn + 1], zargs[zn + 2] = 0, id
+      zargs[zn + 1], zargs[zn + 2] = '0', id  -- a string: Redis formats a Lua number with snprintf
       zn = zn + 2
       batch[nb + 1], batch[nb + 2] = A[b + 4], body
       nb = nb + 2
