@@ -73,6 +73,8 @@ def test_batch_envelope_roundtrip():
         decode_envelope("rcpt", data)  # four messages
     with pytest.raises(ValueError):
         decode_envelopes("rcpt", data[:-1])  # truncated
+    with pytest.raises(ValueError):
+        decode_envelopes("rcpt", b'*1\n["a","b",1,-3]\nxy\n["a","b",1,0]\n')  # bad size
 
 
 # ------------------------------------------------------------------ the engine

@@ -115,7 +115,7 @@ def decode_envelopes(user: str, data: bytes) -> list[StoredMessage]:
         msg_id, sender, ts, size = loads(data[start:end])
         start = end + 1
         end = start + size
-        if end > n:
+        if not start <= end <= n:
             raise ValueError("truncated tidings envelope")
         out.append(StoredMessage(msg_id, seq, sender, user, data[start:end], ts))
         seq += 1
