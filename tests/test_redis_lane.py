@@ -18,7 +18,7 @@ import coredis  # noqa: E402
 from tidings.cluster.pubsub import batch_pubsub  # noqa: E402
 from tidings.store import Progress, StoreLimits  # noqa: E402
 from tidings.store.redis import open_redis_store  # noqa: E402
-from tidings.store.redis_lua import channel_for, decode_envelope  # noqa: E402
+from tidings.store.redis_lua import channel_for, decode_envelopes  # noqa: E402
 
 NO_LIMITS = StoreLimits()
 
@@ -90,7 +90,7 @@ async def test_a_batch_of_many_recipients_is_one_script_call_in_per_recipient_or
                 while len(published) < 100:
                     m = await ps.get_message()
                     if m is not None:
-                        published.append(decode_envelope("y{1}", m["data"]).seq)
+                        published += [x.seq for x in decode_envelopes("y{1}", m["data"])]
             assert published == list(range(1, 101))
 
 

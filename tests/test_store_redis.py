@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
@@ -26,7 +27,7 @@ from tidings.store import (  # noqa: E402
 from tidings.store.records import MS_PER_DAY  # noqa: E402
 from tidings.store.redis import open_redis_store  # noqa: E402
 from tidings.store.redis_lua import (  # noqa: E402
-    channel_for, decode_envelope, envelope_header, user_from_channel, user_tag,
+    channel_for, decode_envelope, decode_envelopes, envelope_header, user_from_channel, user_tag,
 )
 
 NO_LIMITS = StoreLimits()
@@ -49,12 +50,31 @@ def test_user_tags_are_injective():
 
 
 def test_envelope_roundtrip():
+    """The one-message format: room messages, and what nodes before the batch format
+    publish (still read, for a mixed cluster's room messages)."""
     m = NewMessage('id"\n', "se\nnd", "rcpt", b'{"x":"a\nb"}\n\x00', 17)
-    data = b"42\n" + envelope_header(m) + b"\n" + m.body
+    data = b"42\n" + orjson.dumps([m.msg_id, m.sender, m.ts]) + b"\n" + m.body
     assert decode_envelope("rcpt", data) == StoredMessage(m.msg_id, 42, m.sender, "rcpt", m.body, 17)
+    assert decode_envelopes("rcpt", data) == [decode_envelope("rcpt", data)]
     assert user_from_channel("tidings:{a}:inbox") is None
     with pytest.raises(ValueError):
         decode_envelope("u", b"nope")
+
+
+def test_batch_envelope_roundtrip():
+    """The append script's format: ``*<first seq>``, then header and body per message
+    (bodies may hold newlines, NULs, or be empty)."""
+    bodies = [b'{"x":"a\nb"}\n\x00', b"", b"\n", b'"*1\n"']
+    msgs = [NewMessage(f"id{i}\n", "se\nnd", "rcpt", b, 17 + i) for i, b in enumerate(bodies)]
+    data = b"\n".join([b"*41"] + [p for m in msgs for p in (envelope_header(m), m.body)])
+    assert decode_envelopes("rcpt", data) == [
+        StoredMessage(m.msg_id, 41 + i, m.sender, "rcpt", m.body, m.ts) for i, m in enumerate(msgs)]
+    with pytest.raises(ValueError):
+        decode_envelope("rcpt", data)  # four messages
+    with pytest.raises(ValueError):
+        decode_envelopes("rcpt", data[:-1])  # truncated
+    with pytest.raises(ValueError):
+        decode_envelopes("rcpt", b'*1\n["a","b",1,-3]\nxy\n["a","b",1,0]\n')  # bad size
 
 
 # ------------------------------------------------------------------ the engine
@@ -84,6 +104,35 @@ async def test_append_publishes_the_stored_message_atomically(redis_server):
             assert [(r.seq, r.receivers) for r in res] == [(None, None), (2, 1)]
             assert type(res[0].error) is DuplicateMessage
             assert decode_envelope("b{1}", (await next_message(ps))["data"]).seq == 2
+
+
+async def test_a_recipients_messages_of_one_call_are_one_publish(redis_server):
+    """One envelope per recipient and script call, carrying exactly what was stored (a
+    refused duplicate in the middle takes no seq), in seq order; the seq, the history
+    and the receiver counts are as with one publish per message."""
+    async with open_redis_store(redis_server.url, limits=NO_LIMITS, node_id="t") as s:
+        await s.append([msg("a", "b", msg_id="dup")])
+        r = coredis.Redis.from_url(redis_server.url)
+        async with r, r.pubsub(channels=[channel_for("b")],
+                               ignore_subscribe_messages=True) as ps:
+            batch = [msg("a", "b"), msg("c", "b"), msg("a", "b", msg_id="dup"),
+                     msg("a", "b"), msg("a", "nobody"), msg("c", "b")]
+            res = await s.append(batch)
+            assert [(x.seq, x.receivers) for x in res] == [
+                (2, 1), (3, 1), (None, None), (4, 1), (1, 0), (5, 1)]
+            assert type(res[2].error) is DuplicateMessage
+            got = decode_envelopes("b", (await next_message(ps))["data"])
+            assert got == [m for m in await s.read_inbox("b", 1, 10)]
+            assert [m.msg_id for m in got] == [batch[i].msg_id for i in (0, 1, 3, 5)]
+            assert await r.hget("tidings:{b}:u", "seq") == b"5"
+            assert ids((await s.history("b", "a", None, 10))[0]) == [
+                batch[3].msg_id, batch[0].msg_id, "dup"]
+            assert ids((await s.history("b", "c", None, 10))[0]) == [
+                batch[5].msg_id, batch[1].msg_id]
+            await s.append([msg("a", "b", msg_id="dup")])  # all refused: nothing published
+            res = await s.append([msg("a", "b", msg_id="twice"), msg("a", "b", msg_id="twice")])
+            assert [x.seq for x in res] == [6, None] and type(res[1].error) is DuplicateMessage
+            assert [m.seq for m in decode_envelopes("b", (await next_message(ps))["data"])] == [6]
 
 
 async def test_a_duplicate_msg_id_is_checked_per_recipient(redis_server):

@@ -5,8 +5,8 @@ Theory of operation
 Every node runs one :class:`Cluster` (``open_cluster``).  It does three things:
 
 1. **Channels.**  A message is stored by the Redis store's append script, which in the
-   same atomic step publishes ``b"<seq>\\n[msg_id, sender, ts]\\n<body>"`` on the
-   recipient's channel ``tidings:{<user>}:ch`` (see :mod:`tidings.store.redis_lua`).  A node subscribes to a
+   same atomic step publishes the recipient's messages of that call as one envelope
+   (``redis_lua.decode_envelopes``) on the recipient's channel ``tidings:{<user>}:ch`` (see :mod:`tidings.store.redis_lua`).  A node subscribes to a
    user's channel while it has at least one local connection of that user:
    ``await hold(user)`` when a connection registers (refcounted; the first one
    subscribes), ``release(user)`` when it leaves (the last one unsubscribes, in the
@@ -70,7 +70,7 @@ from tidings.cluster.pubsub import batch_pubsub
 from tidings.routing.rooms import ROOM_KEY_PREFIX
 from tidings.store import StoredMessage, StoreUnavailable
 from tidings.store.redis import single_errors
-from tidings.store.redis_lua import channel_for, decode_envelope, user_from_channel, user_tag
+from tidings.store.redis_lua import channel_for, decode_envelopes, user_from_channel, user_tag
 
 __all__ = ["Cluster", "ClusterStatistics", "ClusterUnavailable", "open_cluster"]
 
@@ -104,7 +104,7 @@ class ClusterStatistics:
     held_users: int           # users with local connections (channels wanted)
     local_connections: int
     active_channels: int      # channels confirmed subscribed in this session
-    received: int             # messages read from pub/sub
+    received: int             # pub/sub messages read (an envelope may carry several)
     dispatched: int           # on_message calls
     ignored: int              # for users no longer held, or malformed
     gaps: int                 # seq gaps seen (each triggers on_resync for the user)
@@ -409,20 +409,21 @@ class Cluster:
             self._n["ignored"] += 1
             return
         try:
-            msg = decode_envelope(user, message["data"])
+            msgs = decode_envelopes(user, message["data"])
         except (ValueError, TypeError):
             self._n["ignored"] += 1
             return
-        seq = msg.seq
-        last = self._last_seq.get(user)
-        if last is not None and seq > last + 1:
-            self._n["gaps"] += 1
-            if self.on_resync is not None:
-                self._call(self.on_resync, [user])
-        if last is None or seq > last:
-            self._last_seq[user] = seq
-        self._n["dispatched"] += 1
-        self._call(self.on_message, msg)
+        for msg in msgs:  # one envelope: one recipient's messages, in seq order
+            seq = msg.seq
+            last = self._last_seq.get(user)
+            if last is not None and seq > last + 1:
+                self._n["gaps"] += 1
+                if self.on_resync is not None:
+                    self._call(self.on_resync, [user])
+            if last is None or seq > last:
+                self._last_seq[user] = seq
+            self._n["dispatched"] += 1
+            self._call(self.on_message, msg)
 
     def _unsubscribed(self, channel: Any) -> None:
         """An unsubscribe confirmation: ours, or the server dropping a channel we still

@@ -14,8 +14,9 @@ may only touch one slot); either way one round trip, sent by
 :mod:`tidings.store.redis_lane` (EVALSHA, NOSCRIPT recovery; ``append_submit`` lets the
 hub keep two batches in flight, run in submit order).  For each
 message the script atomically increments the recipient's seq, XADDs the inbox entry,
-indexes it for history, PUBLISHes ``b"<seq>\\n[msg_id, sender, ts]\\n<body>"`` on the
-recipient's channel (so "stored" and "published" cannot diverge) and trims the inbox to exactly
+indexes it for history; then it PUBLISHes the recipient's stored messages of the call as
+one envelope on the recipient's channel (``redis_lua.decode_envelopes``; so "stored" and
+"published" cannot diverge) and trims the inbox to exactly
 ``max_inbox`` entries (dropping the index entries of what it trims).
 
 Differences from MemoryStore / SqliteStore (documented in docs/cluster.md):

@@ -23,7 +23,7 @@ from tidings.store.records import NewMessage, StoredMessage
 
 __all__ = [
     "APPEND_LUA", "HISTORY_LUA", "KEY_PREFIX", "PRUNE_LUA",
-    "channel_for", "decode_envelope", "envelope_header", "key", "untag", "user_from_channel",
+    "channel_for", "decode_envelope", "decode_envelopes", "envelope_header", "key", "untag", "user_from_channel",
     "user_tag",
 ]
 
@@ -68,21 +68,58 @@ def user_from_channel(channel: bytes | str) -> str | None:
 
 
 def envelope_header(msg: NewMessage) -> bytes:
-    """The middle line of a published envelope: ``[msg_id, sender, ts]`` as JSON
-    (never contains a raw newline)."""
-    return orjson.dumps([msg.msg_id, msg.sender, msg.ts])
+    """A message's header in a published batch: ``[msg_id, sender, ts, len(body)]`` as
+    JSON (never contains a raw newline).  The node builds it; the append script only
+    copies it into the batch."""
+    return orjson.dumps([msg.msg_id, msg.sender, msg.ts, len(msg.body)])
 
 
 def decode_envelope(user: str, data: bytes) -> StoredMessage:
-    """Parse a published envelope ``b"<seq>\n[msg_id, sender, ts]\n<body>"`` (built by
-    the append script) into the StoredMessage of ``user``'s inbox.  The body is the
-    stored form, verbatim: the receiving node encodes the frame (JSON or MessagePack)."""
-    head, sep1, rest = data.partition(b"\n")
-    header, sep2, body = rest.partition(b"\n")
-    if not (sep1 and sep2):
-        raise ValueError("not a tidings envelope")
-    msg_id, sender, ts = orjson.loads(header)
-    return StoredMessage(msg_id, int(head), sender, user, bytes(body), int(ts))
+    """The one message of a published envelope (either format of
+    :func:`decode_envelopes`); ValueError if it holds another number of messages."""
+    msgs = decode_envelopes(user, data)
+    if len(msgs) != 1:
+        raise ValueError(f"a tidings envelope of {len(msgs)} messages")
+    return msgs[0]
+
+
+def decode_envelopes(user: str, data: bytes) -> list[StoredMessage]:
+    """Parse what the append script publishes on ``user``'s channel into the
+    StoredMessages of ``user``'s inbox, in seq order.  The body is the stored form,
+    verbatim: the receiving node encodes the frame (JSON or MessagePack).
+
+    Two formats:
+
+    * a batch (the append script since the eighth session): ``b"*<seq>"``, then for
+      each message ``b"\n" + header + b"\n" + body`` with the header of
+      :func:`envelope_header`; the messages have the seqs ``seq, seq + 1, ...``.
+    * one message (room messages, ``Cluster.publish``, and nodes before the batch
+      format): ``b"<seq>\n[msg_id, sender, ts]\n<body>"``.
+
+    Raises ValueError (or TypeError) for anything else."""
+    if data[:1] != b"*":
+        head, sep1, rest = data.partition(b"\n")
+        header, sep2, body = rest.partition(b"\n")
+        if not (sep1 and sep2):
+            raise ValueError("not a tidings envelope")
+        msg_id, sender, ts = orjson.loads(header)
+        return [StoredMessage(msg_id, int(head), sender, user, bytes(body), int(ts))]
+    end = data.index(b"\n")
+    seq = int(data[1:end])
+    out = []
+    n = len(data)
+    loads = orjson.loads
+    while end < n:
+        start = end + 1
+        end = data.index(b"\n", start)
+        msg_id, sender, ts, size = loads(data[start:end])
+        start = end + 1
+        end = start + size
+        if not start <= end <= n:
+            raise ValueError("truncated tidings envelope")
+        out.append(StoredMessage(msg_id, seq, sender, user, data[start:end], ts))
+        seq += 1
+    return out
 
 
 # --------------------------------------------------------------------- Lua scripts
@@ -93,92 +130,130 @@ def decode_envelope(user: str, data: bytes) -> StoredMessage:
 # (ms, 0 = keys off), the keys' TTL (ms), the number of index groups (0 on a cluster:
 # there the index is written by separate commands), each: key, PEXPIREAT ms ("" =
 # none), field count, field/value pairs; then one group per recipient: tag, count, and
-# 6 args per message: msg_id, sender, body, ts, header, key field ("" = no key).
+# 6 args per message: msg_id, sender, body, ts, header (envelope_header), key field
+# ("" = no key).
 # Every key is derived from the tag, so a standalone server runs a whole batch of many
 # recipients in one call; on a cluster each call carries one recipient (one slot).
 # Returns {seq1, receivers1, first1, seq2, ...} in argument order: first is "" or, for a
 # live key, its stored value (see tidings.store.redis_devices; that message is not
 # stored; seq -2); seq -1 marks a msg_id this recipient already has (not stored either).
-# A key is checked first, then the msg_id (HSETNX on ids: the check and the write in one
-# command).  The recipient's seq is read once per group and written once at its end.
+# A key is checked first, then the msg_id (a group of one: HSETNX on ids, the check and
+# the write in one command; a larger group: one HMGET on ids, and the group's earlier
+# messages, so a msg_id twice in one call is stored once).
+# Per group (not per message): the seq is reserved with one HINCRBY by the group's size
+# and written back only when a message was not stored (their seqs stay consecutive);
+# a larger group's stored msg_ids go into ids with one HSET;
+# the group's stored messages are published as ONE batch envelope (decode_envelopes),
+# so every message of a group has the same receiver count; consecutive messages of one
+# sender share one ZADD; XLEN runs only once the seq exceeds max_inbox (the inbox holds
+# entries of distinct seqs 1..seq, so it cannot be longer before).
 APPEND_LUA = r"""
-local max_inbox, pub = tonumber(ARGV[1]), ARGV[2]
-local window, key_ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
-local out = {}
+local call, A = redis.call, ARGV
+local max_inbox, pub = tonumber(A[1]), A[2]
+local window, key_ttl = tonumber(A[3]), tonumber(A[4])
+local out, no = {}, 0
+local batch, zargs, idl, hargs, seen, g = {}, {}, {}, {}, {}, 0
 local i = 6
-for _ = 1, tonumber(ARGV[5]) do
-  local ix, at, nf = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  redis.call('HSET', ix, unpack(ARGV, i + 3, i + 2 + 2 * nf))
-  if at ~= '' then redis.call('PEXPIREAT', ix, at) end
+for _ = 1, tonumber(A[5]) do
+  local ix, at, nf = A[i], A[i + 1], tonumber(A[i + 2])
+  call('HSET', ix, unpack(A, i + 3, i + 2 + 2 * nf))
+  if at ~= '' then call('PEXPIREAT', ix, at) end
   i = i + 3 + 2 * nf
 end
-while i <= #ARGV do
-  local tag, n, first = ARGV[i], tonumber(ARGV[i + 1]), i + 2
+local nargs = #A
+while i <= nargs do
+  local tag, ns, first = A[i], A[i + 1], i + 2
+  local n = tonumber(ns)
   i = first + n * 6
+  g = g + 1
   local base = 'tidings:{' .. tag .. '}:'
-  local u, inbox, ids, from, channel =
-    base .. 'u', base .. 'inbox', base .. 'ids', base .. 'from:', base .. 'ch'
-  local keys, keyts = base .. 'keys', base .. 'keyts'
-  local last = tonumber(redis.call('HGET', u, 'seq')) or 0
+  local inbox, ids, from = base .. 'inbox', base .. 'ids', base .. 'from:'
+  local top = call('HINCRBY', base .. 'u', 'seq', ns)
+  local last = top - n
   local seq = last
-  for k = 0, n - 1 do
-    local b = first + k * 6
-    local id, sender, body, ts = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-    local kf = ARGV[b + 5]
+  local have = nil
+  if n > 1 then
+    for k = 1, n do idl[k] = A[first + (k - 1) * 6] end
+    have = call('HMGET', ids, unpack(idl, 1, n))
+  end
+  local nb, zn, hn, zsender, k = 1, 0, 0, nil, 0
+  for b = first, first + n * 6 - 1, 6 do
+    k = k + 1
+    local id, sender, body, ts, kf = A[b], A[b + 1], A[b + 2], A[b + 3], A[b + 5]
     local live = nil
     if kf ~= '' and window > 0 then
-      local v = redis.call('HGET', keys, kf)
+      local v = call('HGET', base .. 'keys', kf)
       if v and tonumber(ts) - tonumber(string.match(v, '^[^\n]*\n[^\n]*\n(%d+)')) < window then
         live = v
       end
     end
+    local s, dup = string.format('%d', seq + 1), true
     if live then
-      out[#out + 1] = -2
-      out[#out + 1] = 0
-      out[#out + 1] = live
-    elseif redis.call('HSETNX', ids, id, string.format('%d', seq + 1)) == 0 then
-      out[#out + 1] = -1
-      out[#out + 1] = 0
-      out[#out + 1] = ''
+      out[no + 1], out[no + 2], out[no + 3] = -2, 0, live
+    elseif have then
+      dup = have[k] or seen[id] == g
+      if dup then out[no + 1], out[no + 2], out[no + 3] = -1, 0, '' end
     else
+      dup = call('HSETNX', ids, id, s) == 0
+      if dup then out[no + 1], out[no + 2], out[no + 3] = -1, 0, '' end
+    end
+    if not dup then
       seq = seq + 1
-      local s = string.format('%d', seq)
-      redis.call('XADD', inbox, s .. '-0', 'm', id, 'f', sender, 'b', body, 't', ts)
-      redis.call('ZADD', from .. sender, 0, id)
-      local receivers = 0
-      if pub ~= '' then
-        receivers = redis.call(pub, channel, s .. '\n' .. ARGV[b + 4] .. '\n' .. body)
+      if have then
+        seen[id] = g
+        hargs[hn + 1], hargs[hn + 2] = id, s
+        hn = hn + 2
       end
+      call('XADD', inbox, s .. '-0', 'm', id, 'f', sender, 'b', body, 't', ts)
+      if sender ~= zsender then
+        if zn > 0 then call('ZADD', from .. zsender, unpack(zargs, 1, zn)) end
+        zsender, zn = sender, 0
+      end
+      zargs[zn + 1], zargs[zn + 2] = '0', id  -- a string: Redis formats a Lua number with snprintf
+      zn = zn + 2
+      batch[nb + 1], batch[nb + 2] = A[b + 4], body
+      nb = nb + 2
       if kf ~= '' and window > 0 then
-        redis.call('HSET', keys, kf, id .. '\n' .. s .. '\n' .. ts .. '\n0')
-        redis.call('ZADD', keyts, ts, kf)
-        redis.call('PEXPIRE', keys, key_ttl)
-        redis.call('PEXPIRE', keyts, key_ttl)
+        local keys, keyts = base .. 'keys', base .. 'keyts'
+        call('HSET', keys, kf, id .. '\n' .. s .. '\n' .. ts .. '\n0')
+        call('ZADD', keyts, ts, kf)
+        call('PEXPIRE', keys, key_ttl)
+        call('PEXPIRE', keyts, key_ttl)
       end
-      out[#out + 1] = seq
-      out[#out + 1] = receivers
-      out[#out + 1] = ''
+      out[no + 1], out[no + 2], out[no + 3] = seq, 0, ''
+    end
+    no = no + 3
+  end
+  if hn > 0 then call('HSET', ids, unpack(hargs, 1, hn)) end
+  if zn > 0 then call('ZADD', from .. zsender, unpack(zargs, 1, zn)) end
+  if seq ~= top then call('HSET', base .. 'u', 'seq', string.format('%d', seq)) end
+  if seq ~= last and pub ~= '' then
+    batch[1] = '*' .. string.format('%d', last + 1)
+    local receivers = call(pub, base .. 'ch', table.concat(batch, '\n', 1, nb))
+    if receivers ~= 0 then
+      for o = no - 3 * n + 1, no, 3 do
+        if out[o] > 0 then out[o + 1] = receivers end
+      end
     end
   end
-  if seq ~= last then redis.call('HSET', u, 'seq', string.format('%d', seq)) end
-  if max_inbox >= 0 then
-    local excess = redis.call('XLEN', inbox) - max_inbox
+  if max_inbox >= 0 and seq > max_inbox then
+    local excess = call('XLEN', inbox) - max_inbox
     if excess > 0 then
-      local old = redis.call('XRANGE', inbox, '-', '+', 'COUNT', excess)
-      local last
+      local old = call('XRANGE', inbox, '-', '+', 'COUNT', excess)
+      local lastid
       for _, e in ipairs(old) do
         local f = e[2]
         local id, sender
         for j = 1, #f, 2 do
           if f[j] == 'm' then id = f[j + 1] elseif f[j] == 'f' then sender = f[j + 1] end
         end
-        redis.call('HDEL', ids, id)
-        redis.call('ZREM', from .. sender, id)
-        last = e[1]
+        call('HDEL', ids, id)
+        call('ZREM', from .. sender, id)
+        lastid = e[1]
       end
-      if last then
-        local lseq = tonumber(string.match(last, '^(%d+)'))
-        redis.call('XTRIM', inbox, 'MINID', string.format('%d', lseq + 1))
+      if lastid then
+        local lseq = tonumber(string.match(lastid, '^(%d+)'))
+        call('XTRIM', inbox, 'MINID', string.format('%d', lseq + 1))
       end
     end
   end
