@@ -27,7 +27,7 @@ from tidings.store import (  # noqa: E402
 from tidings.store.records import MS_PER_DAY  # noqa: E402
 from tidings.store.redis import open_redis_store  # noqa: E402
 from tidings.store.redis_lua import (  # noqa: E402
-    channel_for, decode_envelope, decode_envelopes, envelope_header, user_from_channel, user_tag,
+    channel_for, decode_envelopes, envelope_header, user_from_channel, user_tag,
 )
 
 NO_LIMITS = StoreLimits()
@@ -54,11 +54,10 @@ def test_envelope_roundtrip():
     publish (still read, for a mixed cluster's room messages)."""
     m = NewMessage('id"\n', "se\nnd", "rcpt", b'{"x":"a\nb"}\n\x00', 17)
     data = b"42\n" + orjson.dumps([m.msg_id, m.sender, m.ts]) + b"\n" + m.body
-    assert decode_envelope("rcpt", data) == StoredMessage(m.msg_id, 42, m.sender, "rcpt", m.body, 17)
-    assert decode_envelopes("rcpt", data) == [decode_envelope("rcpt", data)]
+    assert decode_envelopes("rcpt", data) == [StoredMessage(m.msg_id, 42, m.sender, "rcpt", m.body, 17)]
     assert user_from_channel("tidings:{a}:inbox") is None
     with pytest.raises(ValueError):
-        decode_envelope("u", b"nope")
+        decode_envelopes("u", b"nope")
 
 
 def test_batch_envelope_roundtrip():
@@ -69,8 +68,6 @@ def test_batch_envelope_roundtrip():
     data = b"\n".join([b"*41"] + [p for m in msgs for p in (envelope_header(m), m.body)])
     assert decode_envelopes("rcpt", data) == [
         StoredMessage(m.msg_id, 41 + i, m.sender, "rcpt", m.body, m.ts) for i, m in enumerate(msgs)]
-    with pytest.raises(ValueError):
-        decode_envelope("rcpt", data)  # four messages
     with pytest.raises(ValueError):
         decode_envelopes("rcpt", data[:-1])  # truncated
     with pytest.raises(ValueError):
@@ -96,14 +93,14 @@ async def test_append_publishes_the_stored_message_atomically(redis_server):
             assert [(x.seq, x.receivers, x.error) for x in results] == [(1, 1, None), (1, 0, None)]
             got = await next_message(ps)
             assert user_from_channel(got["channel"]) == "b{1}"
-            got_msg = decode_envelope("b{1}", got["data"])
-            assert got_msg == StoredMessage(m.msg_id, 1, "a", "b{1}", m.body, m.ts)
-            assert (await s.read_inbox("b{1}", 0, 1)) == [got_msg]
+            got_msgs = decode_envelopes("b{1}", got["data"])
+            assert got_msgs == [StoredMessage(m.msg_id, 1, "a", "b{1}", m.body, m.ts)]
+            assert (await s.read_inbox("b{1}", 0, 1)) == got_msgs
             # a refused duplicate is not published: the next message is the next one stored
             res = await s.append([m, msg("a", "b{1}")])
             assert [(r.seq, r.receivers) for r in res] == [(None, None), (2, 1)]
             assert type(res[0].error) is DuplicateMessage
-            assert decode_envelope("b{1}", (await next_message(ps))["data"]).seq == 2
+            assert [x.seq for x in decode_envelopes("b{1}", (await next_message(ps))["data"])] == [2]
 
 
 async def test_a_recipients_messages_of_one_call_are_one_publish(redis_server):

@@ -23,7 +23,7 @@ from tidings.store.records import NewMessage, StoredMessage
 
 __all__ = [
     "APPEND_LUA", "HISTORY_LUA", "KEY_PREFIX", "PRUNE_LUA",
-    "channel_for", "decode_envelope", "decode_envelopes", "envelope_header", "key", "untag", "user_from_channel",
+    "channel_for", "decode_envelopes", "envelope_header", "key", "untag", "user_from_channel",
     "user_tag",
 ]
 
@@ -72,15 +72,6 @@ def envelope_header(msg: NewMessage) -> bytes:
     JSON (never contains a raw newline).  The node builds it; the append script only
     copies it into the batch."""
     return orjson.dumps([msg.msg_id, msg.sender, msg.ts, len(msg.body)])
-
-
-def decode_envelope(user: str, data: bytes) -> StoredMessage:
-    """The one message of a published envelope (either format of
-    :func:`decode_envelopes`); ValueError if it holds another number of messages."""
-    msgs = decode_envelopes(user, data)
-    if len(msgs) != 1:
-        raise ValueError(f"a tidings envelope of {len(msgs)} messages")
-    return msgs[0]
 
 
 def decode_envelopes(user: str, data: bytes) -> list[StoredMessage]:
