@@ -90,11 +90,17 @@ class Writer:
         submit = self.store.append_submit if isinstance(self.store, PipelinedStore) else None
         slots = trio.Semaphore(PIPELINE_DEPTH)
         prev: trio.Event | None = None
-        last_submit = -LINGER_S
+        # A store that commits on the loop (sqlite) may ask for a linger of its own.
+        linger = getattr(self.store, "commit_linger_s", 0.0) if submit is None else LINGER_S
+        last_submit = -linger
         async with trio.open_nursery() as inflight:
             async for first in rx:
                 jobs = _take([] if first is WAKE else [first], rx, batch_max)
                 if jobs and submit is None:
+                    if len(jobs) < batch_max and trio.current_time() < last_submit + linger:
+                        await trio.sleep_until(last_submit + linger)
+                        jobs = _take(jobs, rx, batch_max)  # what came meanwhile joins it
+                    last_submit = trio.current_time()
                     await self._append(jobs)
                 elif jobs:
                     if len(jobs) < batch_max:
