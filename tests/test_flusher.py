@@ -84,3 +84,51 @@ async def test_a_full_socket_hands_the_rest_to_the_writer_whole_and_in_order(aut
         got = [await bob.receive() for _ in range(sent)]
         assert [int(m["body"].split()[0]) for m in got] == list(range(sent))
         assert all(m["body"].endswith(body) for m in got)
+
+
+class FlusherSteps(trio.abc.Instrument):
+    """Counts the steps of the flusher's task."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("Flusher.run"):
+            self.steps += 1
+
+
+async def test_the_writer_flushes_the_batch_it_answered_without_the_flusher_task(autojump_clock):
+    """The hub's writer holds the flusher while it answers a batch and flushes on
+    release: acks and routed messages go out with no turn of the flusher's task."""
+    async with running_hub(config()) as h:
+        alice = await h.connect("user=alice", socket=True)
+        bob = await h.connect("user=bob", socket=True)
+        await trio.testing.wait_all_tasks_blocked()
+        steps = FlusherSteps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for i in range(3):
+                await alice.send({"type": "send", "to": "bob", "body": f"m{i}", "id": i})
+                assert (await alice.receive())["id"] == i
+                assert (await bob.receive())["body"] == f"m{i}"
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.steps == 0
+
+
+async def test_what_is_registered_while_held_is_flushed_by_the_release_in_order():
+    flusher, flushed = Flusher(), []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flusher.run)
+        await trio.testing.wait_all_tasks_blocked()
+        flusher.hold()
+        for name in ("a", "b"):
+            flusher.schedule(Recorded(name, flushed))
+        await trio.testing.wait_all_tasks_blocked()
+        assert flushed == []  # the task was not woken
+        flusher.release()
+        assert flushed == ["a", "b"]
+        flusher.schedule(Recorded("c", flushed))  # not held: the task's next turn
+        await trio.testing.wait_all_tasks_blocked()
+        assert flushed == ["a", "b", "c"]
+        nursery.cancel_scope.cancel()

@@ -162,6 +162,7 @@ class Server:
         self.nursery: trio.Nursery | None = None
         #: Writes what connections queue, once per turn (started next to the housekeeper).
         self.flusher = Flusher()
+        hub.flusher = self.flusher  # its writer flushes each answered batch itself
         #: Which connection the housekeeper looks at when (housekeeping.Schedule).
         self.housekeeping = Housekeeping()
 

@@ -77,6 +77,8 @@ class Writer:
     _commit_seconds: float
     _stored: int
     _saving = False  # a progress save runs in the background (pipelined writer)
+    #: The server's Flusher (server.flusher), set by the server; None: none held.
+    flusher: Any = None
     store: Any
     webhooks: Any
     config: Any
@@ -141,7 +143,8 @@ class Writer:
         """Store a batch; route and answer each message in order."""
         started = time.monotonic()
         messages = [j.message for j in jobs]
-        await self._answer(jobs, messages, await self.store.append(messages), started)
+        await self._answer(jobs, messages, await self.store.append(messages), started,
+                           self.flusher)
 
     async def _save_in_background(self) -> None:
         try:
@@ -163,10 +166,23 @@ class Writer:
             slots.release()
 
     async def _answer(self, jobs: list[Any], messages: list[NewMessage],
-                      results: list[Appended], started: float) -> None:
+                      results: list[Appended], started: float, flusher: Any = None) -> None:
+        """Route and answer a stored batch in order.  ``flusher`` (the server's, for a
+        store that is not pipelined): held while the batch is answered and released
+        after, so what it queued on plain sockets is written here, in this task."""
         self._commit_seconds += (time.monotonic() - started - self._commit_seconds) * 0.2
         if self.webhooks is not None and self.webhooks.tracks_undelivered:
             await self.webhooks.watch(messages, results)  # before the acks: see recorder
+        if flusher is None:
+            self._answer_each(jobs, results)
+            return
+        flusher.hold()
+        try:
+            self._answer_each(jobs, results)
+        finally:
+            flusher.release()
+
+    def _answer_each(self, jobs: list[Any], results: list[Appended]) -> None:
         failed: StoreError | None = None
         n_failed = 0
         for job, result in zip(jobs, results, strict=True):
