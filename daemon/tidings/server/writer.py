@@ -28,6 +28,14 @@ round trip plus ``LINGER_S`` longer than it would alone; the first message after
 quiet ``LINGER_S`` goes out at once.  A second batch goes out while one is in flight
 only when a full batch is waiting: the queue is then growing, and Redis should not
 idle while the node answers the first.
+
+A store that commits on the loop thread (sqlite) may set ``commit_linger_s``: a batch
+that is not full is then committed at most that long after the commit before it, and
+what was queued meanwhile joins it (the first message after a quiet linger goes at
+once).  At an even rate each commit, writer wake-up and loop turn otherwise served one
+to three messages (docs/performance.md, ninth session).  The writer answers such a
+batch with the server's flusher held (``_answer``), so the acks and routed messages it
+queued on plain sockets are written by this task, without a turn of the flusher's.
 """
 
 from __future__ import annotations
