@@ -19,7 +19,6 @@ import trio.testing
 from inprocess import FlakyStore, make_config, running_hub
 from tidings.server.writer import LINGER_S
 from tidings.store import NewMessage, PipelinedStore
-from tidings.store.sqlite import SqliteStore
 
 
 class PipelinedFlaky(FlakyStore):
@@ -143,59 +142,3 @@ async def test_a_full_batch_is_sent_while_another_is_in_flight(mock_clock):
         store.gates[0].set()
         assert await _acks(a, BATCH_MAX + 1) == [(f"s{i}", i + 1)
                                                  for i in range(BATCH_MAX + 1)]
-
-
-# -- a store that commits on the loop (sqlite): its own linger, no pipeline ------------
-
-class RecordingSqlite(SqliteStore):
-    """The real sqlite engine, recording each append's size and the clock's time."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.appended: list[tuple[int, float]] = []
-
-    async def append(self, msgs: Sequence[NewMessage]):
-        self.appended.append((len(msgs), trio.current_time()))
-        return await super().append(msgs)
-
-
-@contextlib.asynccontextmanager
-async def sqlite_hub(tmp_path) -> AsyncIterator[tuple[RecordingSqlite, object]]:
-    store = RecordingSqlite.open(tmp_path / "t.db")
-    try:
-        async with running_hub(make_config(store={"backend": "sqlite"}), store=store) as h:
-            yield store, await h.connect("user=alice")
-    finally:
-        await store.aclose()
-
-
-async def test_sqlite_commits_what_arrives_within_the_linger_in_one_append(mock_clock, tmp_path):
-    linger = getattr(SqliteStore, "commit_linger_s", 0.001)  # (main has none: 0.001 there)
-    assert 0 < linger <= 0.002
-    async with sqlite_hub(tmp_path) as (store, a):
-        await a.send(send("bob", 0, "s0"))
-        assert await _acks(a, 1) == [("s0", 1)]  # the first: at once
-        t0 = store.appended[0][1]
-        for i in (1, 2):  # one at a time, as an even rate brings them
-            await a.send(send("bob", i, f"s{i}"))
-            await trio.testing.wait_all_tasks_blocked()
-        assert len(store.appended) == 1  # held: the last commit was less than a linger ago
-        mock_clock.jump(linger / 2)
-        await a.send(send("bob", 3, "s3"))
-        await trio.testing.wait_all_tasks_blocked()
-        assert len(store.appended) == 1
-        mock_clock.jump(linger / 2)
-        assert await _acks(a, 3) == [("s1", 2), ("s2", 3), ("s3", 4)]
-        assert store.appended[1] == (3, t0 + linger)  # one commit for the three
-
-
-async def test_sqlite_commits_the_first_message_after_a_quiet_linger_at_once(mock_clock, tmp_path):
-    linger = getattr(SqliteStore, "commit_linger_s", 0.001)  # (main has none: 0.001 there)
-    async with sqlite_hub(tmp_path) as (store, a):
-        await a.send(send("bob", 0, "s0"))
-        assert await _acks(a, 1) == [("s0", 1)]
-        mock_clock.jump(linger)  # quiet for a linger: no wait
-        await a.send(send("bob", 1, "s1"))
-        assert await _acks(a, 1) == [("s1", 2)]
-        assert [n for n, _t in store.appended] == [1, 1]
-        assert store.appended[1][1] == store.appended[0][1] + linger

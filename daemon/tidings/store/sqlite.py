@@ -151,9 +151,6 @@ class SqliteStore:
     """The durable single-node engine.  Open with :meth:`open`."""
 
     name = "sqlite"
-    #: The hub's writer commits a batch that is not full at most this often (the first
-    #: message after a quiet spell at once): see server/writer.py.
-    commit_linger_s = 0.001
 
     def __init__(self, db: SqliteDatabase, limits: StoreLimits) -> None:
         self.db = db
