@@ -33,8 +33,10 @@ writer, the greeting and the close frame write with one non-blocking ``send`` fi
 The flusher and the writer
 --------------------------
 On a plain socket with no writer running, what is queued is written by the server's
-flusher (:mod:`tidings.server.flusher`) at the end of the run loop's turn: one
-non-blocking ``send`` (``_flush``), no task of this connection woken.  What does not fit
+flusher (:mod:`tidings.server.flusher`) at the end of the run loop's turn (or, for
+what the hub's writer queued while answering a batch, by the writer itself when it
+releases the flusher): one non-blocking ``send`` (``_flush``), no task of this connection
+woken.  What does not fit
 goes first in the queue and the writer takes over.  The writer is a task that exists
 only while there is work: it drains everything queued into one
 ``send_all`` (up to 1,024 items a batch) and exits after ``WRITER_LINGER_S`` without
