@@ -36,9 +36,8 @@ On a plain socket with no writer running, what is queued is written by the serve
 flusher (:mod:`tidings.server.flusher`) at the end of the run loop's turn (or, for
 what the hub's writer queued while answering a batch, by the writer itself when it
 releases the flusher): one non-blocking ``send`` (``_flush``), no task of this connection
-woken.  What does not fit
-goes first in the queue and the writer takes over.  The writer is a task that exists
-only while there is work: it drains everything queued into one
+woken.  What does not fit goes first in the queue and the writer takes over.  The writer
+is a task that exists only while there is work: it drains everything queued into one
 ``send_all`` (up to 1,024 items a batch) and exits after ``WRITER_LINGER_S`` without
 work; the next queued item starts a new one.  Idle connections hold no writer task.
 A writer that wrote only control frames (the keepalive's ping, a pong) exits at once:
