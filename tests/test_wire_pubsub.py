@@ -151,3 +151,34 @@ async def test_a_subscribe_without_its_acknowledgement_times_out(autojump_clock)
             with pytest.raises(TimeoutError):
                 await ps.subscribe("c")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_subscribe_waiting_when_the_session_ends_fails_at_once(autojump_clock):
+    """Its connection is gone: it raises ConnectionError at once, not after the
+    subscription timeout (a hold then returns False and the next session resyncs)."""
+    async def fake_redis(stream):
+        await stream.receive_some(1024)  # SUBSCRIBE, never acknowledged
+        await stream.aclose()
+
+    outcome: list[BaseException] = []
+
+    async def subscribe(ps):
+        try:
+            await ps.subscribe("c")
+        except Exception as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, fake_redis, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        started = trio.current_time()
+        with pytest.raises(BaseException) as info:
+            async with trio.open_nursery() as waiters, open_wire_pubsub(
+                    {"host": "127.0.0.1", "port": port}, [].extend, subscription_timeout=60,
+                    max_idle_seconds=100, connect_timeout=2, command_timeout=2) as ps:
+                waiters.start_soon(subscribe, ps)
+                await trio.sleep_forever()
+        assert isinstance(_leaf(info.value), coredis.exceptions.ConnectionError)
+        assert trio.current_time() - started < 1
+        assert len(outcome) == 1 and isinstance(outcome[0], coredis.exceptions.ConnectionError)
+        nursery.cancel_scope.cancel()

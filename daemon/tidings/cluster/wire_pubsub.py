@@ -24,7 +24,8 @@ for a standalone target):
   the acknowledgements.  ``sink`` must not block and should not raise (an exception
   ends the session).
 * ``await ps.subscribe(*channels)`` returns once every channel's ``SUBSCRIBE`` is
-  acknowledged; it raises ``TimeoutError`` after ``subscription_timeout``.
+  acknowledged; it raises ``TimeoutError`` after ``subscription_timeout``, and
+  ``coredis.exceptions.ConnectionError`` at once when the session ends meanwhile.
   ``await ps.unsubscribe(*channels)`` writes the ``UNSUBSCRIBE`` and returns (its
   acknowledgements reach ``sink``).
 * Keepalive: after ``max_idle_seconds`` without anything read, a ``PING``; nothing read
@@ -88,6 +89,8 @@ class WirePubSub:
         with trio.move_on_after(self._subscription_timeout) as scope:
             for event in events:
                 await event.wait()
+        if self.closed:
+            raise RedisConnectionError("pub/sub: the session ended before SUBSCRIBE was acknowledged")
         if scope.cancelled_caught:
             raise TimeoutError("pub/sub: no acknowledgement of SUBSCRIBE within "
                                f"{self._subscription_timeout} s")
@@ -182,9 +185,14 @@ class WirePubSub:
                 raise RedisConnectionError(f"pub/sub: session setup failed: {reply}")
 
     def close(self) -> None:
+        """Close the connection (once); a ``subscribe`` still waiting fails at once."""
         if self.closed:
             return
         self.closed = True
+        for pending in self._waiters.values():
+            for event in pending:
+                event.set()
+        self._waiters.clear()
         sock = self._stream.socket
         trio.lowlevel.notify_closing(sock)
         sock.close()
