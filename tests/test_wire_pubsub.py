@@ -165,7 +165,7 @@ async def test_a_subscribe_waiting_when_the_session_ends_fails_at_once(autojump_
     async def subscribe(ps):
         try:
             await ps.subscribe("c")
-        except Exception as exc:
+        except (coredis.exceptions.ConnectionError, TimeoutError) as exc:
             outcome.append(exc)
 
     async with trio.open_nursery() as nursery:
