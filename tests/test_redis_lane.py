@@ -121,11 +121,14 @@ async def test_a_cluster_append_is_one_call_per_recipient(redis_cluster):
         assert [(a.seq, a.error) for a in got] == [(11, None), (11, None)]
 
 
+@pytest.mark.parametrize("own_connection", [True, False], ids=["own", "coredis"])
 @pytest.mark.parametrize("n", [200])
-async def test_pubsub_hands_a_burst_over_in_order_in_a_few_scheduler_rounds(redis_server, n):
+async def test_pubsub_hands_a_burst_over_in_order_in_a_few_scheduler_rounds(redis_server, n,
+                                                                            own_connection):
     """What one socket read brought reaches the sink in the same scheduler round (coredis'
     own consumer took one round per message), in publish order, from the task that read
-    it: published messages take no hop through the push buffer to the consumer task."""
+    it: published messages take no hop through the push buffer to the consumer task.
+    Both readers: our own connection (cluster/wire_pubsub.py) and coredis'."""
     rounds = 0
     seen: list[tuple[bytes, int]] = []
     acks: list[str] = []
@@ -149,7 +152,8 @@ async def test_pubsub_hands_a_burst_over_in_order_in_a_few_scheduler_rounds(redi
             got.set()
 
     r = coredis.Redis.from_url(redis_server.url)
-    async with r, batch_pubsub(r, False, sink, 2.0, 5.0) as ps, trio.open_nursery() as nursery:
+    async with (r, batch_pubsub(r, False, sink, 2.0, 5.0, own_connection=own_connection) as ps,
+                trio.open_nursery() as nursery):
         await ps.subscribe("ch")
         assert acks == ["subscribe"]  # acknowledgements reach the sink too
         nursery.start_soon(count_rounds)
@@ -161,7 +165,8 @@ async def test_pubsub_hands_a_burst_over_in_order_in_a_few_scheduler_rounds(redi
         nursery.cancel_scope.cancel()
     assert [data for data, _round in seen] == [str(i).encode() for i in range(n)]
     assert len({round_ for _data, round_ in seen}) <= n // 10
-    assert len(readers) == 1 and readers.pop().endswith("._reader_task")
+    reader = "WirePubSub._read_loop" if own_connection else "._reader_task"
+    assert len(readers) == 1 and readers.pop().endswith(reader)
 
 
 async def test_a_user_held_on_two_nodes_gets_each_message_once_per_node_in_order(redis_server):

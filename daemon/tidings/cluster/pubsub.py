@@ -1,5 +1,9 @@
 """coredis pub/sub, read in batches: what one socket read brought is handed over at once.
 
+(:func:`batch_pubsub` uses it for a Redis Cluster and over TLS; a standalone Redis over
+plain TCP or a Unix socket is read by :mod:`tidings.cluster.wire_pubsub` instead, with
+the same contract.)
+
 coredis 6.9's ``PubSub`` moves each message through two memory streams (the
 connection's push buffer -> its consumer task -> ``get_message``), and every
 ``receive`` is a checkpoint: one message per trip round the trio scheduler, so the hub
@@ -42,6 +46,9 @@ import anyio
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.patterns.pubsub import PubSub, ShardedPubSub
 from coredis.retry import NoRetryPolicy
+
+from tidings.cluster.wire_pubsub import open_wire_pubsub
+from tidings.store.redis_wire import wire_target
 
 __all__ = ["BatchPubSub", "BatchShardedPubSub", "Sink", "batch_pubsub"]
 
@@ -139,9 +146,20 @@ class BatchShardedPubSub(ShardedPubSub):  # type: ignore[type-arg]
 
 
 def batch_pubsub(client: Any, sharded: bool, sink: Sink, subscription_timeout: float,
-                 max_idle_seconds: float) -> Any:
-    """A batching pub/sub on ``client``'s pool (sharded: Redis Cluster), not retrying by
-    itself, with every subscribe acknowledgement reaching ``sink`` too."""
+                 max_idle_seconds: float, *, own_connection: bool = True) -> Any:
+    """A batching pub/sub for ``client`` (sharded: Redis Cluster), not retrying by
+    itself, with every subscribe acknowledgement reaching ``sink`` too.  A standalone
+    Redis over plain TCP or a Unix socket is read on a connection of our own
+    (:mod:`tidings.cluster.wire_pubsub`, same contract) unless ``own_connection`` is
+    False; otherwise (Redis Cluster, TLS) coredis' pub/sub on ``client``'s pool."""
+    target = None if sharded or not own_connection else wire_target(client)
+    if target is not None:
+        kwargs = client.connection_pool.connection_kwargs
+        return open_wire_pubsub(
+            target, sink, subscription_timeout=subscription_timeout,
+            max_idle_seconds=max_idle_seconds,
+            connect_timeout=kwargs.get("connect_timeout") or 2.0,
+            command_timeout=kwargs.get("stream_timeout") or 5.0)
     cls = BatchShardedPubSub if sharded else BatchPubSub
     return cls(client.connection_pool, sink=sink, ignore_subscribe_messages=False,
                retry_policy=NoRetryPolicy(), subscription_timeout=subscription_timeout,

@@ -52,7 +52,7 @@ from coredis.exceptions import RedisError
 from coredis.parser import NotEnoughData, Parser
 from hiredis import pack_command
 
-__all__ = ["Batch", "WireConnection", "pack_commands", "wire_target"]
+__all__ = ["Batch", "WireConnection", "connect", "pack_commands", "session_commands", "wire_target"]
 
 RECEIVE_SIZE = 65536
 _UNSET: Any = object()
@@ -95,6 +95,32 @@ def wire_target(client: Any) -> dict[str, Any] | None:
     return target
 
 
+async def connect(target: dict[str, Any], connect_timeout: float, who: str) -> trio.SocketStream:
+    """A stream to ``target`` (from :func:`wire_target`) within ``connect_timeout``;
+    raises ``coredis.exceptions.ConnectionError`` (``who`` names the caller in it)."""
+    try:
+        with trio.fail_after(connect_timeout):
+            if "path" in target:
+                return await trio.open_unix_socket(target["path"])
+            return await trio.open_tcp_stream(target["host"], int(target["port"]))
+    except (OSError, trio.TooSlowError) as exc:
+        raise RedisConnectionError(f"{who}: cannot connect: {exc or type(exc).__name__}") from None
+
+
+def session_commands(target: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """What a new connection to ``target`` sends first: ``AUTH``, ``SELECT`` and
+    ``CLIENT SETNAME`` as its URL asks (each reply ``OK`` or an error)."""
+    hello: list[tuple[Any, ...]] = []
+    if target.get("password") is not None:
+        user = target.get("username")
+        hello.append((b"AUTH", *([user] if user else []), target["password"]))
+    if target.get("db"):
+        hello.append((b"SELECT", int(target["db"])))
+    if target.get("client_name"):
+        hello.append((b"CLIENT", b"SETNAME", target["client_name"]))
+    return hello
+
+
 class Batch:
     """Commands written together; :meth:`replies` waits for theirs (see the module
     docstring)."""
@@ -135,23 +161,8 @@ class WireConnection:
         """Connect to ``target`` (from :func:`wire_target`) and prepare the session;
         raises ``coredis.exceptions.ConnectionError``, ``TimeoutError`` or the error Redis
         answered (e.g. a wrong password)."""
-        try:
-            with trio.fail_after(connect_timeout):
-                if "path" in target:
-                    stream = await trio.open_unix_socket(target["path"])
-                else:
-                    stream = await trio.open_tcp_stream(target["host"], int(target["port"]))
-        except (OSError, trio.TooSlowError) as exc:
-            raise RedisConnectionError(f"lane: cannot connect: {exc or type(exc).__name__}") from None
-        conn = cls(stream, command_timeout)
-        hello: list[tuple[Any, ...]] = []
-        if target.get("password") is not None:
-            user = target.get("username")
-            hello.append((b"AUTH", *([user] if user else []), target["password"]))
-        if target.get("db"):
-            hello.append((b"SELECT", int(target["db"])))
-        if target.get("client_name"):
-            hello.append((b"CLIENT", b"SETNAME", target["client_name"]))
+        conn = cls(await connect(target, connect_timeout, "lane"), command_timeout)
+        hello = session_commands(target)
         if hello:
             try:
                 for reply in await (await conn.send(hello)).replies():
