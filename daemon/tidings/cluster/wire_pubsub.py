@@ -111,12 +111,13 @@ class WirePubSub:
                 except OSError as exc:
                     raise RedisConnectionError(f"pub/sub: connection lost while sending: {exc}") from None
 
-    async def _read_loop(self) -> None:
-        fd, reader, sink, waiters = self._fd, self._reader, self._sink, self._waiters
+    async def _receive(self) -> None:
+        """Wait for the socket and feed what one read brought to the parser; raises
+        ``coredis.exceptions.ConnectionError`` on end of stream or a socket error."""
         while True:
-            await trio.lowlevel.wait_readable(fd)
+            await trio.lowlevel.wait_readable(self._fd)
             try:
-                data = os.read(fd, RECEIVE_SIZE)
+                data = os.read(self._fd, RECEIVE_SIZE)
             except BlockingIOError:
                 continue
             except OSError as exc:
@@ -124,7 +125,13 @@ class WirePubSub:
             if not data:
                 raise RedisConnectionError("pub/sub: Redis closed the connection")
             self._reads += 1
-            reader.feed(data)
+            self._reader.feed(data)
+            return
+
+    async def _read_loop(self) -> None:
+        reader, sink, waiters = self._reader, self._sink, self._waiters
+        while True:
+            await self._receive()
             out = []
             try:
                 while (reply := reader.gets()) is not False:
@@ -168,14 +175,7 @@ class WirePubSub:
         replies: list[Any] = []
         with trio.move_on_after(self._command_timeout) as scope:
             while len(replies) < len(commands):
-                await trio.lowlevel.wait_readable(self._fd)
-                try:
-                    data = os.read(self._fd, RECEIVE_SIZE)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    raise RedisConnectionError("pub/sub: Redis closed the connection")
-                self._reader.feed(data)
+                await self._receive()
                 while (reply := self._reader.gets()) is not False:
                     replies.append(reply)
         if scope.cancelled_caught:
