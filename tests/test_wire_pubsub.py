@@ -44,10 +44,16 @@ async def test_the_session_has_the_urls_password_database_and_client_name(redis_
     between; pub/sub ignores the database, but SELECT and AUTH must have succeeded."""
     _with_password(redis_server, "s3cret")
     got: list[tuple[str, bytes, object]] = []
+    all_in = trio.Event()
+
+    def sink(ms: list[dict]) -> None:
+        got.extend((m["type"], m["channel"], m["data"]) for m in ms)
+        if len(got) >= 6:
+            all_in.set()
+
     r = coredis.Redis.from_url(f"redis://:s3cret@127.0.0.1:{redis_server.port}/2",
                                client_name="tidings-cluster:n9")
-    async with r, batch_pubsub(r, False, lambda ms: got.extend(
-            (m["type"], m["channel"], m["data"]) for m in ms), 2.0, 5.0) as ps:
+    async with r, batch_pubsub(r, False, sink, 2.0, 5.0) as ps:
         await ps.subscribe("a", "b")
         await ps.subscribe("a")  # twice: acknowledged twice
         assert await r.publish("a", "1") == 1
@@ -56,8 +62,7 @@ async def test_the_session_has_the_urls_password_database_and_client_name(redis_
         assert "tidings-cluster:n9" in names
         await ps.unsubscribe("b")
         with trio.fail_after(5):
-            while len(got) < 6:
-                await trio.sleep(0.01)  # not synchronisation: waiting for Redis' replies
+            await all_in.wait()  # the unsubscribe's acknowledgement, the sixth reply
     assert got == [("subscribe", b"a", 1), ("subscribe", b"b", 2), ("subscribe", b"a", 2),
                    ("message", b"a", b"1"), ("message", b"b", b"2"), ("unsubscribe", b"b", 1)]
     with pytest.raises(coredis.exceptions.ConnectionError):
