@@ -190,11 +190,13 @@ class SqliteStore:
     # -- writes (loop thread) ------------------------------------------------------------
 
     async def append(self, msgs: Sequence[NewMessage]) -> list[Appended]:
-        await self._writable()
         out: list[Appended] = []
         for start in range(0, len(msgs), WRITE_CHUNK):
             if start:
                 await trio.sleep(0)  # let the loop breathe between chunks
+            # Before every chunk: a chunk committed during a hold makes that restart
+            # fail (half of the closed loop's holds restarted nothing, ninth session).
+            await self._writable()
             out += self._append_chunk(msgs[start:start + WRITE_CHUNK])
         return out
 
