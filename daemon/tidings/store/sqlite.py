@@ -78,9 +78,8 @@ from tidings.store.records import (
 )
 from tidings.store.sqlite_db import PAGE_BYTES, SqliteDatabase
 
-__all__ = ["CHECKPOINT_INTERVAL_S", "FTS_INTERVAL_S", "FTS_STEP_GAP_S", "FTS_STEP_ROWS", "IDLE_WAIT_S",
-           "INDEX_CHUNK", "INDEX_INTERVAL_S", "MAINTENANCE_INTERVAL_S", "SqliteStore",
-           "WAL_RESTART_BYTES", "WRITE_CHUNK"]
+__all__ = ["CHECKPOINT_INTERVAL_S", "FTS_STEP_GAP_S", "FTS_STEP_ROWS", "IDLE_WAIT_S", "INDEX_CHUNK",
+           "MAINTENANCE_INTERVAL_S", "SqliteStore", "WAL_RESTART_BYTES", "WRITE_CHUNK"]
 
 T = TypeVar("T")
 WRITE_CHUNK = 128
@@ -99,17 +98,6 @@ IDLE_WAIT_S = 0.01
 FTS_STEP_ROWS = 1000
 FTS_STEP_GAP_S = 0.01
 MAINTENANCE_INTERVAL_S = 1.0
-#: History/retention indexing and the full-text index run on these shorter schedules
-#: (their passes otherwise ``MAINTENANCE_INTERVAL_S``): at 5,000 msgs/s a pass once a
-#: second ran ~20 loop-thread chunks of 2-5 ms back to back (``_Pace``'s latch) and five
-#: 11-30 ms full-text steps 10 ms apart, one burst of extra load a second that the
-#: slowest 1 % of messages queued behind.  Every 0.1 s (0.2 s) a pass finds ~2 chunks
-#: (one full-text step) at that rate: the same work per row, spread over the second.
-#: A full-text pass indexes only whole ``FTS_STEP_ROWS`` steps, except at most once per
-#: ``MAINTENANCE_INTERVAL_S`` (then the rest too): a step is a segment, and five tiny
-#: ones a second only add FTS5 merges (open-loop CPU per message +7 %, measured).
-INDEX_INTERVAL_S = 0.1
-FTS_INTERVAL_S = 0.2
 #: PASSIVE checkpoints come this often.  A checkpoint starts with one fsync of the WAL
 #: written since the last; at 5,000 msgs/s that was tens of MB a second (3.4 pages a
 #: commit), and while its 75-90 ms of writes were queued on the disk a WAL write of the
@@ -176,7 +164,6 @@ class SqliteStore:
         self._maintenance = trio.StrictFIFOLock()
         self._states: _StateBatch | None = None  # the inbox_state batch open for joining
         self._held: trio.Event | None = None  # set while writes wait for a WAL restart
-        self._fts_rest_at = float("-inf")  # when a full-text pass last indexed a short step
         self._maintenance_errors = log.LogOnce(interval=60.0)
 
     @classmethod
@@ -203,13 +190,11 @@ class SqliteStore:
     # -- writes (loop thread) ------------------------------------------------------------
 
     async def append(self, msgs: Sequence[NewMessage]) -> list[Appended]:
+        await self._writable()
         out: list[Appended] = []
         for start in range(0, len(msgs), WRITE_CHUNK):
             if start:
                 await trio.sleep(0)  # let the loop breathe between chunks
-            # Before every chunk: a chunk committed during a hold makes that restart
-            # fail (half of the closed loop's holds restarted nothing, ninth session).
-            await self._writable()
             out += self._append_chunk(msgs[start:start + WRITE_CHUNK])
         return out
 
@@ -359,22 +344,14 @@ class SqliteStore:
         """Add what is pending to the full-text index in its worker thread,
         ``FTS_STEP_ROWS`` per step and ``FTS_STEP_GAP_S`` between steps, so its CPU is
         spread out instead of taking a core in one burst; a checkpoint may run between
-        two steps.  The last, short step (fewer rows pending) only if none was indexed
-        in the last ``MAINTENANCE_INTERVAL_S``: so every message is indexed within about
-        that long, in steps of ``FTS_STEP_ROWS`` while messages keep coming.  Raises
-        StoreError."""
-        began = trio.current_time()
-        rest = began - self._fts_rest_at >= MAINTENANCE_INTERVAL_S  # index a short step too?
+        two steps.  Raises StoreError."""
         while True:
             # The index's thread first, then the lock: a step never holds the lock while
             # it waits for a search's catch-up or a prune's delete (the checkpoint would
             # wait for those too).  No limiter on the call: this task holds it.
             async with self._fts_limiter, self._maintenance:
-                indexed = await trio.to_thread.run_sync(
-                    self.db.fts.index_step, FTS_STEP_ROWS, 1 if rest else FTS_STEP_ROWS)
+                indexed = await trio.to_thread.run_sync(self.db.fts.index_step, FTS_STEP_ROWS)
             if indexed < FTS_STEP_ROWS:
-                if rest:
-                    self._fts_rest_at = began
                 return
             await trio.sleep(FTS_STEP_GAP_S)
 
@@ -445,9 +422,9 @@ class SqliteStore:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(prune_periodically, self, self._limits)
             nursery.start_soon(self._periodically, lambda: self._index_all(_Pace()),
-                               "index_failed", "index", INDEX_INTERVAL_S)
+                               "index_failed", "index")
             nursery.start_soon(self._periodically, self._index_text_steps,
-                               "text_index_failed", "text_index", FTS_INTERVAL_S)
+                               "text_index_failed", "text_index")
             if task_status is not None:
                 task_status.started()
             await self._periodically(self.checkpoint_wal, "checkpoint_failed", "checkpoint",

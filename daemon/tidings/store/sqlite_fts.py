@@ -63,7 +63,6 @@ _SQL_MARK = "SELECT value FROM meta WHERE key = 'indexed_id'"
 _SQL_SET_MARK = "UPDATE meta SET value = ? WHERE key = 'indexed_id'"
 _SQL_TOP = ("SELECT COALESCE(MAX(id), 0) FROM (SELECT id FROM m.messages WHERE id > ? "
             "ORDER BY id LIMIT ?)")
-_SQL_PENDING = "SELECT COUNT(*) FROM m.messages WHERE id > ? AND id <= ?"
 _SQL_ADD = ("INSERT INTO messages_fts (rowid, text, owners) SELECT id, text, owners "
             "FROM m.messages WHERE id > ? AND id <= ? "
             "AND id NOT IN (SELECT value FROM json_each(?))")
@@ -131,17 +130,13 @@ class FtsIndex:
         with self._tx as c:
             return c.execute(_SQL_MARK).fetchone()[0]
 
-    def index_step(self, max_rows: int = INDEX_STEP_ROWS, min_rows: int = 1) -> int:
+    def index_step(self, max_rows: int = INDEX_STEP_ROWS) -> int:
         """Index up to ``max_rows`` messages above the mark in one transaction (one
-        INSERT ... SELECT, plus FTS5's automerge); return how many.  Fewer than
-        ``min_rows`` pending: index none (each step makes a segment; tiny ones only add
-        merges)."""
+        INSERT ... SELECT, plus FTS5's automerge); return how many."""
         with self._tx as c:
             (mark,) = c.execute(_SQL_MARK).fetchone()
             (top,) = c.execute(_SQL_TOP, (mark, max_rows)).fetchone()
             if top <= mark:
-                return 0
-            if min_rows > 1 and c.execute(_SQL_PENDING, (mark, top)).fetchone()[0] < min_rows:
                 return 0
             count = c.execute(_SQL_ADD, (mark, top, "[]")).rowcount
             c.execute(_SQL_SET_MARK, (top,))
