@@ -45,7 +45,6 @@ from tidings.wire.handshake import (
 from tidings.server.admin import node_name, node_record_json, peer_address
 from tidings.server.api import serve_api
 from tidings.server.flusher import Flusher
-from tidings.server.wakeups import WakeCoalescer
 from tidings.server.housekeeping import PING_FRAME, Housekeeping
 from tidings.server.hub import Hub
 from tidings.server.metrics import Metrics
@@ -356,10 +355,6 @@ async def serve(
             server.webhooks = webhooks
         host, port = listener_address(listeners[0], cfg.host)
         lifecycle = Lifecycle(server, hub, sdnotify.Notifier.from_env(), config_path)
-        if hub.cluster is not None:  # fewer wake-ups per message (server/wakeups.py)
-            coalescer = WakeCoalescer()
-            trio.lowlevel.add_instrument(coalescer)
-            stack.callback(trio.lowlevel.remove_instrument, coalescer)
         async with trio.open_nursery() as root:
             await root.start(hub.run)
             webhooks_scope = trio.CancelScope()  # cancelled once the hub is told to drain
