@@ -131,41 +131,75 @@ return out
 # ARGV: last_seen ("" = none), n_cursors, n_delivered, n_answers, then device/seq pairs
 # for the cursors, device/seq pairs for the delivered marks, field/count pairs for the
 # answers.  Each mark = max(old, min(seq, last_seq)) (>= 0); saving one registers the
-# device (both fields exist from then on).  An answer updates a key that exists.
+# device (both fields exist from then on; a device's `c:` starts at 0, `default`'s at
+# the legacy `cursor` of `u`).  An answer updates a key that exists.
+# Reads and writes are batched: one HMGET of every named device's two fields and one
+# HSET of what changed (not 4 commands per mark), one HMGET and one HSET of the answers.
 PROGRESS_LUA = r"""
+local call = redis.call
 local u, dev, keys = KEYS[1], KEYS[2], KEYS[3]
-local last = tonumber(redis.call('HGET', u, 'seq')) or 0
-if ARGV[1] ~= '' then redis.call('HSET', u, 'seen', ARGV[1]) end
+local last = tonumber(call('HGET', u, 'seq')) or 0
+if ARGV[1] ~= '' then call('HSET', u, 'seen', ARGV[1]) end
 local nc, nd, na = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local i = 5
-local function register(name)
-  if redis.call('HEXISTS', dev, 'c:' .. name) == 0 then
-    local start = 0
-    if name == 'default' then start = tonumber(redis.call('HGET', u, 'cursor')) or 0 end
-    redis.call('HSET', dev, 'c:' .. name, string.format('%d', start))
-  end
-  redis.call('HSETNX', dev, 'd:' .. name, '0')
-end
-local function move(prefix, n)
-  for _ = 1, n do
-    local name, seq = ARGV[i], tonumber(ARGV[i + 1])
-    i = i + 2
-    register(name)
-    local want = math.max(0, math.min(seq, last))
-    local old = tonumber(redis.call('HGET', dev, prefix .. name)) or 0
-    if want > old then redis.call('HSET', dev, prefix .. name, string.format('%d', want)) end
+local names, slot, fields, nf = {}, {}, {}, 0
+for x = 5, 4 + 2 * (nc + nd), 2 do
+  local name = ARGV[x]
+  if not slot[name] then
+    names[#names + 1] = name
+    slot[name] = nf + 1
+    fields[nf + 1], fields[nf + 2] = 'c:' .. name, 'd:' .. name
+    nf = nf + 2
   end
 end
-move('c:', nc)
-move('d:', nd)
-for _ = 1, na do
-  local f, n = ARGV[i], ARGV[i + 1]
-  i = i + 2
-  local v = redis.call('HGET', keys, f)
-  if v then
-    local head = string.match(v, '^(.*\n)[^\n]*$')
-    redis.call('HSET', keys, f, head .. n)
+if nf > 0 then
+  local old = call('HMGET', dev, unpack(fields, 1, nf))
+  local val, dirty = {}, {}
+  for _, name in ipairs(names) do
+    local j = slot[name]
+    local c, d = old[j], old[j + 1]
+    if not c then  -- a new device: register it
+      c = 0
+      if name == 'default' then c = tonumber(call('HGET', u, 'cursor')) or 0 end
+      dirty[j] = true
+    end
+    if not d then d = 0; dirty[j + 1] = true end
+    val[j], val[j + 1] = tonumber(c) or 0, tonumber(d) or 0
   end
+  local x = 5
+  for m = 0, 1 do  -- 0: the cursors, 1: the delivered marks
+    local count = nc
+    if m == 1 then count = nd end
+    for _ = 1, count do
+      local j = slot[ARGV[x]] + m
+      local want = math.max(0, math.min(tonumber(ARGV[x + 1]), last))
+      x = x + 2
+      if want > val[j] then val[j], dirty[j] = want, true end
+    end
+  end
+  local out, no = {}, 0
+  for j = 1, nf do
+    if dirty[j] then
+      out[no + 1], out[no + 2] = fields[j], string.format('%d', val[j])
+      no = no + 2
+    end
+  end
+  if no > 0 then call('HSET', dev, unpack(out, 1, no)) end
+end
+if na > 0 then
+  local i = 5 + 2 * (nc + nd)
+  local af = {}
+  for a = 1, na do af[a] = ARGV[i + 2 * (a - 1)] end
+  local vals = call('HMGET', keys, unpack(af, 1, na))
+  local set, ns = {}, 0
+  for a = 1, na do
+    local v = vals[a]
+    if v then
+      local head = string.match(v, '^(.*\n)[^\n]*$')
+      set[ns + 1], set[ns + 2] = af[a], head .. ARGV[i + 2 * (a - 1) + 1]
+      ns = ns + 2
+    end
+  end
+  if ns > 0 then call('HSET', keys, unpack(set, 1, ns)) end
 end
 return 1
 """
