@@ -159,7 +159,7 @@ async def _calls(r) -> dict[str, int]:
     return {k[len("cmdstat_"):]: int(v["calls"]) for k, v in info.items() if k.startswith("cmdstat_")}
 
 
-async def test_a_full_inbox_is_trimmed_with_one_hdel_and_one_zrem_per_sender(redis_server):
+async def test_a_full_inbox_is_trimmed_with_one_hdel_and_one_zrem_per_sender(redis_server):  # noqa: F811
     """Steady state of a full inbox: each append trims as many entries as it adds; their
     index entries go with ONE ``HDEL ids`` and one ``ZREM from:<sender>`` per sender of
     the trimmed entries, not one of each per entry (main: 12 and 12)."""
@@ -179,7 +179,7 @@ async def test_a_full_inbox_is_trimmed_with_one_hdel_and_one_zrem_per_sender(red
         assert [m.seq for m in await s.read_inbox("b", 0, 10)] == [13, 14, 15, 16]
 
 
-async def test_a_trim_of_more_than_a_chunk_unpacks_in_chunks(redis_server, monkeypatch):
+async def test_a_trim_of_more_than_a_chunk_unpacks_in_chunks(redis_server):  # noqa: F811
     """A lowered max_inbox can trim thousands of entries in one append: the index
     entries go in chunks of FORGET_CHUNK (Lua's unpack() is bounded)."""
     engine = Engine("redis", server=redis_server)
@@ -195,7 +195,7 @@ async def test_a_trim_of_more_than_a_chunk_unpacks_in_chunks(redis_server, monke
         assert [m.seq for m in await s.read_inbox("b", 0, 10)] == [1300, 1301]
 
 
-async def test_progress_reads_and_writes_a_users_devices_once(redis_server):
+async def test_progress_reads_and_writes_a_users_devices_once(redis_server):  # noqa: F811
     """One ``save_progress`` of several devices' cursors and delivered marks: one HMGET
     and one HSET of the ``dev`` hash (main: HEXISTS, HSETNX, HGET and maybe HSET per
     mark); registration, max() and min(last seq) as before."""

@@ -125,9 +125,9 @@ FORGET_ENTRIES_LUA = r"""
 local function forget(ids, from, entries)
   local call = redis.call
   local n = #entries
-  for c = 1, n, %d do
+  for c = 1, n, CHUNK do
     local idl, by, senders, ni = {}, {}, {}, 0
-    for x = c, math.min(c + %d - 1, n) do
+    for x = c, math.min(c + CHUNK - 1, n) do
       local f = entries[x][2]
       local id, sender
       for j = 1, #f, 2 do
@@ -146,7 +146,7 @@ local function forget(ids, from, entries)
     end
   end
 end
-""" % (FORGET_CHUNK, FORGET_CHUNK)
+""".replace("CHUNK", str(FORGET_CHUNK))
 
 # KEYS: for routing (Redis Cluster: the `u` key of the single recipient), then on a
 # standalone server the message index hashes this call writes (see below).
