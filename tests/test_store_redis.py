@@ -21,8 +21,8 @@ require_coredis()
 import coredis  # noqa: E402
 
 from tidings.store import (  # noqa: E402
-    Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Progress, StoredMessage,
-    StoreLimits, StoreUnavailable,
+    Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Original, Progress,
+    StoredMessage, StoreLimits, StoreUnavailable,
 )
 from tidings.store.records import MS_PER_DAY  # noqa: E402
 from tidings.store.redis import open_redis_store  # noqa: E402
@@ -151,6 +151,92 @@ async def test_max_inbox_trims_the_index_entries_too(redis_server):
             assert await r.hlen("tidings:{b}:ids") == 3
             assert await r.zcard("tidings:{b}:from:a") == 2
             assert await r.zcard("tidings:{b}:from:c") == 1
+
+
+async def _calls(r) -> dict[str, int]:
+    """INFO commandstats as {command: calls}."""
+    info = await r.info("commandstats")
+    return {k[len("cmdstat_"):]: int(v["calls"]) for k, v in info.items() if k.startswith("cmdstat_")}
+
+
+async def test_a_full_inbox_is_trimmed_with_one_hdel_and_one_zrem_per_sender(redis_server):  # noqa: F811
+    """Steady state of a full inbox: each append trims as many entries as it adds; their
+    index entries go with ONE ``HDEL ids`` and one ``ZREM from:<sender>`` per sender of
+    the trimmed entries, not one of each per entry (main: 12 and 12)."""
+    async with Engine("redis", server=redis_server).open(StoreLimits(max_inbox=4)) as s:
+        await s.append([msg(f"s{i % 2}", "b") for i in range(4)])
+        r = coredis.Redis.from_url(redis_server.url)
+        async with r:
+            await r.config_resetstat()
+            await s.append([msg("a", "b") for _ in range(12)])
+            calls = await _calls(r)
+            assert (calls.get("hdel"), calls.get("zrem"), calls.get("xtrim")) == (1, 3, 1)
+            assert await r.xlen("tidings:{b}:inbox") == 4
+            assert await r.hlen("tidings:{b}:ids") == 4
+            assert [await r.zcard(f"tidings:{{b}}:from:{x}") for x in ("s0", "s1", "a")] == [0, 0, 4]
+        page, more = await s.history("b", "a", None, 10)
+        assert ([m.seq for m in page], more) == ([16, 15, 14, 13], False)
+        assert [m.seq for m in await s.read_inbox("b", 0, 10)] == [13, 14, 15, 16]
+
+
+async def test_a_trim_of_more_than_a_chunk_unpacks_in_chunks(redis_server):  # noqa: F811
+    """A lowered max_inbox can trim thousands of entries in one append: the index
+    entries go in chunks of FORGET_CHUNK (Lua's unpack() is bounded)."""
+    engine = Engine("redis", server=redis_server)
+    async with engine.open() as s:
+        await s.append([msg(f"s{i % 3}", "b") for i in range(1300)])
+    async with engine.open(StoreLimits(max_inbox=2)) as s:
+        await s.append([msg("a", "b")])
+        r = coredis.Redis.from_url(redis_server.url)
+        async with r:
+            assert await r.xlen("tidings:{b}:inbox") == 2
+            assert await r.hlen("tidings:{b}:ids") == 2
+            assert sum([await r.zcard(f"tidings:{{b}}:from:{x}") for x in ("s0", "s1", "s2", "a")]) == 2
+        assert [m.seq for m in await s.read_inbox("b", 0, 10)] == [1300, 1301]
+
+
+async def test_progress_reads_and_writes_a_users_devices_once(redis_server):  # noqa: F811
+    """One ``save_progress`` of several devices' cursors and delivered marks: one HMGET
+    and one HSET of the ``dev`` hash (main: HEXISTS, HSETNX, HGET and maybe HSET per
+    mark); registration, max() and min(last seq) as before."""
+    async with Engine("redis", server=redis_server).open() as s:
+        await s.append([msg("a", "b") for _ in range(6)])
+        await s.save_progress(Progress(cursors={("b", "phone"): 2}))
+        r = coredis.Redis.from_url(redis_server.url)
+        async with r:
+            await r.config_resetstat()
+            await s.save_progress(Progress(
+                cursors={("b", "phone"): 1, ("b", "laptop"): 9, ("b", "tv"): 3},
+                delivered={("b", "phone"): 5, ("b", "watch"): 4}))
+            calls = await _calls(r)
+        assert (calls.get("hmget"), calls.get("hset"), calls.get("hexists"), calls.get("hsetnx")) == (
+            1, 1, None, None)
+        assert await s.devices("b") == {
+            "phone": DeviceState(2, 5), "laptop": DeviceState(6, 0), "tv": DeviceState(3, 0),
+            "watch": DeviceState(0, 4)}
+
+
+async def test_a_progress_save_of_many_owners_is_one_script_call(redis_server):  # noqa: F811
+    """Standalone Redis: every user's (and room's) part of one ``save_progress`` goes in
+    ONE script call (main: one per owner); each owner's result is its own."""
+    async with Engine("redis", server=redis_server).open() as s:
+        await s.append([msg("a", u) for u in ("b", "c", "d") for _ in range(3)])
+        await s.append([NewMessage("k1", "a", "b", b"{}", int(time.time() * 1000), "key")])
+        r = coredis.Redis.from_url(redis_server.url)
+        async with r:
+            await r.config_resetstat()
+            await s.save_progress(Progress(
+                cursors={("b", "default"): 2, ("c", "phone"): 9},
+                delivered={("d", "default"): 1},
+                last_seen={"e": 77},
+                answers={("a", "b", "key"): 3, ("a", "\x1froom\x1flobby", "k"): 2}))
+            calls = await _calls(r)
+        assert calls.get("evalsha") == 1
+        assert await s.devices("b") == {"default": DeviceState(2, 0)}
+        assert await s.devices("c") == {"phone": DeviceState(3, 0)}
+        assert await s.devices("d") == {"default": DeviceState(0, 1)}
+        assert await s.last_seen(["e", "b"]) == {"e": 77, "b": None}
+        assert await s.claim_key("a", "b", "key", "x", int(time.time() * 1000)) == Original("k1", 4, 3)
 
 
 async def test_prune_applies_a_lowered_max_inbox_in_batches(redis_server, monkeypatch):

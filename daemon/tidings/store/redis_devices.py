@@ -39,7 +39,7 @@ from tidings.store.records import (
     DEFAULT_DEVICE, MS_PER_DAY, DeviceState, InboxState, Original, Progress, StoredMessage,
 )
 from tidings.store.redis_lane import Call
-from tidings.store.redis_lua import KEY_PREFIX, key
+from tidings.store.redis_lua import KEY_PREFIX, key, user_tag
 
 __all__ = [
     "KEY_TTL_EXTRA_MS", "RedisDevices", "index_day", "index_key",
@@ -127,45 +127,89 @@ end
 return out
 """
 
-# KEYS: u, dev, keys (one owner's slot: a user, or a room's key for answers only).
-# ARGV: last_seen ("" = none), n_cursors, n_delivered, n_answers, then device/seq pairs
-# for the cursors, device/seq pairs for the delivered marks, field/count pairs for the
-# answers.  Each mark = max(old, min(seq, last_seq)) (>= 0); saving one registers the
-# device (both fields exist from then on).  An answer updates a key that exists.
+# KEYS: for routing (Redis Cluster: the `u` key of the call's single owner).
+# ARGV: one group per slot owner (a user, or a room's key for answers only): its tag
+# (redis_lua.user_tag), last_seen ("" = none), n_cursors, n_delivered, n_answers, then
+# device/seq pairs for the cursors, device/seq pairs for the delivered marks,
+# field/count pairs for the answers.  Each mark = max(old, min(seq, last_seq)) (>= 0);
+# saving one registers the device (both fields exist from then on; a device's `c:`
+# starts at 0, `default`'s at the legacy `cursor` of `u`).  An answer updates a key
+# that exists.  Every key is derived from the tag: on a standalone server one call
+# carries every owner of a save; on a cluster one call per owner (one slot).
+# Per owner: one HMGET of every named device's two fields and one HSET of what changed
+# (not 4 commands per mark), one HMGET and one HSET of the answers.
 PROGRESS_LUA = r"""
-local u, dev, keys = KEYS[1], KEYS[2], KEYS[3]
-local last = tonumber(redis.call('HGET', u, 'seq')) or 0
-if ARGV[1] ~= '' then redis.call('HSET', u, 'seen', ARGV[1]) end
-local nc, nd, na = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local i = 5
-local function register(name)
-  if redis.call('HEXISTS', dev, 'c:' .. name) == 0 then
-    local start = 0
-    if name == 'default' then start = tonumber(redis.call('HGET', u, 'cursor')) or 0 end
-    redis.call('HSET', dev, 'c:' .. name, string.format('%d', start))
+local call, A = redis.call, ARGV
+local i, nargs = 1, #A
+while i <= nargs do
+  local base = 'tidings:{' .. A[i] .. '}:'
+  local u, dev, keys = base .. 'u', base .. 'dev', base .. 'keys'
+  local nc, nd, na = tonumber(A[i + 2]), tonumber(A[i + 3]), tonumber(A[i + 4])
+  local first = i + 5
+  local last = 0
+  if nc + nd > 0 then last = tonumber(call('HGET', u, 'seq')) or 0 end
+  if A[i + 1] ~= '' then call('HSET', u, 'seen', A[i + 1]) end
+  local names, slot, fields, nf = {}, {}, {}, 0
+  for x = first, first - 1 + 2 * (nc + nd), 2 do
+    local name = A[x]
+    if not slot[name] then
+      names[#names + 1] = name
+      slot[name] = nf + 1
+      fields[nf + 1], fields[nf + 2] = 'c:' .. name, 'd:' .. name
+      nf = nf + 2
+    end
   end
-  redis.call('HSETNX', dev, 'd:' .. name, '0')
-end
-local function move(prefix, n)
-  for _ = 1, n do
-    local name, seq = ARGV[i], tonumber(ARGV[i + 1])
-    i = i + 2
-    register(name)
-    local want = math.max(0, math.min(seq, last))
-    local old = tonumber(redis.call('HGET', dev, prefix .. name)) or 0
-    if want > old then redis.call('HSET', dev, prefix .. name, string.format('%d', want)) end
+  if nf > 0 then
+    local old = call('HMGET', dev, unpack(fields, 1, nf))
+    local val, dirty = {}, {}
+    for _, name in ipairs(names) do
+      local j = slot[name]
+      local c, d = old[j], old[j + 1]
+      if not c then  -- a new device: register it
+        c = 0
+        if name == 'default' then c = tonumber(call('HGET', u, 'cursor')) or 0 end
+        dirty[j] = true
+      end
+      if not d then d = 0; dirty[j + 1] = true end
+      val[j], val[j + 1] = tonumber(c) or 0, tonumber(d) or 0
+    end
+    local x = first
+    for m = 0, 1 do  -- 0: the cursors, 1: the delivered marks
+      local count = nc
+      if m == 1 then count = nd end
+      for _ = 1, count do
+        local j = slot[A[x]] + m
+        local want = math.max(0, math.min(tonumber(A[x + 1]), last))
+        x = x + 2
+        if want > val[j] then val[j], dirty[j] = want, true end
+      end
+    end
+    local out, no = {}, 0
+    for j = 1, nf do
+      if dirty[j] then
+        out[no + 1], out[no + 2] = fields[j], string.format('%d', val[j])
+        no = no + 2
+      end
+    end
+    if no > 0 then call('HSET', dev, unpack(out, 1, no)) end
   end
-end
-move('c:', nc)
-move('d:', nd)
-for _ = 1, na do
-  local f, n = ARGV[i], ARGV[i + 1]
-  i = i + 2
-  local v = redis.call('HGET', keys, f)
-  if v then
-    local head = string.match(v, '^(.*\n)[^\n]*$')
-    redis.call('HSET', keys, f, head .. n)
+  i = first + 2 * (nc + nd)
+  if na > 0 then
+    local af = {}
+    for a = 1, na do af[a] = A[i + 2 * (a - 1)] end
+    local vals = call('HMGET', keys, unpack(af, 1, na))
+    local set, ns = {}, 0
+    for a = 1, na do
+      local v = vals[a]
+      if v then
+        local head = string.match(v, '^(.*\n)[^\n]*$')
+        set[ns + 1], set[ns + 2] = af[a], head .. A[i + 2 * (a - 1) + 1]
+        ns = ns + 2
+      end
+    end
+    if ns > 0 then call('HSET', keys, unpack(set, 1, ns)) end
   end
+  i = i + 2 * na
 end
 return 1
 """
@@ -248,8 +292,10 @@ class RedisDevices:
                 for i in range(0, len(reply), 3)}
 
     async def save_progress(self, progress: Progress) -> None:
-        """One script per slot owner (cursors, delivered marks and last_seen per user;
-        first answers per recipient or room), pipelined in one round trip."""
+        """Cursors, delivered marks and last_seen per user, first answers per recipient
+        or room: on a standalone server ONE script call for every owner (each call
+        has a fixed cost in Redis and in the lane); on a Redis Cluster one per slot
+        owner; either way one round trip."""
         self._check_open()  # type: ignore[attr-defined]
         if not progress:
             return
@@ -269,11 +315,16 @@ class RedisDevices:
             owner(user).seen = str(int(ts))
         for (sender, target, k), n in progress.answers.items():
             owner(target).answers += [key_field(sender, k), int(n)]
-        calls = [Call(self._progress_script,
-                      [key(name, "u"), key(name, "dev"), key(name, "keys")],
-                      [o.seen, len(o.cursors) // 2, len(o.delivered) // 2, len(o.answers) // 2,
-                       *o.cursors, *o.delivered, *o.answers])
-                 for name, o in owners.items()]
+        groups = [[user_tag(name), o.seen, len(o.cursors) // 2, len(o.delivered) // 2,
+                   len(o.answers) // 2, *o.cursors, *o.delivered, *o.answers]
+                  for name, o in owners.items()]
+        if self.cluster:  # type: ignore[attr-defined]  # one slot per script call
+            calls = [Call(self._progress_script, [key(name, "u")], args)
+                     for name, args in zip(owners, groups)]
+        else:  # standalone: every owner in one call
+            first = next(iter(owners))
+            calls = [Call(self._progress_script, [key(first, "u")],
+                          [a for args in groups for a in args])]
         with self._errors("save_progress"):  # type: ignore[attr-defined]
             for reply in await self._lane.run(calls):  # type: ignore[attr-defined]
                 if isinstance(reply, BaseException):

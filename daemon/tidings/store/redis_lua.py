@@ -115,6 +115,39 @@ def decode_envelopes(user: str, data: bytes) -> list[StoredMessage]:
 
 # --------------------------------------------------------------------- Lua scripts
 
+# A Lua fragment of the append and prune scripts: ``forget(ids, from, entries)`` drops
+# the index entries of inbox stream entries (XRANGE replies) about to be trimmed: ONE
+# ``HDEL ids`` and one ``ZREM from:<sender>`` per sender for every FORGET_CHUNK entries
+# (unpack() is bounded by Lua's C stack; a trim of a lowered max_inbox can be thousands),
+# instead of an HDEL and a ZREM per entry.
+FORGET_CHUNK = 512
+FORGET_ENTRIES_LUA = r"""
+local function forget(ids, from, entries)
+  local call = redis.call
+  local n = #entries
+  for c = 1, n, CHUNK do
+    local idl, by, senders, ni = {}, {}, {}, 0
+    for x = c, math.min(c + CHUNK - 1, n) do
+      local f = entries[x][2]
+      local id, sender
+      for j = 1, #f, 2 do
+        local k = f[j]
+        if k == 'm' then id = f[j + 1] elseif k == 'f' then sender = f[j + 1] end
+      end
+      ni = ni + 1
+      idl[ni] = id
+      local l = by[sender]
+      if l then l[#l + 1] = id else by[sender] = {id}; senders[#senders + 1] = sender end
+    end
+    call('HDEL', ids, unpack(idl, 1, ni))
+    for _, sender in ipairs(senders) do
+      local l = by[sender]
+      call('ZREM', from .. sender, unpack(l, 1, #l))
+    end
+  end
+end
+""".replace("CHUNK", str(FORGET_CHUNK))
+
 # KEYS: for routing (Redis Cluster: the `u` key of the single recipient), then on a
 # standalone server the message index hashes this call writes (see below).
 # ARGV: max_inbox (-1 = no limit), publish command ("" = none), the idempotency window
@@ -138,7 +171,7 @@ def decode_envelopes(user: str, data: bytes) -> list[StoredMessage]:
 # so every message of a group has the same receiver count; consecutive messages of one
 # sender share one ZADD; XLEN runs only once the seq exceeds max_inbox (the inbox holds
 # entries of distinct seqs 1..seq, so it cannot be longer before).
-APPEND_LUA = r"""
+APPEND_LUA = FORGET_ENTRIES_LUA + r"""
 local call, A = redis.call, ARGV
 local max_inbox, pub = tonumber(A[1]), A[2]
 local window, key_ttl = tonumber(A[3]), tonumber(A[4])
@@ -231,19 +264,10 @@ while i <= nargs do
     local excess = call('XLEN', inbox) - max_inbox
     if excess > 0 then
       local old = call('XRANGE', inbox, '-', '+', 'COUNT', excess)
-      local lastid
-      for _, e in ipairs(old) do
-        local f = e[2]
-        local id, sender
-        for j = 1, #f, 2 do
-          if f[j] == 'm' then id = f[j + 1] elseif f[j] == 'f' then sender = f[j + 1] end
-        end
-        call('HDEL', ids, id)
-        call('ZREM', from .. sender, id)
-        lastid = e[1]
-      end
-      if lastid then
-        local lseq = tonumber(string.match(lastid, '^(%d+)'))
+      local n_old = #old
+      if n_old > 0 then
+        forget(ids, from, old)
+        local lseq = tonumber(string.match(old[n_old][1], '^(%d+)'))
         call('XTRIM', inbox, 'MINID', string.format('%d', lseq + 1))
       end
     end
@@ -293,7 +317,7 @@ return out
 # KEYS: u, inbox, ids.  ARGV: from_prefix, cutoff ("" = none), max_inbox ("" = none),
 # batch.  Deletes the inbox prefix of entries with seq <= last_seq - max_inbox or
 # ts < cutoff, at most `batch` entries; returns {deleted, more(0/1)}.
-PRUNE_LUA = r"""
+PRUNE_LUA = FORGET_ENTRIES_LUA + r"""
 local u, inbox, ids = KEYS[1], KEYS[2], KEYS[3]
 local from = ARGV[1]
 local cutoff = tonumber(ARGV[2])
@@ -307,16 +331,11 @@ local deleted, last = 0, nil
 for _, e in ipairs(entries) do
   local seq = tonumber(string.match(e[1], '^(%d+)'))
   local f = e[2]
-  local id, sender, ts
+  local ts
   for j = 1, #f, 2 do
-    local k = f[j]
-    if k == 'm' then id = f[j + 1]
-    elseif k == 'f' then sender = f[j + 1]
-    elseif k == 't' then ts = tonumber(f[j + 1]) end
+    if f[j] == 't' then ts = tonumber(f[j + 1]) end
   end
   if seq <= cut or (cutoff and ts < cutoff) then
-    redis.call('HDEL', ids, id)
-    redis.call('ZREM', from .. sender, id)
     deleted = deleted + 1
     last = seq
   else
@@ -324,6 +343,8 @@ for _, e in ipairs(entries) do
   end
 end
 if last then
+  for x = #entries, deleted + 1, -1 do entries[x] = nil end
+  forget(ids, from, entries)
   redis.call('XTRIM', inbox, 'MINID', string.format('%d', last + 1))
 end
 local more = 0
