@@ -21,8 +21,8 @@ require_coredis()
 import coredis  # noqa: E402
 
 from tidings.store import (  # noqa: E402
-    Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Original, Progress,
-    StoredMessage, StoreLimits, StoreUnavailable,
+    Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Progress, StoredMessage,
+    StoreLimits, StoreUnavailable,
 )
 from tidings.store.records import MS_PER_DAY  # noqa: E402
 from tidings.store.redis import open_redis_store  # noqa: E402
@@ -214,29 +214,6 @@ async def test_progress_reads_and_writes_a_users_devices_once(redis_server):  # 
         assert await s.devices("b") == {
             "phone": DeviceState(2, 5), "laptop": DeviceState(6, 0), "tv": DeviceState(3, 0),
             "watch": DeviceState(0, 4)}
-
-
-async def test_a_progress_save_of_many_owners_is_one_script_call(redis_server):  # noqa: F811
-    """Standalone Redis: every user's (and room's) part of one ``save_progress`` goes in
-    ONE script call (main: one per owner); each owner's result is its own."""
-    async with Engine("redis", server=redis_server).open() as s:
-        await s.append([msg("a", u) for u in ("b", "c", "d") for _ in range(3)])
-        await s.append([NewMessage("k1", "a", "b", b"{}", int(time.time() * 1000), "key")])
-        r = coredis.Redis.from_url(redis_server.url)
-        async with r:
-            await r.config_resetstat()
-            await s.save_progress(Progress(
-                cursors={("b", "default"): 2, ("c", "phone"): 9},
-                delivered={("d", "default"): 1},
-                last_seen={"e": 77},
-                answers={("a", "b", "key"): 3, ("a", "\x1froom\x1flobby", "k"): 2}))
-            calls = await _calls(r)
-        assert calls.get("evalsha") == 1
-        assert await s.devices("b") == {"default": DeviceState(2, 0)}
-        assert await s.devices("c") == {"phone": DeviceState(3, 0)}
-        assert await s.devices("d") == {"default": DeviceState(0, 1)}
-        assert await s.last_seen(["e", "b"]) == {"e": 77, "b": None}
-        assert await s.claim_key("a", "b", "key", "x", int(time.time() * 1000)) == Original("k1", 4, 3)
 
 
 async def test_prune_applies_a_lowered_max_inbox_in_batches(redis_server, monkeypatch):

@@ -39,7 +39,7 @@ from tidings.store.records import (
     DEFAULT_DEVICE, MS_PER_DAY, DeviceState, InboxState, Original, Progress, StoredMessage,
 )
 from tidings.store.redis_lane import Call
-from tidings.store.redis_lua import KEY_PREFIX, key, user_tag
+from tidings.store.redis_lua import KEY_PREFIX, key
 
 __all__ = [
     "KEY_TTL_EXTRA_MS", "RedisDevices", "index_day", "index_key",
@@ -127,89 +127,79 @@ end
 return out
 """
 
-# KEYS: for routing (Redis Cluster: the `u` key of the call's single owner).
-# ARGV: one group per slot owner (a user, or a room's key for answers only): its tag
-# (redis_lua.user_tag), last_seen ("" = none), n_cursors, n_delivered, n_answers, then
-# device/seq pairs for the cursors, device/seq pairs for the delivered marks,
-# field/count pairs for the answers.  Each mark = max(old, min(seq, last_seq)) (>= 0);
-# saving one registers the device (both fields exist from then on; a device's `c:`
-# starts at 0, `default`'s at the legacy `cursor` of `u`).  An answer updates a key
-# that exists.  Every key is derived from the tag: on a standalone server one call
-# carries every owner of a save; on a cluster one call per owner (one slot).
-# Per owner: one HMGET of every named device's two fields and one HSET of what changed
-# (not 4 commands per mark), one HMGET and one HSET of the answers.
+# KEYS: u, dev, keys (one owner's slot: a user, or a room's key for answers only).
+# ARGV: last_seen ("" = none), n_cursors, n_delivered, n_answers, then device/seq pairs
+# for the cursors, device/seq pairs for the delivered marks, field/count pairs for the
+# answers.  Each mark = max(old, min(seq, last_seq)) (>= 0); saving one registers the
+# device (both fields exist from then on; a device's `c:` starts at 0, `default`'s at
+# the legacy `cursor` of `u`).  An answer updates a key that exists.
+# Reads and writes are batched: one HMGET of every named device's two fields and one
+# HSET of what changed (not 4 commands per mark), one HMGET and one HSET of the answers.
 PROGRESS_LUA = r"""
-local call, A = redis.call, ARGV
-local i, nargs = 1, #A
-while i <= nargs do
-  local base = 'tidings:{' .. A[i] .. '}:'
-  local u, dev, keys = base .. 'u', base .. 'dev', base .. 'keys'
-  local nc, nd, na = tonumber(A[i + 2]), tonumber(A[i + 3]), tonumber(A[i + 4])
-  local first = i + 5
-  local last = 0
-  if nc + nd > 0 then last = tonumber(call('HGET', u, 'seq')) or 0 end
-  if A[i + 1] ~= '' then call('HSET', u, 'seen', A[i + 1]) end
-  local names, slot, fields, nf = {}, {}, {}, 0
-  for x = first, first - 1 + 2 * (nc + nd), 2 do
-    local name = A[x]
-    if not slot[name] then
-      names[#names + 1] = name
-      slot[name] = nf + 1
-      fields[nf + 1], fields[nf + 2] = 'c:' .. name, 'd:' .. name
-      nf = nf + 2
+local call = redis.call
+local u, dev, keys = KEYS[1], KEYS[2], KEYS[3]
+local last = tonumber(call('HGET', u, 'seq')) or 0
+if ARGV[1] ~= '' then call('HSET', u, 'seen', ARGV[1]) end
+local nc, nd, na = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local names, slot, fields, nf = {}, {}, {}, 0
+for x = 5, 4 + 2 * (nc + nd), 2 do
+  local name = ARGV[x]
+  if not slot[name] then
+    names[#names + 1] = name
+    slot[name] = nf + 1
+    fields[nf + 1], fields[nf + 2] = 'c:' .. name, 'd:' .. name
+    nf = nf + 2
+  end
+end
+if nf > 0 then
+  local old = call('HMGET', dev, unpack(fields, 1, nf))
+  local val, dirty = {}, {}
+  for _, name in ipairs(names) do
+    local j = slot[name]
+    local c, d = old[j], old[j + 1]
+    if not c then  -- a new device: register it
+      c = 0
+      if name == 'default' then c = tonumber(call('HGET', u, 'cursor')) or 0 end
+      dirty[j] = true
+    end
+    if not d then d = 0; dirty[j + 1] = true end
+    val[j], val[j + 1] = tonumber(c) or 0, tonumber(d) or 0
+  end
+  local x = 5
+  for m = 0, 1 do  -- 0: the cursors, 1: the delivered marks
+    local count = nc
+    if m == 1 then count = nd end
+    for _ = 1, count do
+      local j = slot[ARGV[x]] + m
+      local want = math.max(0, math.min(tonumber(ARGV[x + 1]), last))
+      x = x + 2
+      if want > val[j] then val[j], dirty[j] = want, true end
     end
   end
-  if nf > 0 then
-    local old = call('HMGET', dev, unpack(fields, 1, nf))
-    local val, dirty = {}, {}
-    for _, name in ipairs(names) do
-      local j = slot[name]
-      local c, d = old[j], old[j + 1]
-      if not c then  -- a new device: register it
-        c = 0
-        if name == 'default' then c = tonumber(call('HGET', u, 'cursor')) or 0 end
-        dirty[j] = true
-      end
-      if not d then d = 0; dirty[j + 1] = true end
-      val[j], val[j + 1] = tonumber(c) or 0, tonumber(d) or 0
+  local out, no = {}, 0
+  for j = 1, nf do
+    if dirty[j] then
+      out[no + 1], out[no + 2] = fields[j], string.format('%d', val[j])
+      no = no + 2
     end
-    local x = first
-    for m = 0, 1 do  -- 0: the cursors, 1: the delivered marks
-      local count = nc
-      if m == 1 then count = nd end
-      for _ = 1, count do
-        local j = slot[A[x]] + m
-        local want = math.max(0, math.min(tonumber(A[x + 1]), last))
-        x = x + 2
-        if want > val[j] then val[j], dirty[j] = want, true end
-      end
-    end
-    local out, no = {}, 0
-    for j = 1, nf do
-      if dirty[j] then
-        out[no + 1], out[no + 2] = fields[j], string.format('%d', val[j])
-        no = no + 2
-      end
-    end
-    if no > 0 then call('HSET', dev, unpack(out, 1, no)) end
   end
-  i = first + 2 * (nc + nd)
-  if na > 0 then
-    local af = {}
-    for a = 1, na do af[a] = A[i + 2 * (a - 1)] end
-    local vals = call('HMGET', keys, unpack(af, 1, na))
-    local set, ns = {}, 0
-    for a = 1, na do
-      local v = vals[a]
-      if v then
-        local head = string.match(v, '^(.*\n)[^\n]*$')
-        set[ns + 1], set[ns + 2] = af[a], head .. A[i + 2 * (a - 1) + 1]
-        ns = ns + 2
-      end
+  if no > 0 then call('HSET', dev, unpack(out, 1, no)) end
+end
+if na > 0 then
+  local i = 5 + 2 * (nc + nd)
+  local af = {}
+  for a = 1, na do af[a] = ARGV[i + 2 * (a - 1)] end
+  local vals = call('HMGET', keys, unpack(af, 1, na))
+  local set, ns = {}, 0
+  for a = 1, na do
+    local v = vals[a]
+    if v then
+      local head = string.match(v, '^(.*\n)[^\n]*$')
+      set[ns + 1], set[ns + 2] = af[a], head .. ARGV[i + 2 * (a - 1) + 1]
+      ns = ns + 2
     end
-    if ns > 0 then call('HSET', keys, unpack(set, 1, ns)) end
   end
-  i = i + 2 * na
+  if ns > 0 then call('HSET', keys, unpack(set, 1, ns)) end
 end
 return 1
 """
@@ -292,10 +282,8 @@ class RedisDevices:
                 for i in range(0, len(reply), 3)}
 
     async def save_progress(self, progress: Progress) -> None:
-        """Cursors, delivered marks and last_seen per user, first answers per recipient
-        or room: on a standalone server ONE script call for every owner (a script
-        call costs Redis ~10 us whatever it carries); on a Redis Cluster one per slot
-        owner; either way one round trip."""
+        """One script per slot owner (cursors, delivered marks and last_seen per user;
+        first answers per recipient or room), pipelined in one round trip."""
         self._check_open()  # type: ignore[attr-defined]
         if not progress:
             return
@@ -315,16 +303,11 @@ class RedisDevices:
             owner(user).seen = str(int(ts))
         for (sender, target, k), n in progress.answers.items():
             owner(target).answers += [key_field(sender, k), int(n)]
-        groups = [[user_tag(name), o.seen, len(o.cursors) // 2, len(o.delivered) // 2,
-                   len(o.answers) // 2, *o.cursors, *o.delivered, *o.answers]
-                  for name, o in owners.items()]
-        if self.cluster:  # type: ignore[attr-defined]  # one slot per script call
-            calls = [Call(self._progress_script, [key(name, "u")], args)
-                     for name, args in zip(owners, groups)]
-        else:  # standalone: every owner in one call
-            first = next(iter(owners))
-            calls = [Call(self._progress_script, [key(first, "u")],
-                          [a for args in groups for a in args])]
+        calls = [Call(self._progress_script,
+                      [key(name, "u"), key(name, "dev"), key(name, "keys")],
+                      [o.seen, len(o.cursors) // 2, len(o.delivered) // 2, len(o.answers) // 2,
+                       *o.cursors, *o.delivered, *o.answers])
+                 for name, o in owners.items()]
         with self._errors("save_progress"):  # type: ignore[attr-defined]
             for reply in await self._lane.run(calls):  # type: ignore[attr-defined]
                 if isinstance(reply, BaseException):
