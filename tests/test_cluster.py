@@ -7,7 +7,6 @@ would.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import orjson
@@ -322,14 +321,6 @@ class RecordingFlusher:
     def release(self) -> None:
         self.log.append("release")
 
-    @contextlib.contextmanager
-    def held(self):
-        self.hold()
-        try:
-            yield
-        finally:
-            self.release()
-
 
 def test_the_messages_of_one_read_are_dispatched_with_the_flusher_held():
     """What one pub/sub read brought is routed between one ``hold`` and one ``release``
@@ -339,7 +330,7 @@ def test_the_messages_of_one_read_are_dispatched_with_the_flusher_held():
     node = Cluster(None, node_id="A", presence_ttl_s=3.0,
                    on_message=lambda msg: log.append(msg.seq))
     node._held["alice"] = 1
-    node.batch_scope = RecordingFlusher(log).held
+    node.flusher = RecordingFlusher(log)
     ch = b"tidings:{alice}:ch"
     node._on_batch([{"type": "message", "pattern": None, "channel": ch,
                      "data": b'%d\n["m%d","x",%d]\n"b"' % (s, s, s)} for s in (1, 2, 3)])

@@ -146,18 +146,6 @@ def test_the_server_gives_its_flusher_to_the_cluster_node():
 
     config = make_config()
     hub = Hub(config, FlakyStore())
-    hub.cluster = SimpleNamespace(batch_scope=None)
+    hub.cluster = SimpleNamespace(flusher=None)
     server = Server(config, hub, Authenticator(config.auth.mode, [b"x" * 32]))
-    assert hub.cluster.batch_scope == server.flusher.held
-
-
-def test_held_holds_for_the_block_and_releases_after_it_also_on_an_error():
-    flusher, flushed = Flusher(), []
-    try:
-        with flusher.held():
-            flusher.schedule(Recorded("a", flushed))
-            assert flushed == [] and flusher._held
-            raise ValueError
-    except ValueError:
-        pass
-    assert flushed == ["a"] and not flusher._held
+    assert hub.cluster.flusher is server.flusher

@@ -158,7 +158,10 @@ class Cluster:
         self.stats_record: Callable[[], bytes] | None = None
         #: Set by the server: the device names of a user's connections here.
         self.devices_of: Callable[[str], list[str]] | None = None
-        self.batch_scope: Callable[[], Any] = contextlib.nullcontext  # the server: Flusher.held
+        #: Set by the server: its flusher (``hold()``/``release()``, server.flusher), held
+        #: while the messages of one pub/sub read are dispatched, so what they queue on
+        #: the connections is written when it is released, in the reader's task.
+        self.flusher: Any = None
         self._errors = log.LogOnce(interval=30.0)
         self._n = dict(received=0, dispatched=0, ignored=0, gaps=0, callback_errors=0,
                        sessions=0, disconnects=0, presence_writes=0, presence_failures=0)
@@ -308,7 +311,8 @@ class Cluster:
             node_id=self.node_id, healthy=self.healthy, subscribed=self._ps is not None,
             presence_ok=self._presence_ok, held_users=len(self._held),
             local_connections=sum(self._held.values()), active_channels=len(self._active),
-            last_error=self._last_error, **self._n)
+            last_error=self._last_error, **self._n,
+        )
 
     # -- the tasks -------------------------------------------------------------------
 
@@ -393,9 +397,17 @@ class Cluster:
                 early = None  # type: ignore[assignment]  # closing: drop what comes now
 
     def _on_batch(self, messages: list[Any]) -> None:
-        with self.batch_scope():  # the server's flusher held: one write per connection, here
+        flusher = self.flusher
+        if flusher is None:
             for message in messages:
                 self._dispatch(message)
+            return
+        flusher.hold()
+        try:
+            for message in messages:
+                self._dispatch(message)
+        finally:
+            flusher.release()
 
     def _dispatch(self, message: Any) -> None:
         kind = message.get("type")
@@ -441,7 +453,8 @@ class Cluster:
                 self._unsub_inflight[user] = inflight - 1
             return
         if self._held.get(user, 0) > 0 and self._ps is not None:
-            self._session_failed(self._ps, RuntimeError(f"server unsubscribed {user!r}"), "unsubscribed")
+            self._session_failed(self._ps, RuntimeError(f"server unsubscribed {user!r}"),
+                                 "unsubscribed")
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
         try:

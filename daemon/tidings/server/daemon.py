@@ -164,7 +164,7 @@ class Server:
         self.flusher = Flusher()
         hub.flusher = self.flusher  # its writer flushes each answered batch itself
         if hub.cluster is not None:  # and the pub/sub reader what one read routed
-            hub.cluster.batch_scope = self.flusher.held
+            hub.cluster.flusher = self.flusher
         #: Which connection the housekeeper looks at when (housekeeping.Schedule).
         self.housekeeping = Housekeeping()
 

@@ -23,8 +23,6 @@ never raises (a connection's fault ends that connection only) and never blocks.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import trio
@@ -58,15 +56,6 @@ class Flusher:
         """Until :meth:`release`, what is registered waits for the release, which never
         blocks (so neither may the holder in between).  Not nested."""
         self._held = True
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """:meth:`hold` for the block, :meth:`release` after it (also when it raises)."""
-        self.hold()
-        try:
-            yield
-        finally:
-            self.release()
 
     def release(self) -> None:
         """Flush everything registered, in order, now (in the caller's task)."""
