@@ -307,35 +307,3 @@ async def test_server_side_unsubscribe_restarts_the_session(redis_server):
         ca._dispatch({"type": "sunsubscribe", "channel": b"tidings:{alice}:ch", "data": 0})
         await wait_until(lambda: _true(ca.statistics().sessions == 2 and ca.healthy))
         assert a.resyncs == [["alice"]]
-
-
-class RecordingFlusher:
-    """A stand-in for the server's flusher: records hold/release among the messages."""
-
-    def __init__(self, log: list) -> None:
-        self.log = log
-
-    def hold(self) -> None:
-        self.log.append("hold")
-
-    def release(self) -> None:
-        self.log.append("release")
-
-
-def test_the_messages_of_one_read_are_dispatched_with_the_flusher_held():
-    """What one pub/sub read brought is routed between one ``hold`` and one ``release``
-    of the server's flusher: the routed messages are written on the release, in the
-    reader's task, not by a turn of the flusher's task (server/flusher.py)."""
-    log: list = []
-    node = Cluster(None, node_id="A", presence_ttl_s=3.0,
-                   on_message=lambda msg: log.append(msg.seq))
-    node._held["alice"] = 1
-    node.flusher = RecordingFlusher(log)
-    ch = b"tidings:{alice}:ch"
-    node._on_batch([{"type": "message", "pattern": None, "channel": ch,
-                     "data": b'%d\n["m%d","x",%d]\n"b"' % (s, s, s)} for s in (1, 2, 3)])
-    assert log == ["hold", 1, 2, 3, "release"]
-    node.on_message = lambda msg: 1 / 0  # a failing callback is contained: still released
-    node._on_batch([{"type": "message", "pattern": None, "channel": ch,
-                     "data": b'4\n["m4","x",4]\n"b"'}])
-    assert log[-2:] == ["hold", "release"]

@@ -132,20 +132,3 @@ async def test_what_is_registered_while_held_is_flushed_by_the_release_in_order(
         await trio.testing.wait_all_tasks_blocked()
         assert flushed == ["a", "b", "c"]
         nursery.cancel_scope.cancel()
-
-
-def test_the_server_gives_its_flusher_to_the_cluster_node():
-    """A node's pub/sub reader holds the server's flusher while it routes one read's
-    messages (cluster/node.py ``_on_batch``), so the server hands it over."""
-    from types import SimpleNamespace
-
-    from inprocess import FlakyStore, make_config
-    from tidings.auth import Authenticator
-    from tidings.server.daemon import Server
-    from tidings.server.hub import Hub
-
-    config = make_config()
-    hub = Hub(config, FlakyStore())
-    hub.cluster = SimpleNamespace(flusher=None)
-    server = Server(config, hub, Authenticator(config.auth.mode, [b"x" * 32]))
-    assert hub.cluster.flusher is server.flusher

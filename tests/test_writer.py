@@ -142,29 +142,3 @@ async def test_a_full_batch_is_sent_while_another_is_in_flight(mock_clock):
         store.gates[0].set()
         assert await _acks(a, BATCH_MAX + 1) == [(f"s{i}", i + 1)
                                                  for i in range(BATCH_MAX + 1)]
-
-
-async def test_the_pipelined_writer_flushes_the_batch_it_answered_without_the_flusher_task(
-        mock_clock):
-    """As on the other stores (tests/test_flusher.py): the task that answers a submitted
-    batch holds the flusher, so acks and routed messages go out on its release, with no
-    turn of the flusher's task (one task switch less per batch on the sending node)."""
-    from test_flusher import FlusherSteps
-
-    store = PipelinedFlaky()
-    async with running_hub(store=store) as h:
-        a = await h.connect("user=alice", socket=True)
-        b = await h.connect("user=bob", socket=True)
-        await trio.testing.wait_all_tasks_blocked()
-        steps = FlusherSteps()
-        trio.lowlevel.add_instrument(steps)
-        try:
-            for i in range(3):
-                await a.send(send("bob", f"m{i}", i))
-                assert await _acks(a, 1) == [(i, i + 1)]
-                assert (await b.receive())["body"] == f"m{i}"
-                mock_clock.jump(LINGER_S)
-        finally:
-            trio.lowlevel.remove_instrument(steps)
-        assert len(store.submitted) == 3
-        assert steps.steps == 0

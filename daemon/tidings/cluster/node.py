@@ -158,10 +158,6 @@ class Cluster:
         self.stats_record: Callable[[], bytes] | None = None
         #: Set by the server: the device names of a user's connections here.
         self.devices_of: Callable[[str], list[str]] | None = None
-        #: Set by the server: its flusher (``hold()``/``release()``, server.flusher), held
-        #: while the messages of one pub/sub read are dispatched, so what they queue on
-        #: the connections is written when it is released, in the reader's task.
-        self.flusher: Any = None
         self._errors = log.LogOnce(interval=30.0)
         self._n = dict(received=0, dispatched=0, ignored=0, gaps=0, callback_errors=0,
                        sessions=0, disconnects=0, presence_writes=0, presence_failures=0)
@@ -397,17 +393,8 @@ class Cluster:
                 early = None  # type: ignore[assignment]  # closing: drop what comes now
 
     def _on_batch(self, messages: list[Any]) -> None:
-        flusher = self.flusher
-        if flusher is None:
-            for message in messages:
-                self._dispatch(message)
-            return
-        flusher.hold()
-        try:
-            for message in messages:
-                self._dispatch(message)
-        finally:
-            flusher.release()
+        for message in messages:
+            self._dispatch(message)
 
     def _dispatch(self, message: Any) -> None:
         kind = message.get("type")

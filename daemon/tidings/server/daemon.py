@@ -163,8 +163,6 @@ class Server:
         #: Writes what connections queue, once per turn (started next to the housekeeper).
         self.flusher = Flusher()
         hub.flusher = self.flusher  # its writer flushes each answered batch itself
-        if hub.cluster is not None:  # and the pub/sub reader what one read routed
-            hub.cluster.flusher = self.flusher
         #: Which connection the housekeeper looks at when (housekeeping.Schedule).
         self.housekeeping = Housekeeping()
 

@@ -15,10 +15,8 @@ the flusher task, in the order registered -- or sooner: between :meth:`hold` and
 :meth:`release` nothing wakes the task, and ``release`` flushes everything registered, in
 order, in the caller's task (the hub's writer holds the flusher while it answers a
 batch, so its acks and routed messages go out without a task switch and a turn of the
-run loop: docs/performance.md, ninth session; a cluster node's pub/sub reader holds it
-while it routes what one read brought: docs/cluster.md, tenth session).  ``_flush``
-never raises (a connection's fault ends that connection only) and never blocks.
-:meth:`run` runs until cancelled.
+run loop: docs/performance.md, ninth session).  ``_flush`` never raises (a connection's
+fault ends that connection only) and never blocks.  :meth:`run` runs until cancelled.
 """
 
 from __future__ import annotations

@@ -29,13 +29,12 @@ quiet ``LINGER_S`` goes out at once.  A second batch goes out while one is in fl
 only when a full batch is waiting: the queue is then growing, and Redis should not
 idle while the node answers the first.
 
-With any other store (sqlite, memory) each batch goes at once.  Either way the batch is
-answered with the server's flusher held (``_answer``): the acks and routed messages it
-queued on plain sockets are written by the answering task (the writer, or a pipelined
-batch's ``_finish``) when it lets go, without a turn of the flusher's task
-(docs/performance.md, ninth session; docs/cluster.md, tenth session).  (A commit linger
-for sqlite, as above, cut its CPU per message at 5,000 msgs/s by ~19 % but raised the
-median by ~1 ms and did not lower the p99 there: not kept; same place.)
+With any other store (sqlite, memory) each batch goes at once, and the writer answers
+it with the server's flusher held (``_answer``): the acks and routed messages it queued
+on plain sockets are written by this task when it lets go, without a turn of the
+flusher's task (docs/performance.md, ninth session).  (A commit linger for sqlite, as
+above, cut its CPU per message at 5,000 msgs/s by ~19 % but raised the median by ~1 ms
+and did not lower the p99 there: not kept; same place.)
 """
 
 from __future__ import annotations
@@ -162,16 +161,16 @@ class Writer:
         try:
             if prev is not None:
                 await prev.wait()
-            await self._answer(jobs, messages, await results(), started, self.flusher)
+            await self._answer(jobs, messages, await results(), started)
         finally:
             done.set()
             slots.release()
 
     async def _answer(self, jobs: list[Any], messages: list[NewMessage],
                       results: list[Appended], started: float, flusher: Any = None) -> None:
-        """Route and answer a stored batch in order.  ``flusher`` (the server's): held
-        while the batch is answered and released after, so what it queued on plain
-        sockets is written here, in this task."""
+        """Route and answer a stored batch in order.  ``flusher`` (the server's, for a
+        store that is not pipelined): held while the batch is answered and released
+        after, so what it queued on plain sockets is written here, in this task."""
         self._commit_seconds += (time.monotonic() - started - self._commit_seconds) * 0.2
         if self.webhooks is not None and self.webhooks.tracks_undelivered:
             await self.webhooks.watch(messages, results)  # before the acks: see recorder
