@@ -11,10 +11,11 @@ Where each call runs (measured, docs/performance.md)
   Every writer of the database file is on this thread (appends, cursors, history and
   retention indexing, pruning), so none ever waits on another's lock.
 * **The full-text index** is its own file (:mod:`tidings.store.sqlite_fts`), written
-  only in a worker thread (``_fts``, one at a time): its inserts and FTS5's segment
-  merges (17-23 ms per step once the index had grown, on the loop thread before,
-  docs/performance.md, fifth session) never run on the loop thread and never hold the
-  database file's write lock.
+  only in worker threads, one at a time (``_fts_limiter``: maintenance's steps in an
+  idle-priority thread, a search's catch-up and a prune's deletes in ``_fts``): its
+  inserts and FTS5's segment merges (17-23 ms per step once the index had grown, on the
+  loop thread before, docs/performance.md, fifth session) never run on the loop thread
+  and never hold the database file's write lock.
 * **Reads** run in a worker thread on the read connection (WAL: they never wait for
   the writer, and a slow page read never stalls the loop).  ``inbox_state`` -- one per
   connection opened -- is batched: every call made while the reader is busy joins one
