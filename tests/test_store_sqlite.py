@@ -566,11 +566,12 @@ def _observe_text_index(store: SqliteStore, rows: int) -> trio.Event:
     """An event set once an index step leaves the full-text index's mark at ``rows``."""
     reached = trio.Event()
     index_step = store.db.fts.index_step
+    token = trio.lowlevel.current_trio_token()  # (maintenance's steps: not a trio thread)
 
     def observed(*a: int) -> int:  # worker thread
         n = index_step(*a)
         if store.db.fts.indexed_id() >= rows:
-            trio.from_thread.run_sync(reached.set)
+            trio.from_thread.run_sync(reached.set, trio_token=token)
         return n
 
     store.db.fts.index_step = observed

@@ -11,10 +11,11 @@ Where each call runs (measured, docs/performance.md)
   Every writer of the database file is on this thread (appends, cursors, history and
   retention indexing, pruning), so none ever waits on another's lock.
 * **The full-text index** is its own file (:mod:`tidings.store.sqlite_fts`), written
-  only in a worker thread (``_fts``, one at a time): its inserts and FTS5's segment
-  merges (17-23 ms per step once the index had grown, on the loop thread before,
-  docs/performance.md, fifth session) never run on the loop thread and never hold the
-  database file's write lock.
+  only in worker threads, one at a time (``_fts_limiter``: maintenance's steps in an
+  idle-priority thread, a search's catch-up and a prune's deletes in ``_fts``): its
+  inserts and FTS5's segment merges (17-23 ms per step once the index had grown, on the
+  loop thread before, docs/performance.md, fifth session) never run on the loop thread
+  and never hold the database file's write lock.
 * **Reads** run in a worker thread on the read connection (WAL: they never wait for
   the writer, and a slow page read never stalls the loop).  ``inbox_state`` -- one per
   connection opened -- is batched: every call made while the reader is busy joins one
@@ -35,9 +36,13 @@ after its own last pass ended, so no one waits for another's backlog:
   session).
 * **History and retention indexing**: rows appended since are added to
   ``conversations`` and ``retention`` in chunks on the loop thread.
-* **The full-text index** (``_index_text_steps``): the worker thread, ``FTS_STEP_ROWS``
-  per step, ``FTS_STEP_GAP_S`` apart; FTS5's automerge merges there.  After a
-  closed-loop burst its backlog (~100,000 rows) took seconds to work off.
+* **The full-text index** (``_index_text_steps``): a worker thread of its own at idle
+  CPU priority (:mod:`tidings.store.idle_thread`: it gets a core only when the loop and
+  everything else on the box leave one free), ``FTS_STEP_ROWS`` per step,
+  ``FTS_STEP_GAP_S`` apart; FTS5's automerge merges there.  After a closed-loop burst
+  its backlog (~100,000 rows) took seconds to work off, and its steps (11-49 ms each)
+  took the second core from the clients at normal priority.  A search's catch-up and
+  a prune's deletes still run in trio's threads (someone waits for them).
 A checkpoint never runs beside a full-text step or a history/retention chunk
 (``_maintenance``, FIFO: each waits for at most one of the others, never for a whole
 backlog; side by side they measured a worse open-loop p99, docs/performance.md, seventh
@@ -71,6 +76,7 @@ import trio.testing
 
 from tidings import log
 from tidings.store.base import StoreLimits
+from tidings.store.idle_thread import IdleThread
 from tidings.store.maintenance import prune_periodically
 from tidings.store.records import (
     DEFAULT_DEVICE, Appended, DeviceState, DuplicateMessage, InboxState, NewMessage, Original,
@@ -157,6 +163,8 @@ class SqliteStore:
         self._limits = limits
         self._read_limiter = trio.CapacityLimiter(1)
         self._fts_limiter = trio.CapacityLimiter(1)  # the full-text index's one thread
+        # Maintenance's full-text steps run here, at idle CPU priority (see _index_text_steps).
+        self._idle = IdleThread("tidings-fts-index")
         # A checkpoint never overlaps a full-text step of ``_index_text_steps`` or a
         # history/retention chunk of ``_index_all`` (FIFO: each waits for at most one of
         # the others): side by side they measured a worse open-loop p99
@@ -348,9 +356,11 @@ class SqliteStore:
         while True:
             # The index's thread first, then the lock: a step never holds the lock while
             # it waits for a search's catch-up or a prune's delete (the checkpoint would
-            # wait for those too).  No limiter on the call: this task holds it.
+            # wait for those too).  The call runs at idle CPU priority (IdleThread): a
+            # step (11-49 ms after a burst) then takes no core the loop or its clients
+            # want (docs/performance.md, eleventh session).
             async with self._fts_limiter, self._maintenance:
-                indexed = await trio.to_thread.run_sync(self.db.fts.index_step, FTS_STEP_ROWS)
+                indexed = await self._idle.run_sync(self.db.fts.index_step, FTS_STEP_ROWS)
             if indexed < FTS_STEP_ROWS:
                 return
             await trio.sleep(FTS_STEP_GAP_S)
@@ -431,4 +441,5 @@ class SqliteStore:
                                      CHECKPOINT_INTERVAL_S)
 
     async def aclose(self) -> None:
+        self._idle.close()
         await trio.to_thread.run_sync(self.db.close)
