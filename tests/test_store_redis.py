@@ -74,6 +74,27 @@ def test_batch_envelope_roundtrip():
         decode_envelopes("rcpt", b'*1\n["a","b",1,-3]\nxy\n["a","b",1,0]\n')  # bad size
 
 
+def test_a_batch_is_decoded_without_the_named_tuples_python_new(monkeypatch):
+    """The receiving node decodes every message of every batch: the StoredMessages are
+    built by ``tuple.__new__`` (C), not by the named tuple's Python-level ``__new__``
+    (about a third of the loop, ~0.4 us per message); they are the same values."""
+    msgs = [NewMessage(f"id{i}", "s", "rcpt", b"b%d" % i, 17 + i) for i in range(3)]
+    data = b"\n".join([b"*5"] + [p for m in msgs for p in (envelope_header(m), m.body)])
+    expected = [StoredMessage(m.msg_id, 5 + i, m.sender, "rcpt", m.body, m.ts)
+                for i, m in enumerate(msgs)]
+    built = []
+    python_new = StoredMessage.__new__
+
+    def counted(cls, *args, **kwargs):
+        built.append(args)
+        return python_new(cls, *args, **kwargs)
+    monkeypatch.setattr(StoredMessage, "__new__", counted)
+    got = decode_envelopes("rcpt", data)
+    assert built == []
+    assert got == expected and all(type(g) is StoredMessage for g in got)
+    assert got[1].seq == 6 and got[1].body == b"b1"
+
+
 # ------------------------------------------------------------------ the engine
 
 async def next_message(pubsub):

@@ -99,16 +99,17 @@ def decode_envelopes(user: str, data: bytes) -> list[StoredMessage]:
     seq = int(data[1:end])
     out = []
     n = len(data)
-    loads = orjson.loads
+    loads, find, new = orjson.loads, data.index, tuple.__new__
     while end < n:
         start = end + 1
-        end = data.index(b"\n", start)
+        end = find(b"\n", start)
         msg_id, sender, ts, size = loads(data[start:end])
         start = end + 1
         end = start + size
         if not start <= end <= n:
             raise ValueError("truncated tidings envelope")
-        out.append(StoredMessage(msg_id, seq, sender, user, data[start:end], ts))
+        # StoredMessage(...) without its Python-level __new__ (~1/3 of this loop)
+        out.append(new(StoredMessage, (msg_id, seq, sender, user, data[start:end], ts)))
         seq += 1
     return out
 
