@@ -22,7 +22,12 @@ import coredis
 from tidings.store import StoreLimits, StoreUnavailable
 from tidings.store.redis import open_redis_store
 from tidings.store.redis_lane import Call, Lane
-from tidings.store.redis_wire import WireConnection, pack_commands, wire_target
+from tidings.store.redis_wire import (
+    ReplyReader,
+    WireConnection,
+    pack_commands,
+    wire_target,
+)
 
 NO_LIMITS = StoreLimits()
 
@@ -65,6 +70,56 @@ def test_the_packer_refuses_what_coredis_refused():
         pack_commands([(b"SET", "k", "x\udcff")])
     with pytest.raises(TypeError):
         pack_commands([(b"SET", "k", bytearray(b"x"))])
+
+
+_REPLIES = [
+    b"+OK\r\n", b":0\r\n", b":-12\r\n", b"$0\r\n\r\n", b"$-1\r\n", b"*-1\r\n", b"*0\r\n",
+    b"$6\r\nx\r\n\x00yz\r\n",
+    # an append's reply: seq, receivers, "" or a key's stored value, per message
+    b"*6\r\n:7\r\n:1\r\n$0\r\n\r\n:-2\r\n:0\r\n$8\r\nm\n3\n17\n0\r\n",
+    b"-NOSCRIPT No matching script. Please use EVAL.\r\n",
+    b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+    b"-ERR unknown command 'FOO'\r\n", b"-ERR Error running script\r\n", b"-BUSY x\r\n",
+    b"*3\r\n*2\r\n-NOSCRIPT a\r\n:1\r\n-ERR b\r\n*0\r\n",  # errors inside arrays
+]
+
+
+def _same(a, b) -> bool:
+    """Replies equal, exceptions by class and text."""
+    if isinstance(a, BaseException) or isinstance(b, BaseException):
+        return type(a) is type(b) and a.args == b.args
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("split", [None, 1, 3])
+def test_the_reply_reader_gives_what_coredis_parser_gave(split):
+    """hiredis' Reader (the lane's parser since the eleventh session) gives every reply
+    as coredis' Parser did, whole or fed in pieces (an error inside an array parsed in
+    an earlier, incomplete read included)."""
+    from coredis.parser import NotEnoughData, Parser
+    stream = b"".join(_REPLIES)
+    coredis_parser, expected = Parser(), []
+    coredis_parser.feed(stream)
+    while not isinstance(r := coredis_parser.parse(False, None), NotEnoughData):
+        expected.append(r[1])
+    reader, got = ReplyReader(), []
+    step = split or len(stream)
+    for at in range(0, len(stream), step):
+        reader.feed(stream[at:at + step])
+        while (r := reader.get()) is not ReplyReader.INCOMPLETE:
+            got.append(r)
+    assert len(got) == len(expected) == len(_REPLIES)
+    assert all(_same(g, e) for g, e in zip(got, expected)), (got, expected)
+    assert isinstance(got[9], coredis.exceptions.NoScriptError)
+
+
+def test_the_reply_reader_refuses_what_is_not_resp():
+    reader = ReplyReader()
+    reader.feed(b"?what\r\n")
+    with pytest.raises(ValueError):
+        reader.get()
 
 
 def _with_password(redis_server, password: str) -> None:

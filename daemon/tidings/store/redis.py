@@ -204,25 +204,17 @@ class RedisStore(RedisDevices, RedisWebhooks):
         # standalone: one script call for the whole batch; cluster: one per recipient
         calls = [list(groups.items())] if not self.cluster else [[g] for g in groups.items()]
         window = self.key_window_ms
+        retention = self._limits.retention_days
         head = [-1 if self.max_inbox is None else max(self.max_inbox, 0), self.publish,
-                window, window + KEY_TTL_EXTRA_MS]
+                window, window + KEY_TTL_EXTRA_MS,
+                # the message index: written by the script itself on a standalone server
+                "x" if self.cluster else (repr(float(retention)) if retention else "")]
         lane_calls: list[Call] = []
-        orders: list[list[int]] = []
+        orders: list[list[list[int]]] = []
         publish = self.publish
-        index = self._index_writes([(m.msg_id, m.recipient) for m in msgs],
-                                   self._limits.retention_days)
-        index_keys: list[str] = []
-        if not self.cluster:  # standalone: the index goes in the script call too
-            head.append(len(index))
-            for ix in index:
-                index_keys.append(ix.keys[0])
-                head += [ix.keys[0], ix.args[0], len(ix.args[1:]) // 2, *ix.args[1:]]
-            index = []
-        else:
-            head.append(0)
         for call in calls:
             args: list[Any] = list(head)
-            order: list[int] = []
+            order: list[list[int]] = []
             for user, idx in call:
                 args += [user_tag(user), len(idx)]
                 for i in idx:
@@ -230,39 +222,56 @@ class RedisStore(RedisDevices, RedisWebhooks):
                     header = envelope_header(m) if publish else b""
                     kf = "" if m.key is None else key_field(m.sender, m.key)
                     args += [m.msg_id, m.sender, m.body, m.ts, header, kf]
-                order += idx
-            lane_calls.append(Call(self._append_script, [_k(call[0][0], "u"), *index_keys], args))
+                order.append(idx)
+            lane_calls.append(Call(self._append_script, [_k(call[0][0], "u")], args))
             orders.append(order)
-        lane_calls += [c for ix in index
-                       for c in ([Call("HSET", ix.keys, ix.args[1:])]
-                                 + ([Call("PEXPIREAT", ix.keys, [ix.args[0]])] if ix.args[0] != "" else []))]
+        if self.cluster:  # the index lives in other slots: plain commands, same round trip
+            index = self._index_writes([(m.msg_id, m.recipient) for m in msgs], retention)
+            lane_calls += [c for ix in index
+                           for c in ([Call("HSET", ix.keys, ix.args[1:])]
+                                     + ([Call("PEXPIREAT", ix.keys, [ix.args[0]])]
+                                        if ix.args[0] != "" else []))]
         pending = await self._lane.submit(lane_calls)
 
         async def results() -> list[Appended]:
             return self._appended(msgs, orders, await pending.replies())
         return results
 
-    def _appended(self, msgs: Sequence[NewMessage], orders: list[list[int]],
+    def _appended(self, msgs: Sequence[NewMessage], orders: list[list[list[int]]],
                   replies: list[Any]) -> list[Appended]:
+        """The results of the append calls ``orders`` (per call, its groups' message
+        indexes) from their replies (APPEND_LUA's: per group last seq, receivers, the
+        refused ones)."""
         results: list[Appended | None] = [None] * len(msgs)
         publish = self.publish
-        for idx, reply in zip(orders, replies):
-            if isinstance(reply, BaseException):  # the group's outcome is unknown
+        for order, reply in zip(orders, replies):
+            if isinstance(reply, BaseException):  # the call's outcome is unknown
                 err = _unavailable(reply, "append")
-                for i in idx:
-                    results[i] = Appended(None, err)
+                for idx in order:
+                    for i in idx:
+                        results[i] = Appended(None, err)
                 continue
-            for j, i in enumerate(idx):
-                seq = int(reply[3 * j])
-                if seq == -2:  # a live key: its original
-                    original = parse_original(reply[3 * j + 2])
-                    results[i] = Appended(original.seq, original=original)
-                    continue
-                if seq < 0:
-                    results[i] = Appended(None, DuplicateMessage(
-                        f"duplicate msg_id {msgs[i].msg_id!r} for {msgs[i].recipient!r}"))
-                    continue
-                results[i] = Appended(seq, None, int(reply[3 * j + 1]) if publish else None)
+            at = 0
+            for idx in order:
+                seq, receivers, n_refused = reply[at], reply[at + 1], reply[at + 2]
+                at += 3
+                refused: dict[int, tuple[int, Any]] = {}
+                for _ in range(n_refused):
+                    refused[reply[at] - 1] = (reply[at + 1], reply[at + 2])
+                    at += 3
+                delivered = receivers if publish else None
+                for j, i in enumerate(idx):
+                    if refused and j in refused:
+                        code, value = refused[j]
+                        if code == -2:  # a live key: its original
+                            original = parse_original(value)
+                            results[i] = Appended(original.seq, original=original)
+                        else:
+                            results[i] = Appended(None, DuplicateMessage(
+                                f"duplicate msg_id {msgs[i].msg_id!r} for {msgs[i].recipient!r}"))
+                        continue
+                    seq += 1
+                    results[i] = Appended(seq, None, delivered)
         return [r if r is not None else Appended(None, StoreUnavailable("lost"))
                 for r in results]
 

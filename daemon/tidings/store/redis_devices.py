@@ -22,9 +22,10 @@ room's key for the keys of room sends, so all of it lives in that one slot)::
   on each write, so the keys of a room nobody prunes go too.
 * Old data: a user's cursor from before devices (the ``cursor`` field of its ``u`` hash)
   is read as the cursor of its ``default`` device until that device is saved.
-* The message index is written by the append script on a standalone server (its hashes
-  passed as KEYS) and in the append's round trip on a Redis Cluster, outside the script (on Redis
-  Cluster a script may touch one slot only): it may name a message that was not stored
+* The message index is written by the append script on a standalone server (which
+  derives the hashes, the fields and the expiry from the msg_ids itself, as
+  :meth:`RedisDevices._index_writes` does) and in the append's round trip on a Redis
+  Cluster, outside the script (on Redis Cluster a script may touch one slot only): it may name a message that was not stored
   or was pruned since, so a lookup always confirms in the recipient's ``ids``.  Each day
   hash expires with the retention; with ``retention_days = 0`` the index keeps an entry
   (~60 bytes) per message ever stored.

@@ -99,16 +99,17 @@ def decode_envelopes(user: str, data: bytes) -> list[StoredMessage]:
     seq = int(data[1:end])
     out = []
     n = len(data)
-    loads = orjson.loads
+    loads, find, new = orjson.loads, data.index, tuple.__new__
     while end < n:
         start = end + 1
-        end = data.index(b"\n", start)
+        end = find(b"\n", start)
         msg_id, sender, ts, size = loads(data[start:end])
         start = end + 1
         end = start + size
         if not start <= end <= n:
             raise ValueError("truncated tidings envelope")
-        out.append(StoredMessage(msg_id, seq, sender, user, data[start:end], ts))
+        # StoredMessage(...) without its Python-level __new__ (~1/3 of this loop)
+        out.append(new(StoredMessage, (msg_id, seq, sender, user, data[start:end], ts)))
         seq += 1
     return out
 
@@ -148,19 +149,28 @@ local function forget(ids, from, entries)
 end
 """.replace("CHUNK", str(FORGET_CHUNK))
 
-# KEYS: for routing (Redis Cluster: the `u` key of the single recipient), then on a
-# standalone server the message index hashes this call writes (see below).
+# KEYS: for routing only (Redis Cluster: the `u` key of the single recipient).
 # ARGV: max_inbox (-1 = no limit), publish command ("" = none), the idempotency window
-# (ms, 0 = keys off), the keys' TTL (ms), the number of index groups (0 on a cluster:
-# there the index is written by separate commands), each: key, PEXPIREAT ms ("" =
-# none), field count, field/value pairs; then one group per recipient: tag, count, and
-# 6 args per message: msg_id, sender, body, ts, header (envelope_header), key field
-# ("" = no key).
+# (ms, 0 = keys off), the keys' TTL (ms), the message index: "x" = not written here (a
+# Redis Cluster: there the index is written by separate commands, other slots), else
+# the retention in days ("" = none: the index hashes never expire); then one group per
+# recipient: tag, count, and 6 args per message: msg_id, sender, body, ts, header
+# (envelope_header), key field ("" = no key).
 # Every key is derived from the tag, so a standalone server runs a whole batch of many
 # recipients in one call; on a cluster each call carries one recipient (one slot).
-# Returns {seq1, receivers1, first1, seq2, ...} in argument order: first is "" or, for a
-# live key, its stored value (see tidings.store.redis_devices; that message is not
-# stored; seq -2); seq -1 marks a msg_id this recipient already has (not stored either).
+# The message index (standalone): every message of the call, stored or not, goes into
+# its hash msg_id -> recipient (redis_devices.index_key: the key from the msg_id's first
+# 12 hex digits, the day of its clock and the last digit of its ms; any other id: a
+# day-0 hash), ONE HSET per hash and call, and with a retention ONE PEXPIREAT per hash
+# at (day + 2 + retention days) days, as RedisDevices._index_writes computes them for a
+# Redis Cluster.  (Before the eleventh session the node computed them and passed them in
+# KEYS/ARGV: 2 more arguments per message; nodes of either version can share a Redis.)
+# Returns, per group in argument order: {last, receivers, refused, then 3 per refused
+# message: its position in the group (1-based), -1 or -2, "" or the stored value}: the
+# group's stored messages have the seqs last + 1, last + 2, ... in argument order, all
+# with the same receivers count (0: nobody, or no publish); -2 = a live key (its stored
+# value is the original, see tidings.store.redis_devices; that message is not stored);
+# -1 = a msg_id this recipient already has (not stored either).
 # A key is checked first, then the msg_id (a group of one: HSETNX on ids, the check and
 # the write in one command; a larger group: one HMGET on ids, and the group's earlier
 # messages, so a msg_id twice in one call is stored once).
@@ -175,16 +185,57 @@ APPEND_LUA = FORGET_ENTRIES_LUA + r"""
 local call, A = redis.call, ARGV
 local max_inbox, pub = tonumber(A[1]), A[2]
 local window, key_ttl = tonumber(A[3]), tonumber(A[4])
+local ixon, ixret = A[5] ~= 'x', tonumber(A[5])
 local out, no = {}, 0
 local batch, zargs, idl, hargs, seen, g = {}, {}, {}, {}, {}, 0
-local i = 6
-for _ = 1, tonumber(A[5]) do
-  local ix, at, nf = A[i], A[i + 1], tonumber(A[i + 2])
-  call('HSET', ix, unpack(A, i + 3, i + 2 + 2 * nf))
-  if at ~= '' then call('PEXPIREAT', ix, at) end
-  i = i + 3 + 2 * nf
+local sub, find, fmt = string.sub, string.find, string.format
+-- the index: key per msg_id head (12 chars), field/value pairs and expiry per key
+local ixof, ixf, ixat, ixn, ixorder = {}, {}, {}, {}, {}
+local function ixkey(id)
+  local head = sub(id, 1, 12)
+  local k = ixof[head]
+  if k then return k end
+  local at = nil
+  if #head == 12 and not find(head, '[^0-9a-f]') then
+    local day = math.floor(tonumber(head, 16) / 86400000)
+    k = 'tidings:{ix:' .. fmt('%d', day) .. ':' .. sub(id, 12, 12) .. '}'
+    ixof[head] = k
+    if ixret and ixret ~= 0 then at = fmt('%d', (day + 2 + ixret) * 86400000) end
+  else
+    local last = sub(id, -1)
+    if last == '' then last = '-' end
+    k = 'tidings:{ix:0:' .. last .. '}'
+  end
+  if not ixf[k] then
+    ixf[k], ixn[k], ixat[k] = {}, 0, at
+    ixorder[#ixorder + 1] = k
+  end
+  return k
 end
 local nargs = #A
+local i = 6
+if ixon then  -- the index first (as when the node sent its HSETs ahead of the groups)
+  while i <= nargs do
+    local tag, n = A[i], tonumber(A[i + 1])
+    local user = tag
+    if find(tag, '%', 1, true) then  -- redis_lua.untag
+      user = tag:gsub('%%7D', '}'):gsub('%%7B', '{'):gsub('%%25', '%%')
+    end
+    for b = i + 2, i + 1 + n * 6, 6 do
+      local id = A[b]
+      local k = ixkey(id)
+      local f, m = ixf[k], ixn[k]
+      f[m + 1], f[m + 2] = id, user
+      ixn[k] = m + 2
+    end
+    i = i + 2 + n * 6
+  end
+  for _, k in ipairs(ixorder) do
+    call('HSET', k, unpack(ixf[k], 1, ixn[k]))
+    if ixat[k] then call('PEXPIREAT', k, ixat[k]) end
+  end
+  i = 6
+end
 while i <= nargs do
   local tag, ns, first = A[i], A[i + 1], i + 2
   local n = tonumber(ns)
@@ -195,6 +246,9 @@ while i <= nargs do
   local top = call('HINCRBY', base .. 'u', 'seq', ns)
   local last = top - n
   local seq = last
+  local gout = no + 1
+  out[no + 1], out[no + 2], out[no + 3] = last, 0, 0
+  no = no + 3
   local have = nil
   if n > 1 then
     for k = 1, n do idl[k] = A[first + (k - 1) * 6] end
@@ -211,17 +265,20 @@ while i <= nargs do
         live = v
       end
     end
-    local s, dup = string.format('%d', seq + 1), true
+    local s, dup = fmt('%d', seq + 1), true
     if live then
-      out[no + 1], out[no + 2], out[no + 3] = -2, 0, live
+      out[no + 1], out[no + 2], out[no + 3] = k, -2, live
     elseif have then
       dup = have[k] or seen[id] == g
-      if dup then out[no + 1], out[no + 2], out[no + 3] = -1, 0, '' end
+      if dup then out[no + 1], out[no + 2], out[no + 3] = k, -1, '' end
     else
       dup = call('HSETNX', ids, id, s) == 0
-      if dup then out[no + 1], out[no + 2], out[no + 3] = -1, 0, '' end
+      if dup then out[no + 1], out[no + 2], out[no + 3] = k, -1, '' end
     end
-    if not dup then
+    if dup then
+      no = no + 3
+      out[gout + 2] = out[gout + 2] + 1
+    else
       seq = seq + 1
       if have then
         seen[id] = g
@@ -244,21 +301,14 @@ while i <= nargs do
         call('PEXPIRE', keys, key_ttl)
         call('PEXPIRE', keyts, key_ttl)
       end
-      out[no + 1], out[no + 2], out[no + 3] = seq, 0, ''
     end
-    no = no + 3
   end
   if hn > 0 then call('HSET', ids, unpack(hargs, 1, hn)) end
   if zn > 0 then call('ZADD', from .. zsender, unpack(zargs, 1, zn)) end
-  if seq ~= top then call('HSET', base .. 'u', 'seq', string.format('%d', seq)) end
+  if seq ~= top then call('HSET', base .. 'u', 'seq', fmt('%d', seq)) end
   if seq ~= last and pub ~= '' then
-    batch[1] = '*' .. string.format('%d', last + 1)
-    local receivers = call(pub, base .. 'ch', table.concat(batch, '\n', 1, nb))
-    if receivers ~= 0 then
-      for o = no - 3 * n + 1, no, 3 do
-        if out[o] > 0 then out[o + 1] = receivers end
-      end
-    end
+    batch[1] = '*' .. fmt('%d', last + 1)
+    out[gout + 1] = call(pub, base .. 'ch', table.concat(batch, '\n', 1, nb))
   end
   if max_inbox >= 0 and seq > max_inbox then
     local excess = call('XLEN', inbox) - max_inbox

@@ -8,11 +8,12 @@ connection's writer task (woken, packing, sending through anyio's stream wrapper
 wake-up of its reader task (each read inside its own ``fail_after``), and a
 ``move_on_after`` around the wait: ~150-200 us of CPU per call in a micro-benchmark
 against ~40 here, and the sending node of a two-node cluster makes ~1,100 calls a
-second at 5,000 msgs/s (docs/cluster.md, "sixth session").  coredis still parses the
-replies (its compiled :class:`coredis.parser.Parser`); nothing else of it is on this
-path.  The commands are packed by hiredis' C ``pack_command`` (:func:`pack_commands`):
-coredis' ``Packer`` was ~10 % of the sending node's CPU in the closed loop, ~3.4 us per
-message of an append batch against ~1.6 (docs/cluster.md, "eighth session").
+second at 5,000 msgs/s (docs/cluster.md, "sixth session").  The commands are packed by
+hiredis' C ``pack_command`` (:func:`pack_commands`): coredis' ``Packer`` was ~10 % of the
+sending node's CPU in the closed loop, ~3.4 us per message of an append batch against
+~1.6 (docs/cluster.md, "eighth session").  The replies are parsed by hiredis' C
+``Reader`` too (:class:`ReplyReader`): coredis' compiled ``Parser`` took ~14 us for an
+append reply of 17 messages against ~1.2 (docs/cluster.md, "eleventh session").
 
 Contract (:class:`WireConnection`):
 
@@ -26,8 +27,10 @@ Contract (:class:`WireConnection`):
   fit the socket buffer holds the others back until it is written), so Redis runs them
   in that order.
 * :meth:`Batch.replies` waits for the batch's replies, in order: each is the reply or the
-  exception Redis answered (``NOSCRIPT`` as :class:`coredis.exceptions.NoScriptError`,
-  as coredis parses it).  Only one waiter reads the socket at a time; each reply
+  exception Redis answered, of the class coredis' parser gives it (``NOSCRIPT`` as
+  :class:`coredis.exceptions.NoScriptError`, ``WRONGTYPE`` as ``WrongTypeError``, any
+  other as ``ResponseError`` ...; also inside an array reply).  Values as coredis parses
+  them with ``decode=False``: bytes, int, None, lists.  Only one waiter reads the socket at a time; each reply
   resolves the oldest unanswered command, whoever waits for it, and a waiter that
   leaves (cancelled) hands the reading to the next.
 * Failure: end of stream, a socket error, a protocol error, or no reply within
@@ -49,10 +52,11 @@ import trio
 from coredis._packer import Packer
 from coredis.exceptions import ConnectionError as RedisConnectionError
 from coredis.exceptions import RedisError
-from coredis.parser import NotEnoughData, Parser
-from hiredis import pack_command
+from coredis.parser import Parser
+from hiredis import ProtocolError, Reader, pack_command
 
-__all__ = ["Batch", "WireConnection", "connect", "pack_commands", "session_commands", "wire_target"]
+__all__ = ["Batch", "ReplyReader", "WireConnection", "connect", "pack_commands",
+           "session_commands", "wire_target"]
 
 RECEIVE_SIZE = 65536
 _UNSET: Any = object()
@@ -74,6 +78,62 @@ def pack_commands(commands: Sequence[tuple[Any, ...]]) -> bytes:
         return b"".join([pack_command(c) for c in commands])
     except TypeError:
         return b"".join(_PACKER.pack_commands(list(commands)))
+
+
+class _ReplyError(Exception):
+    """An error reply as hiredis' ``Reader`` builds it (its text); replaced by coredis'
+    exception for it before anyone sees it.  Counts its instances (:attr:`made`), so a
+    reply needs walking for errors only when one was made while it was parsed."""
+
+    made = 0
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        _ReplyError.made += 1
+
+
+_NO_REPLY: Any = False  # what hiredis' Reader.gets() returns while a reply is incomplete
+_ERRORS_OF = Parser()  # only its parse_error: the exception class coredis gives a reply
+
+
+def _as_coredis(reply: Any) -> Any:
+    """``reply`` with every error in it (also inside arrays) as coredis' exception."""
+    if isinstance(reply, _ReplyError):
+        return _ERRORS_OF.parse_error(str(reply))
+    if isinstance(reply, list):
+        return [_as_coredis(r) for r in reply]
+    return reply
+
+
+class ReplyReader:
+    """RESP2 replies from bytes, through hiredis' C ``Reader``: :meth:`feed` data, then
+    :meth:`get` until it returns :data:`INCOMPLETE`.  A reply is what coredis' ``Parser``
+    gives with ``decode=False`` (bytes, int, None, lists; an error reply as the coredis
+    exception of its code, also inside an array).  Raises ``ValueError`` for bytes that
+    are not RESP (the stream cannot be trusted after it)."""
+
+    __slots__ = ("_made", "_reader")
+    INCOMPLETE: Any = _NO_REPLY
+
+    def __init__(self) -> None:
+        # notEnoughData: a sentinel no reply can be (a RESP2 reply is never False)
+        self._reader = Reader(replyError=_ReplyError, notEnoughData=_NO_REPLY)
+        # _ReplyError.made when the reply being parsed began (hiredis may build part of
+        # it, an error inside an array included, in a gets() that returns incomplete)
+        self._made = _ReplyError.made
+
+    def feed(self, data: bytes) -> None:
+        self._reader.feed(data)
+
+    def get(self) -> Any:
+        try:
+            reply = self._reader.gets()
+        except ProtocolError as exc:
+            raise ValueError(f"not RESP: {exc}") from None
+        if reply is _NO_REPLY:
+            return reply
+        made, self._made = self._made, _ReplyError.made
+        return reply if made == self._made else _as_coredis(reply)
 
 
 def wire_target(client: Any) -> dict[str, Any] | None:
@@ -145,7 +205,7 @@ class WireConnection:
         self._stream = stream
         self._fd = stream.socket.fileno()
         self._timeout = command_timeout
-        self._parser = Parser()
+        self._parser = ReplyReader()
         # (the reply list, index) of every command written and not yet answered, in order
         self._unanswered: collections.deque[tuple[list[Any], int]] = collections.deque()
         self._reading = False  # a waiter reads the socket
@@ -272,13 +332,13 @@ class WireConnection:
         parser.feed(data)
         try:
             while True:
-                response = parser.parse(False, None)
-                if isinstance(response, NotEnoughData):
+                response = parser.get()
+                if response is _NO_REPLY:
                     return
                 if not unanswered:
                     raise ValueError("a reply nobody asked for")
                 replies, i = unanswered.popleft()
-                replies[i] = response[1]
+                replies[i] = response
                 turn, self._turn = self._turn, None
                 if turn is not None:
                     turn.set()  # the others look whether theirs came (then wait anew)
