@@ -345,8 +345,9 @@ class RedisDevices:
                       retention_days: float | None) -> list[Call]:
         """The message index's writes for ``(msg_id, recipient)`` pairs: one call per
         index hash, ``Call("HSET", [hash], [expire_at_ms or "", field, value, ...])``;
-        each hash expires a day after the retention of its day.  The append sends them
-        inside its script (standalone) or as HSET + PEXPIREAT (Redis Cluster)."""
+        each hash expires a day after the retention of its day.  A Redis Cluster's append
+        sends them as HSET + PEXPIREAT in its round trip; on a standalone server
+        APPEND_LUA computes the same writes itself (tests/test_store_redis.py compares)."""
         shards: dict[str, list[Any]] = {}
         for msg_id, recipient in placed:
             shard = index_key(msg_id)

@@ -162,7 +162,7 @@ class SqliteStore:
         self.db = db
         self._limits = limits
         self._read_limiter = trio.CapacityLimiter(1)
-        self._fts_limiter = trio.CapacityLimiter(1)  # the full-text index's one thread
+        self._fts_limiter = trio.CapacityLimiter(1)  # one full-text index writer at a time
         # Maintenance's full-text steps run here, at idle CPU priority (see _index_text_steps).
         self._idle = IdleThread("tidings-fts-index")
         # A checkpoint never overlaps a full-text step of ``_index_text_steps`` or a
