@@ -43,13 +43,10 @@ after its own last pass ended, so no one waits for another's backlog:
   its backlog (~100,000 rows) took seconds to work off, and its steps (11-49 ms each)
   took the second core from the clients at normal priority.  A search's catch-up and
   a prune's deletes still run in trio's threads (someone waits for them).
-A checkpoint never runs beside a full-text step (``_text_step``) or a history/retention
-chunk (``_maintenance``); FIFO: each waits for at most one of the others, never for a
-whole backlog (side by side they measured a worse open-loop p99, docs/performance.md,
-seventh session).  A chunk and a full-text step may run side by side: when one lock
-served all three, a pass's chunks queued behind each full-text step and ran five back to
-back in the gaps (twelfth session).  A search's full-text catch-up and a prune's delete
-are not held back by either lock.
+A checkpoint never runs beside a full-text step or a history/retention chunk
+(``_maintenance``, FIFO: each waits for at most one of the others, never for a whole
+backlog; side by side they measured a worse open-loop p99, docs/performance.md, seventh
+session); a search's full-text catch-up and a prune's delete are not held back by it.
 While writes go on a checkpoint never catches up with the end of the WAL, and SQLite
 would restart the WAL only from inside a commit (its autocheckpoint: a 30-300 ms stall
 of that commit).
