@@ -634,49 +634,6 @@ async def test_a_history_chunk_waits_for_a_running_checkpoint(tmp_path):
         await store.aclose()
 
 
-async def test_a_history_chunk_does_not_wait_for_a_full_text_step(tmp_path):
-    """History/retention chunks (loop thread, database file) and full-text steps (idle
-    thread, the index's own file) do not wait for each other; a checkpoint still waits
-    for both.  With one lock for all three, a pass's chunks ran only in the gaps between
-    full-text steps, several back to back (docs/performance.md, twelfth session)."""
-    store = SqliteStore.open(tmp_path / "t.db", StoreLimits())
-    entered, release = trio.Event(), threading.Event()
-    token = trio.lowlevel.current_trio_token()
-    index_step = store.db.fts.index_step
-    checkpoints: list[int] = []
-    checkpoint = store.db.checkpoint
-
-    def slow_step(*a: object) -> int:  # the idle thread
-        token.run_sync_soon(entered.set)
-        release.wait()
-        return index_step(*a)
-
-    def observed() -> tuple[int, int]:
-        checkpoints.append(1)
-        return checkpoint()
-
-    store.db.fts.index_step = slow_step
-    store.db.checkpoint = observed
-    try:
-        await store.append([msg("a", "b", "tea") for _ in range(3)])
-        async with trio.open_nursery() as nursery:
-            try:
-                nursery.start_soon(store._index_text_steps)
-                await entered.wait()  # a full-text step runs
-                with trio.fail_after(10):
-                    await store._index_all(sqlite_mod._Pace())
-                assert _history_mark(tmp_path / "t.db") == 3
-                nursery.start_soon(store.checkpoint_wal)
-                await trio.testing.wait_all_tasks_blocked()
-                assert checkpoints == []  # the checkpoint waits for the step
-            finally:
-                release.set()
-        assert checkpoints == [1]
-        assert fts_matches(store.db, "tea") == 3
-    finally:
-        await store.aclose()
-
-
 async def test_checkpoints_do_not_wait_for_a_slow_index_pass(tmp_path, monkeypatch):
     """The WAL is checkpointed on its own schedule: a history/retention indexing pass
     that does not end (at 15,000 msgs/s a pass took seconds) does not keep the WAL from

@@ -165,15 +165,11 @@ class SqliteStore:
         self._fts_limiter = trio.CapacityLimiter(1)  # one full-text index writer at a time
         # Maintenance's full-text steps run here, at idle CPU priority (see _index_text_steps).
         self._idle = IdleThread("tidings-fts-index")
-        # A checkpoint never overlaps a history/retention chunk of ``_index_all``
-        # (``_maintenance``) or a full-text step of ``_index_text_steps`` (``_text_step``);
-        # FIFO: each waits for at most one of the others.  Side by side they measured a
-        # worse open-loop p99 (docs/performance.md, seventh session).  A chunk and a
-        # full-text step do not wait for each other (different files, different threads):
-        # with one lock for all three, a pass's chunks ran only in the 10 ms gaps between
-        # full-text steps, five back to back (docs/performance.md, twelfth session).
+        # A checkpoint never overlaps a full-text step of ``_index_text_steps`` or a
+        # history/retention chunk of ``_index_all`` (FIFO: each waits for at most one of
+        # the others): side by side they measured a worse open-loop p99
+        # (docs/performance.md, seventh session).
         self._maintenance = trio.StrictFIFOLock()
-        self._text_step = trio.StrictFIFOLock()
         self._states: _StateBatch | None = None  # the inbox_state batch open for joining
         self._held: trio.Event | None = None  # set while writes wait for a WAL restart
         self._maintenance_errors = log.LogOnce(interval=60.0)
@@ -363,7 +359,7 @@ class SqliteStore:
             # wait for those too).  The call runs at idle CPU priority (IdleThread): a
             # step (11-49 ms after a burst) then takes no core the loop or its clients
             # want (docs/performance.md, eleventh session).
-            async with self._fts_limiter, self._text_step:
+            async with self._fts_limiter, self._maintenance:
                 indexed = await self._idle.run_sync(self.db.fts.index_step, FTS_STEP_ROWS)
             if indexed < FTS_STEP_ROWS:
                 return
@@ -410,7 +406,7 @@ class SqliteStore:
         indexes nothing.  Waits for a running full-text step or history chunk first
         (and a search's history catch-up waits for a running checkpoint between its
         chunks).  Raises StoreError."""
-        async with self._text_step, self._maintenance:
+        async with self._maintenance:
             await self._checkpoint_wal()
 
     async def _checkpoint_wal(self) -> None:
